@@ -1,0 +1,34 @@
+# DeepSpark: `make demo` and `make test` set everything up themselves (scripts/setup.sh).
+VENV   := .venv
+PY     := $(VENV)/bin/python
+export SPARK_LOCAL_IP := 127.0.0.1
+export PYSPARK_PYTHON := $(abspath $(VENV)/bin/python)
+export PYSPARK_DRIVER_PYTHON := $(abspath $(VENV)/bin/python)
+export TF_CPP_MIN_LOG_LEVEL := 2
+UI_PORT ?= 5000
+
+.PHONY: setup demo test test-fast ui bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) jobs/demo_data.py
+	$(VENV)/bin/spark-submit --master local[2] jobs/etl_images.py
+	@$(PY) -m deepspark.demo
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath data/mlflow/mlflow.db) \
+	  --default-artifact-root $(abspath data/mlflow/artifacts) --host 127.0.0.1 --port $(UI_PORT)
+
+bench: setup
+	$(PY) benchmarks/etl_images.py --quick
+
+clean:
+	rm -rf data spark-warehouse

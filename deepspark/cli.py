@@ -1,0 +1,85 @@
+"""Command-line entry points: every job is `<job> [--profile P] [key=value ...]`.
+
+`jobs/*.py` (for spark-submit) and the `deepspark` console script both land here, so a
+job behaves the same whichever way it is started. Heavy modules load only when a job runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import click
+
+from deepspark.config import ConfigError, load_config
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    config: str  # "module:Class" of the job's frozen config
+    runner: str  # "module:function" taking (spark, config), or (config) when needs_spark is False
+    needs_spark: bool = True
+
+
+JOBS: dict[str, JobSpec] = {
+    "etl_images": JobSpec("pipelines.images.config:EtlImagesConfig", "pipelines.images.etl:run_job"),
+    "demo_data": JobSpec("pipelines.images.demo_data:DemoDataConfig", "pipelines.images.demo_data:run_job", False),
+}
+
+
+def _load(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_job(job: str, profile: str | None, overrides: Sequence[str]) -> Any:
+    """Resolve the config (failing before Spark starts), build the session, run, print the summary."""
+    spec = JOBS[job]
+    try:
+        cfg = load_config(_load(spec.config), job, overrides, profile)
+    except ConfigError as exc:
+        raise click.UsageError(f"{job}: {exc}") from None
+    if not spec.needs_spark:
+        result = _load(spec.runner)(cfg)
+    else:
+        from deepspark.spark import build_session
+
+        spark = build_session(cfg.spark)
+        try:
+            result = _load(spec.runner)(spark, cfg)
+        except ConfigError as exc:
+            raise click.UsageError(f"{job}: {exc}") from None
+        finally:
+            spark.stop()
+    summary = getattr(result, "summary", None)
+    click.echo(summary() if callable(summary) else str(result))
+    return result
+
+
+def job_command(job: str) -> click.Command:
+    """A click command for one job, shared by jobs/*.py and the `deepspark` group."""
+
+    @click.command(name=job.replace("_", "-"), context_settings={"ignore_unknown_options": True})
+    @click.option("--profile", default=None, help="config profile: a folder under conf/")
+    @click.argument("overrides", nargs=-1)
+    def command(profile: str | None, overrides: tuple[str, ...]) -> None:
+        """Run the job; overrides are key=value with dotted keys, e.g. image.height=32."""
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        run_job(job, profile, overrides)
+
+    return command
+
+
+@click.group()
+def main() -> None:
+    """DeepSpark jobs."""
+
+
+for _name in JOBS:
+    main.add_command(job_command(_name))
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,68 @@
+"""SparkSession construction shared by every job.
+
+Settings given to spark-submit (`--master`, `--conf`) win over the job's config, so the
+same job runs unchanged in local mode and on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from deepspark.config import FrozenModel
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+LOCAL_DEFAULTS: dict[str, str] = {
+    "spark.driver.host": "127.0.0.1",
+    "spark.driver.bindAddress": "127.0.0.1",
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.driver.memory": "4g",
+}
+
+
+class SparkSettings(FrozenModel):
+    """How to build the SparkSession when spark-submit did not already decide."""
+
+    master: str = "local[2]"
+    app_name: str = "deepspark"
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+def loopback_environment() -> None:
+    """Keep Spark and its Python workers on loopback and on this interpreter."""
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+
+def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = None) -> "SparkSession":
+    """Get or create the SparkSession; spark-submit's master and --conf take precedence."""
+    loopback_environment()
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+
+    submitted = SparkConf()  # holds what spark-submit passed as JVM system properties
+    builder = SparkSession.builder.appName(settings.app_name)
+    if not submitted.contains("spark.master"):
+        builder = builder.master(settings.master)
+    wanted = dict(LOCAL_DEFAULTS) if settings.master.startswith("local") else {}
+    wanted.update(settings.conf)
+    wanted.update(extra_conf or {})
+    for key, value in wanted.items():
+        if not submitted.contains(key):
+            builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def task_slots(spark: "SparkSession") -> int:
+    """Number of tasks Spark can run at once (default parallelism)."""
+    return int(spark.sparkContext.defaultParallelism)

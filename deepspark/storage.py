@@ -1,0 +1,191 @@
+"""Paths, URLs and atomic publishing on any Hadoop-compatible file system.
+
+Datasets are published as `<root>/<name>/v=<n>/`: everything is written under
+`<root>/<name>/_staging/` first and appears under its final name by one rename,
+so a killed job leaves the previous version readable and current. The `_LATEST`
+pointer names the newest complete version; readers fall back to the highest
+`v=<n>` folder if the pointer is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+VERSION_DIR = re.compile(r"^v=(\d+)$")
+LATEST_POINTER = "_LATEST"
+STAGING_DIR = "_staging"
+
+
+def to_url(path_or_url: str) -> str:
+    """A local path becomes an absolute file:// URL; URLs with a scheme pass through."""
+    parsed = urlparse(path_or_url)
+    if parsed.scheme and len(parsed.scheme) > 1:  # not a Windows drive letter
+        if parsed.scheme == "file":
+            return "file://" + os.path.abspath(parsed.path)
+        return path_or_url.rstrip("/")
+    return "file://" + os.path.abspath(os.path.expanduser(path_or_url))
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def local_path(url: str) -> Path | None:
+    """The local path behind a file:// URL, or None for remote file systems."""
+    parsed = urlparse(url)
+    return Path(parsed.path) if parsed.scheme == "file" else None
+
+
+@dataclass(frozen=True)
+class HadoopFS:
+    """Thin wrapper over the JVM's Hadoop FileSystem for the driver-side bookkeeping."""
+
+    spark: "SparkSession"
+
+    def _fs(self, url: str) -> tuple[Any, Any]:
+        jvm = self.spark.sparkContext._jvm
+        path = jvm.org.apache.hadoop.fs.Path(url)
+        conf = self.spark.sparkContext._jsc.hadoopConfiguration()
+        return path.getFileSystem(conf), path
+
+    def qualify(self, url: str) -> str:
+        """The fully qualified form Spark reports in its `path` columns."""
+        fs, path = self._fs(url)
+        return str(fs.makeQualified(path).toString())
+
+    def exists(self, url: str) -> bool:
+        fs, path = self._fs(url)
+        return bool(fs.exists(path))
+
+    def is_dir(self, url: str) -> bool:
+        fs, path = self._fs(url)
+        return bool(fs.exists(path) and fs.getFileStatus(path).isDirectory())
+
+    def list_dir_names(self, url: str) -> list[str]:
+        fs, path = self._fs(url)
+        if not fs.exists(path):
+            return []
+        return sorted(str(status.getPath().getName()) for status in fs.listStatus(path) if status.isDirectory())
+
+    def mkdirs(self, url: str) -> None:
+        fs, path = self._fs(url)
+        fs.mkdirs(path)
+
+    def delete(self, url: str) -> None:
+        fs, path = self._fs(url)
+        if fs.exists(path):
+            fs.delete(path, True)
+
+    def read_text(self, url: str) -> str:
+        fs, path = self._fs(url)
+        stream = fs.open(path)
+        try:
+            reader = self.spark.sparkContext._jvm.java.io.BufferedReader(
+                self.spark.sparkContext._jvm.java.io.InputStreamReader(stream, "UTF-8")
+            )
+            lines = []
+            line = reader.readLine()
+            while line is not None:
+                lines.append(line)
+                line = reader.readLine()
+            return "\n".join(lines)
+        finally:
+            stream.close()
+
+    def write_text(self, url: str, text: str) -> None:
+        fs, path = self._fs(url)
+        stream = fs.create(path, True)
+        try:
+            stream.write(bytearray(text.encode("utf-8")))
+        finally:
+            stream.close()
+
+    def rename(self, src: str, dst: str) -> None:
+        """Rename `src` to `dst`; refuses to move into an existing destination."""
+        fs, src_path = self._fs(src)
+        _, dst_path = self._fs(dst)
+        if fs.exists(dst_path):
+            raise FileExistsError(f"cannot publish {src}: {dst} already exists")
+        if not fs.rename(src_path, dst_path):
+            raise OSError(f"rename {src} -> {dst} failed")
+
+    def replace_text(self, url: str, text: str) -> None:
+        """Write a small file so readers see the old or the new content, never a partial one."""
+        tmp = f"{url}.{uuid.uuid4().hex}.tmp"
+        self.write_text(tmp, text)
+        fs, path = self._fs(url)
+        _, tmp_path = self._fs(tmp)
+        local = local_path(url)
+        if local is not None:  # POSIX rename replaces atomically; also move the .crc along
+            os.replace(local_path(tmp), local)  # type: ignore[arg-type]
+            crc = local.parent / f".{Path(str(local_path(tmp))).name}.crc"
+            if crc.exists():
+                crc.unlink()
+            return
+        if fs.exists(path):
+            fs.delete(path, False)
+        if not fs.rename(tmp_path, path):
+            raise OSError(f"rename {tmp} -> {url} failed")
+
+
+@dataclass(frozen=True)
+class VersionedLocation:
+    """`<root>/<name>/v=<n>/` versions with a `_LATEST` pointer and a staging area."""
+
+    fs: HadoopFS
+    root: str
+    name: str
+
+    @property
+    def base(self) -> str:
+        return join(self.root, self.name)
+
+    def versions(self) -> list[int]:
+        """Complete versions: only published (renamed) folders match `v=<n>`."""
+        found = (VERSION_DIR.match(name) for name in self.fs.list_dir_names(self.base))
+        return sorted(int(match.group(1)) for match in found if match)
+
+    def latest(self) -> int | None:
+        pointer = join(self.base, LATEST_POINTER)
+        if self.fs.exists(pointer):
+            text = self.fs.read_text(pointer).strip()
+            if text.isdigit() and self.fs.is_dir(self.version_url(int(text))):
+                return int(text)
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def version_url(self, version: int) -> str:
+        return join(self.base, f"v={version}")
+
+    def resolve(self, version: int | None) -> tuple[int, str]:
+        """A given version, or the latest; raises naming the location when absent."""
+        chosen = self.latest() if version is None else version
+        if chosen is None or not self.fs.is_dir(self.version_url(chosen)):
+            raise FileNotFoundError(
+                f"dataset {self.name!r}: no {'complete version' if version is None else f'version {version}'}"
+                f" under {self.base} (have {self.versions()})"
+            )
+        return chosen, self.version_url(chosen)
+
+    def new_staging(self) -> str:
+        url = join(self.base, STAGING_DIR, uuid.uuid4().hex)
+        self.fs.mkdirs(url)
+        return url
+
+    def publish(self, staging_url: str) -> tuple[int, str]:
+        """Move a finished staging folder to the next version and point `_LATEST` at it."""
+        versions = self.versions()
+        version = (versions[-1] if versions else 0) + 1
+        final = self.version_url(version)
+        self.fs.rename(staging_url, final)
+        self.fs.replace_text(join(self.base, LATEST_POINTER), f"{version}\n")
+        return version, final

@@ -1,0 +1,70 @@
+"""MLflow plumbing: one run per job, opened on the driver, with the resolved config logged.
+
+Default tracking is a sqlite database and a local artifact root under `data/mlflow/`;
+any tracking URI works (`tracking.uri=http://host:5000`).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+from pydantic import BaseModel
+
+from deepspark.config import FrozenModel, config_to_yaml, flatten
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+DEFAULT_DB = "data/mlflow/mlflow.db"
+DEFAULT_ARTIFACTS = "data/mlflow/artifacts"
+
+
+class TrackingSettings(FrozenModel):
+    enabled: bool = True
+    uri: str | None = None  # default: sqlite database at data/mlflow/mlflow.db
+    artifact_root: str = DEFAULT_ARTIFACTS  # used when the experiment is created
+    experiment: str = "deepspark"
+
+
+def tracking_uri(settings: TrackingSettings) -> str:
+    """The configured URI, else the project's sqlite store (absolute, so cwd does not matter later)."""
+    if settings.uri:
+        return settings.uri
+    db = os.path.abspath(DEFAULT_DB)
+    os.makedirs(os.path.dirname(db), exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def ensure_experiment(settings: TrackingSettings) -> str:
+    """Point MLflow at the store and return the experiment id, creating it if needed."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(settings))
+    experiment = mlflow.get_experiment_by_name(settings.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = settings.artifact_root
+    if "://" not in location:
+        os.makedirs(location, exist_ok=True)
+        location = "file://" + os.path.abspath(location)
+    return mlflow.create_experiment(settings.experiment, artifact_location=location)
+
+
+@contextmanager
+def job_run(settings: TrackingSettings, run_name: str, config: BaseModel, tags: dict[str, str] | None = None) -> Iterator["Run | None"]:
+    """Open the job's single MLflow run (or nothing when tracking is disabled)."""
+    if not settings.enabled:
+        yield None
+        return
+    import mlflow
+
+    experiment_id = ensure_experiment(settings)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        params = flatten(config)
+        items = list(params.items())
+        for start in range(0, len(items), 100):
+            mlflow.log_params(dict((k, v[:6000]) for k, v in items[start : start + 100]))
+        mlflow.log_text(config_to_yaml(config), "config/resolved.yaml")
+        yield run

@@ -1,0 +1,1 @@
+"""ETL pipelines: raw unstructured files -> versioned Petastorm Parquet datasets."""

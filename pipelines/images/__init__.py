@@ -1,0 +1,1 @@
+"""Image ETL: transforms (pure), layout (paths -> labels/splits), etl (Spark I/O)."""

@@ -1,0 +1,84 @@
+"""Fashion-MNIST from Debian's `dataset-fashion-mnist` package as a raw image folder:
+`<out>/{train,test}/<class>/<id>.png`, exactly the shape of a user's raw data."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from deepspark.config import FrozenModel
+
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Real class names; "/" cannot be in a folder name, so T-shirt/top is stored as T-shirt_top.
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+COMPLETE = "_COMPLETE"
+
+
+def folder_name(class_name: str) -> str:
+    return class_name.replace("/", "_")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format) as a numpy array."""
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    magic = int.from_bytes(data[:4], "big")
+    if magic >> 8 != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {magic:#x})")
+    ndim = magic & 0xFF
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_split(split: str, source: Path = DEBIAN_DIR) -> tuple[np.ndarray, np.ndarray]:
+    images_file, labels_file = FILES[split]
+    missing = [str(source / f) for f in FILES[split] if not (source / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"Fashion-MNIST files missing: {missing}; install Debian's dataset-fashion-mnist")
+    return read_idx(source / images_file), read_idx(source / labels_file)
+
+
+def write_raw_folder(out: Path, source: Path = DEBIAN_DIR, limit: int | None = None) -> dict[str, int]:
+    """Write the PNG folder once; a rerun is a no-op, a half-written folder is never left in place."""
+    import cv2
+
+    out = Path(out)
+    marker = out / COMPLETE
+    if marker.is_file():
+        return {k: int(v) for k, v in (line.split("=") for line in marker.read_text().split())}
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts = {}
+    for split in FILES:
+        images, labels = load_split(split, source)
+        n = len(images) if limit is None else min(limit, len(images))
+        for name in CLASS_NAMES:
+            (tmp / split / folder_name(name)).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            ok, png = cv2.imencode(".png", images[i])
+            if not ok:
+                raise RuntimeError(f"cannot encode {split} image {i}")
+            (tmp / split / folder_name(CLASS_NAMES[labels[i]]) / f"{i:05d}.png").write_bytes(png.tobytes())
+        counts[split] = n
+    (tmp / COMPLETE).write_text("".join(f"{k}={v}\n" for k, v in counts.items()))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return counts
+
+
+class DemoDataConfig(FrozenModel):
+    source: str = str(DEBIAN_DIR)
+    out: str = "data/raw/fashion-mnist"
+    limit: int | None = None  # images per split; None = all 70,000
+
+
+def run_job(cfg: "DemoDataConfig") -> str:
+    counts = write_raw_folder(Path(cfg.out), Path(cfg.source), cfg.limit)
+    return f"raw Fashion-MNIST PNGs at {cfg.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items())

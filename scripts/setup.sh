@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Idempotent set-up for `make demo` / `make test` on a fresh Debian-like machine:
+# Debian packages (Java 17, Fashion-MNIST, compilers for Horovod), then .venv with the pinned
+# stack from pyproject.toml, then Horovod built against the installed TensorFlow (gloo, no MPI).
+# A stamp is written only after every import checks out, so a half-finished install is redone,
+# never mistaken for a working one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=.venv
+STAMP="$VENV/.deepspark-setup"
+WANT=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/python" ]]; then
+  exit 0
+fi
+say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
+die() { printf '\033[1;31msetup failed:\033[0m %s\n' "$*" >&2; exit 1; }
+
+# 1. Debian packages
+missing=()
+[[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]] || missing+=(dataset-fashion-mnist)
+java -version 2>&1 | grep -q 'version "17' || missing+=(openjdk-17-jre-headless)
+command -v g++ >/dev/null || missing+=(g++)
+command -v cmake >/dev/null || missing+=(cmake)
+command -v make >/dev/null || missing+=(make)
+if (( ${#missing[@]} )); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing Debian packages: ${missing[*]}"
+    apt-get update -qq || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+      || die "apt-get install ${missing[*]} failed"
+  else
+    die "missing Debian packages: ${missing[*]} (run as root: apt-get install ${missing[*]})"
+  fi
+fi
+
+# 2. Python 3.11 venv with the pinned stack
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null \
+  || die "Python 3.11 is required (found $("$PYTHON" --version 2>&1)); set PYTHON=/path/to/python3.11"
+rm -f "$STAMP"
+[[ -x "$VENV/bin/python" ]] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+say "installing the pinned stack (about 3 minutes on a fresh machine)"
+"${PIP[@]}" install -e '.[test]' || die "pip install of the pinned stack failed"
+
+# 3. Horovod, compiled against the TensorFlow just installed, keeping every other pin.
+if ! "$VENV/bin/python" -c 'import horovod.tensorflow as h, horovod.spark; assert h.gloo_built()' 2>/dev/null; then
+  say "building horovod[spark] 0.28.1 with TensorFlow + gloo (about 2 minutes)"
+  mapfile -t pins < <("$VENV/bin/python" -c 'import tomllib; [print(d) for d in tomllib.load(open("pyproject.toml","rb"))["project"]["dependencies"]]')
+  HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_PYTORCH=1 \
+  HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo \
+    "${PIP[@]}" install --no-build-isolation "horovod[spark]==0.28.1" "${pins[@]}" \
+    || die "Horovod build failed (needs g++ and cmake; see the pip output above)"
+fi
+
+# 4. Verify the whole stack imports at the pinned versions before declaring success.
+"$VENV/bin/python" - <<'PY' || die "the venv does not import cleanly; delete .venv and run again"
+import importlib.metadata as md, tomllib
+pins = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] + ["horovod==0.28.1"]
+bad = []
+for pin in pins:
+    name, _, version = pin.partition("==")
+    name = name.split("[")[0]
+    if md.version(name) != version:
+        bad.append(f"{name} {md.version(name)} != {version}")
+assert not bad, bad
+import tensorflow, pyspark, petastorm, mlflow, cv2, PIL, pyarrow  # noqa: F401
+import horovod.tensorflow as hvd, horovod.spark  # noqa: F401
+assert hvd.gloo_built() and hvd.tensorflow_built() if hasattr(hvd, "tensorflow_built") else hvd.gloo_built()
+import deepspark, pipelines, training, inference  # noqa: F401
+PY
+echo "$WANT" > "$STAMP"
+say "ready: $VENV"
