@@ -9,12 +9,13 @@ pointer names the newest complete version; readers fall back to the highest
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:
@@ -43,6 +44,18 @@ def local_path(url: str) -> Path | None:
     """The local path behind a file:// URL, or None for remote file systems."""
     parsed = urlparse(url)
     return Path(parsed.path) if parsed.scheme == "file" else None
+
+
+def glob_matcher(pattern: str) -> "Callable[[str], bool]":
+    """Hadoop GlobFilter semantics for file names: * ? [...] and {a,b} alternatives."""
+    def expand(p: str) -> list[str]:
+        match = re.search(r"\{([^{}]*)\}", p)
+        if not match:
+            return [p]
+        return [x for alt in match.group(1).split(",") for x in expand(p[: match.start()] + alt + p[match.end():])]
+
+    regexes = [re.compile(fnmatch.translate(p)) for p in expand(pattern)]
+    return lambda name: any(r.match(name) for r in regexes)
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,31 @@ class HadoopFS:
         if not fs.exists(path):
             return []
         return sorted(str(status.getPath().getName()) for status in fs.listStatus(path) if status.isDirectory())
+
+    def list_files(self, url: str, name_glob: str) -> list[tuple[str, int]]:
+        """Every file below `url` whose name matches the Hadoop-style glob, with its size,
+        in Spark's `path` format. Unlike Spark's file index this keeps 0-byte files."""
+        root = self.qualify(url)
+        matches = glob_matcher(name_glob)
+        local = local_path(to_url(root))
+        if local is not None:
+            found = []
+            for dirpath, dirnames, filenames in os.walk(local):
+                dirnames[:] = [d for d in dirnames if not d.startswith(("_", "."))]
+                for name in filenames:
+                    if matches(name) and not name.startswith(("_", ".")):
+                        full = os.path.join(dirpath, name)
+                        found.append(("file:" + full, os.path.getsize(full)))
+            return sorted(found)
+        fs, path = self._fs(root)
+        it = fs.listFiles(path, True)
+        found = []
+        while it.hasNext():
+            status = it.next()
+            name = str(status.getPath().getName())
+            if matches(name) and not name.startswith(("_", ".")):
+                found.append((str(status.getPath().toString()), int(status.getLen())))
+        return sorted(found)
 
     def mkdirs(self, url: str) -> None:
         fs, path = self._fs(url)

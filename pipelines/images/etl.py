@@ -147,6 +147,14 @@ def _list_files(spark: "SparkSession", cfg: EtlImagesConfig, root: str, from_fol
     return files
 
 
+def _empty_files(spark: "SparkSession", listing: list[tuple[str, int]]) -> "DataFrame":
+    """Spark's file index skips 0-byte files; they come back here as quarantine rows."""
+    from pipelines.images.transforms import EMPTY
+
+    rows = [(None, None, None, path, None, None, 0, EMPTY, "0 bytes") for path, size in listing if size == 0]
+    return spark.createDataFrame(rows, PROCESSED_DDL)
+
+
 def _vocabulary(cfg: EtlImagesConfig, files: "DataFrame") -> list[str]:
     if cfg.input.labels:
         return list(cfg.input.labels)
@@ -241,9 +249,11 @@ def run_etl(spark: "SparkSession", cfg: EtlImagesConfig) -> EtlResult:
 
     files = _list_files(spark, cfg, root, from_folders)
     vocabulary = _vocabulary(cfg, files)
-    files_in = files.select("path").count()
+    listing = fs.list_files(root, cfg.input.glob)
+    files_in = len(listing)
     decoder = make_decoder(cfg.image.rules(), spec, vocabulary, cfg.input.seed, dict(cfg.input.split_fractions))
-    processed = files.mapInPandas(decoder, PROCESSED_DDL).persist(StorageLevel.MEMORY_AND_DISK)
+    processed = files.mapInPandas(decoder, PROCESSED_DDL).unionByName(_empty_files(spark, listing))
+    processed = processed.persist(StorageLevel.MEMORY_AND_DISK)
     staging = location.new_staging()
     try:
         stats = _group_stats(processed)

@@ -1,0 +1,117 @@
+"""Shared fixtures: a real local[2] SparkSession and generated raw image folders."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One real local[2] SparkSession for the whole test run."""
+    from deepspark.spark import SparkSettings, build_session
+
+    session = build_session(
+        SparkSettings(master="local[2]", app_name="deepspark-tests",
+                      conf={"spark.sql.shuffle.partitions": "4", "spark.driver.memory": "2g"})
+    )
+    yield session
+    session.stop()
+
+
+def encode(pixels: np.ndarray, fmt: str, mode: str | None = None, **kwargs) -> bytes:
+    img = Image.fromarray(pixels) if mode is None else Image.fromarray(pixels).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def gray(seed: int, h: int = 28, w: int = 28) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class RawFolder:
+    root: Path
+    good: dict[str, np.ndarray]  # relative path -> the exact pixels the dataset must hold (H, W, 1)
+    bad: dict[str, str]  # relative path -> expected quarantine reason
+    labels: tuple[str, ...]
+
+
+# The bad-file zoo: relative path -> (bytes factory, expected reason). None = must land as a row.
+def _zoo() -> dict[str, tuple[bytes, str | None]]:
+    rgb = np.random.default_rng(7).integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
+    png = encode(rgb, "PNG")
+    jpg = encode(rgb, "JPEG", quality=95)
+    wide = (np.random.default_rng(8).integers(0, 65536, size=(28, 28))).astype(np.uint16)
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])
+    return {
+        "train/Coat/empty.png": (b"", "empty_file"),
+        "train/Coat/truncated.png": (png[: len(png) // 2], "truncated"),
+        "train/Coat/truncated.jpg": (jpg[: len(jpg) // 2], "truncated"),
+        "train/Coat/notes.jpg": (b"this is a text file, not a picture\n" * 4, "not_an_image"),
+        "train/Coat/tiny.png": (encode(np.zeros((1, 1), np.uint8), "PNG"), "too_small"),
+        "train/Coat/huge.png": (encode(np.zeros((3000, 3000), np.uint8), "PNG"), "too_many_pixels"),
+        "train/Coat/float.tif": (encode(np.zeros((20, 20), np.float32), "TIFF"), "unsupported_mode"),
+        "train/Coat/cmyk.jpg": (encode(rgb, "JPEG", mode="CMYK"), None),
+        "train/Coat/sixteen.png": (encode(wide, "PNG"), None),
+        "train/Coat/rgba.png": (encode(rgba, "PNG"), None),
+        "train/Coat/gray.jpg": (encode(rgb[:, :, 0], "JPEG"), None),
+        "stray.png": (encode(gray(99), "PNG"), "no_label"),
+    }
+
+
+@pytest.fixture(scope="session")
+def raw_folder(tmp_path_factory) -> RawFolder:
+    """train/ and test/ folders of 28x28 grayscale PNGs in three classes (one with a space),
+    plus the bad-file zoo; 10 good images per class and split."""
+    root = tmp_path_factory.mktemp("raw") / "images"
+    labels = ("Ankle boot", "Bag", "Coat")
+    good: dict[str, np.ndarray] = {}
+    seed = 0
+    for split in ("train", "test"):
+        for label in labels:
+            for i in range(10):
+                seed += 1
+                rel = f"{split}/{label}/{i:03d}.png"
+                pixels = gray(seed)
+                good[rel] = pixels[:, :, None]
+    bad: dict[str, str] = {}
+    for rel, (data, reason) in _zoo().items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if reason is not None:
+            bad[rel] = reason
+    for rel, pixels in good.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(pixels[:, :, 0], "PNG"))
+    (root / "README.txt").write_text("not matched by the glob, so not an input\n")
+    return RawFolder(root, good, bad, labels)
+
+
+@pytest.fixture()
+def etl_overrides(tmp_path, raw_folder) -> list[str]:
+    """Overrides that point the ETL at the generated folder and a fresh output root."""
+    return [
+        f"input.path={raw_folder.root}",
+        f"output.root={tmp_path / 'datasets'}",
+        "output.name=zoo",
+        "tracking.enabled=false",
+        "files_per_task=16",
+        "arrow_batch_rows=8",
+        "image.max_pixels=1000000",
+    ]

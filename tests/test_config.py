@@ -1,0 +1,78 @@
+"""Config layering and errors: unknown keys and bad values name the key and where it was set."""
+
+from pathlib import Path
+
+import pytest
+
+from deepspark.config import ConfigError, config_to_yaml, flatten, load_config, parse_override
+from pipelines.images.config import EtlImagesConfig
+
+
+@pytest.fixture()
+def conf_dir(tmp_path: Path) -> Path:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "etl_images.yaml").write_text("image:\n  height: 32\n  width: 32\noutput:\n  name: base\n")
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "etl_images.yaml").write_text("image:\n  width: 48\n")
+    return tmp_path
+
+
+def test_layers_apply_in_order(conf_dir):
+    cfg = load_config(EtlImagesConfig, "etl_images", ["image.channels=3", "input.seed=5"], "gpu", conf_dir)
+    assert (cfg.image.height, cfg.image.width, cfg.image.channels) == (32, 48, 3)
+    assert cfg.output.name == "base"
+    assert cfg.input.seed == 5
+    assert cfg.image.resize_mode == "pad"  # built-in default survives
+
+
+def test_config_is_frozen(conf_dir):
+    cfg = load_config(EtlImagesConfig, "etl_images", [], None, conf_dir)
+    with pytest.raises(Exception):
+        cfg.image.height = 3  # type: ignore[misc]
+
+
+def test_unknown_key_in_file_names_key_and_file(conf_dir):
+    (conf_dir / "base" / "etl_images.yaml").write_text("image:\n  hieght: 32\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(EtlImagesConfig, "etl_images", [], None, conf_dir)
+    assert "image.hieght: unknown key" in str(err.value)
+    assert str(conf_dir / "base" / "etl_images.yaml") in str(err.value)
+
+
+def test_bad_value_from_command_line_names_key_and_source(conf_dir):
+    with pytest.raises(ConfigError) as err:
+        load_config(EtlImagesConfig, "etl_images", ["image.channels=2"], None, conf_dir)
+    message = str(err.value)
+    assert "image.channels" in message and "command line (image.channels=2)" in message
+
+
+def test_bad_split_fractions_rejected(conf_dir):
+    with pytest.raises(ConfigError, match="input.split_fractions"):
+        load_config(EtlImagesConfig, "etl_images", ["input.split_fractions={train: 0.5, val: 0.1}"], None, conf_dir)
+
+
+def test_unknown_profile_is_named(conf_dir):
+    with pytest.raises(ConfigError, match="profile 'nope'"):
+        load_config(EtlImagesConfig, "etl_images", [], "nope", conf_dir)
+
+
+def test_override_syntax():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a=[1, 2]") == ("a", [1, 2])
+    assert parse_override("a=null") == ("a", None)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("justakey")
+
+
+def test_resolved_config_round_trips(conf_dir):
+    cfg = load_config(EtlImagesConfig, "etl_images", ["output.name=x"], None, conf_dir)
+    import yaml
+
+    again = EtlImagesConfig.model_validate(yaml.safe_load(config_to_yaml(cfg)))
+    assert again == cfg
+    assert flatten(cfg)["output.name"] == "x"
+
+
+def test_project_base_config_is_valid():
+    cfg = load_config(EtlImagesConfig, "etl_images", [], "local")
+    assert cfg.spark.master == "local[2]"

@@ -1,0 +1,139 @@
+"""Image ETL end to end on a real local[2] SparkSession, read back with real Petastorm readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepspark.config import ConfigError, load_config
+from deepspark.schemas.images import ImageSpec, decode_pixels
+from pipelines.images import etl
+from pipelines.images.config import EtlImagesConfig
+
+pytestmark = pytest.mark.spark
+
+
+def run(spark, overrides: list[str]) -> etl.EtlResult:
+    return etl.run_etl(spark, load_config(EtlImagesConfig, "etl_images", overrides))
+
+
+def read_split(url: str, split: str) -> dict[str, tuple[np.ndarray, str, int]]:
+    """Read one split with petastorm.make_reader: path -> (pixels, label name, label index)."""
+    from petastorm import make_reader
+
+    spec = ImageSpec.from_dict(json.loads(Path(url.replace("file:", "", 1), "manifest.json").read_text())["image"])
+    out = {}
+    with make_reader(f"{url}/data/{split}", reader_pool_type="dummy", num_epochs=1) as reader:
+        for row in reader:
+            out[row.path] = (decode_pixels([row.image], spec)[0], row.label_name, int(row.label))
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(spark, raw_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("etl")
+    overrides = [
+        f"input.path={raw_folder.root}", f"output.root={out}", "output.name=zoo", "tracking.enabled=false",
+        "files_per_task=16", "arrow_batch_rows=8", "image.max_pixels=1000000",
+    ]
+    return overrides, run(spark, overrides)
+
+
+def test_counts_reconcile(first_run, raw_folder):
+    _, result = first_run
+    files_in = len(raw_folder.good) + len(raw_folder.bad) + 4  # + cmyk, sixteen, rgba, gray that are fine
+    assert result.files_in == files_in
+    assert result.rows_written == len(raw_folder.good) + 4
+    assert result.quarantined == len(raw_folder.bad)
+    assert result.files_in == result.rows_written + result.quarantined
+
+
+def test_every_bad_file_is_quarantined_with_its_reason(spark, first_run, raw_folder):
+    _, result = first_run
+    rows = spark.read.parquet(f"{result.url}/quarantine").collect()
+    got = {r.path.split("/images/", 1)[1]: r.reason for r in rows}
+    assert got == raw_folder.bad
+    assert all(r.size >= 0 and r.detail for r in rows)
+    assert result.manifest["totals"]["quarantine_by_reason"] == {
+        reason: list(raw_folder.bad.values()).count(reason) for reason in set(raw_folder.bad.values())
+    }
+
+
+def test_petastorm_reads_back_exact_pixels(first_run, raw_folder):
+    _, result = first_run
+    vocabulary = result.manifest["labels"]
+    assert vocabulary == sorted(raw_folder.labels)
+    for split in ("train", "test"):
+        rows = read_split(result.url, split)
+        for rel, pixels in raw_folder.good.items():
+            if not rel.startswith(f"{split}/"):
+                continue
+            key = next(p for p in rows if p.endswith(rel))
+            got, label_name, label = rows[key]
+            assert np.array_equal(got, pixels), rel
+            assert label_name == rel.split("/")[1] and vocabulary[label] == label_name
+
+
+def test_manifest_and_config_written_beside_data(first_run):
+    _, result = first_run
+    root = Path(result.url.replace("file:", "", 1))
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["version"] == result.version == 1
+    assert manifest["counts"]["train"]["Coat"] == 14  # 10 good + the four odd-but-valid files
+    assert manifest["counts"]["test"] == {"Ankle boot": 10, "Bag": 10, "Coat": 10}
+    assert (root / "config.yaml").read_text().startswith("spark:")
+    assert (root.parent / "_LATEST").read_text().strip() == "1"
+
+
+def test_rerun_gives_identical_split_and_id_as_new_version(spark, first_run):
+    overrides, result = first_run
+    again = run(spark, overrides)
+    assert again.version == result.version + 1
+    assert again.manifest["dataset_id"] == result.manifest["dataset_id"]
+    for split in ("train", "test"):
+        assert set(read_split(again.url, split)) == set(read_split(result.url, split))
+
+
+def test_hash_split_on_flat_layout(spark, tmp_path):
+    from tests.conftest import encode, gray
+
+    root = tmp_path / "flat"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(30):
+            (root / label / f"{i}.png").write_bytes(encode(gray(i), "PNG"))
+    overrides = [f"input.path={root}", f"output.root={tmp_path / 'out'}", "output.name=flat",
+                 "tracking.enabled=false", "input.split_fractions={train: 0.6, val: 0.2, test: 0.2}"]
+    first = run(spark, overrides)
+    second = run(spark, overrides)
+    assert set(first.manifest["counts"]) == {"train", "val", "test"}
+    assert first.manifest["counts"] == second.manifest["counts"]
+    assert first.rows_written == 60 and first.quarantined == 0
+    for split in ("train", "val", "test"):
+        assert set(read_split(first.url, split)) == set(read_split(second.url, split))
+
+
+def test_failed_write_leaves_previous_version_current(spark, raw_folder, tmp_path, monkeypatch):
+    overrides = [f"input.path={raw_folder.root}", f"output.root={tmp_path}", "output.name=zoo",
+                 "tracking.enabled=false", "image.max_pixels=1000000"]
+    good = run(spark, overrides)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full (simulated after the data was written)")
+
+    monkeypatch.setattr(etl, "_write_manifest", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run(spark, overrides)
+    base = tmp_path / "zoo"
+    assert (base / "_LATEST").read_text().strip() == str(good.version)
+    assert sorted(p.name for p in base.glob("v=*")) == [f"v={good.version}"]
+    assert not any((base / "_staging").iterdir())  # the half-written version was removed
+    assert len(read_split(good.url, "test")) == 30
+
+
+def test_missing_input_is_a_config_error_naming_the_key(spark, tmp_path):
+    with pytest.raises(ConfigError, match="input.path"):
+        run(spark, [f"input.path={tmp_path / 'nope'}", f"output.root={tmp_path}", "tracking.enabled=false"])

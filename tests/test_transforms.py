@@ -1,0 +1,72 @@
+"""Pure transforms: bytes -> tensor or a quarantine reason; no Spark needed."""
+
+import numpy as np
+import pytest
+
+from deepspark.schemas.images import ImageSpec, decode_pixels, encode_pixels
+from pipelines.images import transforms as T
+from tests.conftest import _zoo, encode, gray
+
+RULES = T.ImageRules(height=28, width=28, channels=1, max_pixels=1_000_000, min_side=8)
+
+
+@pytest.mark.parametrize("name", sorted(_zoo()))
+def test_zoo_file_gets_its_reason(name):
+    data, reason = _zoo()[name]
+    if name == "stray.png":  # only the layout makes it bad
+        reason = None
+    if reason is None:
+        out = T.decode_image(data, RULES)
+        assert out.shape == (28, 28, 1) and out.dtype == np.uint8
+    else:
+        with pytest.raises(T.BadImage) as bad:
+            T.decode_image(data, RULES)
+        assert bad.value.reason == reason
+
+
+def test_same_size_image_keeps_exact_pixels():
+    pixels = gray(3)
+    assert np.array_equal(T.decode_image(encode(pixels, "PNG"), RULES)[:, :, 0], pixels)
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    wide = np.full((28, 28), 0xABCD, np.uint16)
+    out = T.decode_image(encode(wide, "PNG"), RULES)
+    assert int(out.max()) == 0xAB
+
+
+@pytest.mark.parametrize("mode,expected", [("pad", (0, 0)), ("crop", (255, 255))])
+def test_pad_and_crop_keep_aspect(mode, expected):
+    tall = np.full((56, 28), 255, np.uint8)  # 2:1 portrait, all white
+    out = T.fit(tall[:, :, None], T.ImageRules(28, 28, 1, resize_mode=mode))
+    assert out.shape == (28, 28, 1)
+    assert (int(out[14, 0, 0]), int(out[14, 27, 0])) == expected  # pad: black side bars; crop: none
+    assert int(out[14, 14, 0]) == 255
+
+
+def test_rgb_target_from_gray_source():
+    out = T.decode_image(encode(gray(4), "PNG"), T.ImageRules(28, 28, 3))
+    assert out.shape == (28, 28, 3) and np.array_equal(out[:, :, 0], out[:, :, 2])
+
+
+def test_split_is_deterministic_and_follows_fractions():
+    fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
+    paths = [f"Coat/{i}.png" for i in range(5000)]
+    first = [T.assign_split(p, 17, fractions) for p in paths]
+    assert first == [T.assign_split(p, 17, fractions) for p in paths]
+    share = first.count("train") / len(first)
+    assert 0.77 < share < 0.83
+    assert first != [T.assign_split(p, 18, fractions) for p in paths]  # the seed matters
+
+
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+def test_storage_round_trip(encoding):
+    spec = ImageSpec(28, 28, 1, encoding)
+    batch = [gray(i)[:, :, None] for i in range(5)]
+    stored = [encode_pixels(p, spec) for p in batch]
+    assert np.array_equal(decode_pixels(stored, spec), np.stack(batch))
+
+
+def test_encode_rejects_wrong_shape():
+    with pytest.raises(ValueError, match="expected uint8"):
+        encode_pixels(np.zeros((28, 27, 1), np.uint8), ImageSpec(28, 28, 1))
