@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -68,6 +69,9 @@ def job_command(job: str) -> click.Command:
     def command(profile: str | None, overrides: tuple[str, ...]) -> None:
         """Run the job; overrides are key=value with dotted keys, e.g. image.height=32."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("py4j").setLevel(logging.WARNING)
+        for noisy in ("petastorm", "pyarrow"):  # legacy-dataset API notices, not actionable by users
+            warnings.filterwarnings("ignore", category=FutureWarning, module=noisy)
         run_job(job, profile, overrides)
 
     return command

@@ -25,6 +25,7 @@ from pipelines.images.transforms import NO_LABEL, ImageRules
 
 if TYPE_CHECKING:
     import pandas as pd
+    from pyspark import Broadcast
     from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
@@ -69,40 +70,42 @@ def make_decoder(
     rules: ImageRules,
     spec: schema.ImageSpec,
     vocabulary: list[str],
+    layout_: "Broadcast[layout.Layout]",
     seed: int,
     fractions: dict[str, float],
 ) -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     """Build, on the driver, the picklable pandas function the executors run."""
     label_index = {name: i for i, name in enumerate(vocabulary)}
+    columns = [c.split()[0] for c in PROCESSED_DDL.split(", ")]
 
     def decode_batches(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
         from pipelines.images.transforms import BadImage, assign_split, content_hash, decode_image
 
+        parse = layout_.value.parse
         for batch in batches:
-            rows = []
-            for path, size, content, rel, split_folder, label_name in zip(
-                batch["path"], batch["length"], batch["content"], batch[layout.RELPATH],
-                batch[layout.SPLIT_FOLDER], batch[layout.LABEL_NAME],
-            ):
-                digest = content_hash(content)
-                split = split_folder if isinstance(split_folder, str) else assign_split(rel or path, seed, fractions)
-                row = {schema.IMAGE: None, schema.LABEL: None, schema.LABEL_NAME: label_name, schema.PATH: path,
-                       schema.CONTENT_HASH: digest, SPLIT: split, "size": size, "reason": None, "detail": None}
+            out: dict[str, list] = {c: [] for c in columns}
+            for path, size, content in zip(batch["path"], batch["length"], batch["content"]):
+                rel, split, label_name = parse(path)
+                image = label = reason = detail = None
                 try:
-                    if not isinstance(label_name, str) or label_name not in label_index:
-                        raise BadImage(NO_LABEL, f"no label for {rel!r}" if not isinstance(label_name, str)
-                                       else f"label {label_name!r} not in vocabulary")
-                    pixels = decode_image(content, rules)
-                    row[schema.IMAGE] = schema.encode_pixels(pixels, spec)
-                    row[schema.LABEL] = label_index[label_name]
+                    if label_name is None:
+                        raise BadImage(NO_LABEL, f"layout gives no label for {rel or path!r}")
+                    if label_name not in label_index:
+                        raise BadImage(NO_LABEL, f"label {label_name!r} not in the vocabulary")
+                    image = schema.encode_pixels(decode_image(content, rules), spec)
+                    label = label_index[label_name]
                 except BadImage as bad:
-                    row["reason"], row["detail"] = bad.reason, bad.detail
+                    reason, detail = bad.reason, bad.detail
                 except Exception as exc:  # a decoder bug must not drop the file: quarantine it with the error
-                    row["reason"], row["detail"] = "unreadable", f"{type(exc).__name__}: {exc}"
-                rows.append(row)
-            frame = pd.DataFrame(rows, columns=[c.split()[0] for c in PROCESSED_DDL.split(", ")])
+                    reason, detail = "unreadable", f"{type(exc).__name__}: {exc}"
+                for column, value in zip(columns, (
+                    image, label, label_name, path, content_hash(content),
+                    split or assign_split(rel or path, seed, fractions), size, reason, detail,
+                )):
+                    out[column].append(value)
+            frame = pd.DataFrame(out, columns=columns)
             frame[schema.LABEL] = frame[schema.LABEL].astype("Int32")
             frame["size"] = frame["size"].astype("int64")
             yield frame
@@ -126,25 +129,28 @@ def _check_inputs(spark: "SparkSession", cfg: EtlImagesConfig, fs: HadoopFS) -> 
     return root, from_folders
 
 
-def _list_files(spark: "SparkSession", cfg: EtlImagesConfig, root: str, from_folders: bool) -> "DataFrame":
+def _list_files(spark: "SparkSession", cfg: EtlImagesConfig, root: str) -> "DataFrame":
     max_bytes = 128 * 1024 * 1024
     spark.conf.set("spark.sql.files.maxPartitionBytes", str(max_bytes))
     spark.conf.set("spark.sql.files.openCostInBytes", str(max(1, max_bytes // cfg.files_per_task)))
-    files = (
+    return (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
         .option("pathGlobFilter", cfg.input.glob)
         .load(root)
-        .drop("modificationTime")
+        .select("path", "length", "content")
     )
-    files = layout.with_layout(files, root, from_folders)
+
+
+def _layout(spark: "SparkSession", cfg: EtlImagesConfig, root: str, from_folders: bool) -> layout.Layout:
+    csv_labels = None
     if cfg.input.labels_csv:
         labels = spark.read.option("header", "true").csv(to_url(cfg.input.labels_csv))
         missing = {"path", "label"} - set(labels.columns)
         if missing:
             raise ConfigError(f"input.labels_csv: {cfg.input.labels_csv!r} lacks columns {sorted(missing)}")
-        files = layout.with_csv_labels(files, labels)
-    return files
+        csv_labels = {row["path"]: row["label"] for row in labels.select("path", "label").collect()}
+    return layout.Layout(root, from_folders, csv_labels)
 
 
 def _empty_files(spark: "SparkSession", listing: list[tuple[str, int]]) -> "DataFrame":
@@ -155,11 +161,10 @@ def _empty_files(spark: "SparkSession", listing: list[tuple[str, int]]) -> "Data
     return spark.createDataFrame(rows, PROCESSED_DDL)
 
 
-def _vocabulary(cfg: EtlImagesConfig, files: "DataFrame") -> list[str]:
+def _vocabulary(cfg: EtlImagesConfig, layout_: layout.Layout, paths: list[str]) -> list[str]:
     if cfg.input.labels:
         return list(cfg.input.labels)
-    names = files.select(layout.LABEL_NAME).where(f"{layout.LABEL_NAME} is not null").distinct().collect()
-    vocabulary = sorted(row[0] for row in names)
+    vocabulary = layout_.vocabulary(paths)
     if not vocabulary:
         raise ConfigError(f"input.path: no labelled image files under {cfg.input.path!r} matching {cfg.input.glob!r}")
     return vocabulary
@@ -247,16 +252,19 @@ def run_etl(spark: "SparkSession", cfg: EtlImagesConfig) -> EtlResult:
     location = VersionedLocation(fs, fs.qualify(to_url(cfg.output.root)), cfg.output.name)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
 
-    files = _list_files(spark, cfg, root, from_folders)
-    vocabulary = _vocabulary(cfg, files)
     listing = fs.list_files(root, cfg.input.glob)
     files_in = len(listing)
-    decoder = make_decoder(cfg.image.rules(), spec, vocabulary, cfg.input.seed, dict(cfg.input.split_fractions))
-    processed = files.mapInPandas(decoder, PROCESSED_DDL).unionByName(_empty_files(spark, listing))
+    layout_ = _layout(spark, cfg, root, from_folders)
+    vocabulary = _vocabulary(cfg, layout_, [path for path, _ in listing])
+    log.info("listed %d files, %d labels in %.1f s", files_in, len(vocabulary), time.perf_counter() - started)
+    decoder = make_decoder(cfg.image.rules(), spec, vocabulary, spark.sparkContext.broadcast(layout_),
+                           cfg.input.seed, dict(cfg.input.split_fractions))
+    processed = _list_files(spark, cfg, root).mapInPandas(decoder, PROCESSED_DDL).unionByName(_empty_files(spark, listing))
     processed = processed.persist(StorageLevel.MEMORY_AND_DISK)
     staging = location.new_staging()
     try:
         stats = _group_stats(processed)
+        log.info("decoded and validated in %.1f s", time.perf_counter() - started)
         version = (location.versions() or [0])[-1] + 1
         manifest = _build_manifest(cfg, spec, vocabulary, stats, files_in, version, root)
         good = processed.where(F.col("reason").isNull())
@@ -265,6 +273,7 @@ def run_etl(spark: "SparkSession", cfg: EtlImagesConfig) -> EtlResult:
                          sum(per_class.values()), cfg, cfg.input.seed)
         (processed.where(F.col("reason").isNotNull()).select(*schema.QUARANTINE_COLUMNS)
          .coalesce(1).write.mode("error").parquet(join(staging, QUARANTINE_DIR)))
+        log.info("wrote splits and quarantine in %.1f s", time.perf_counter() - started)
         _reconcile(spark, staging, manifest)
         _write_manifest(fs, staging, manifest, cfg)
         published_version, url = location.publish(staging)

@@ -1,52 +1,52 @@
-"""Raw-folder layout -> relative path, split folder and label name, as DataFrame transforms.
+"""Raw-folder layout -> split folder and label name (pure functions, no Spark).
 
 Two layouts are understood:
 - `<root>/<split>/<class>/<file>` with split in train/val/test (split from folders);
-- `<root>/<class>/<file>` (split by a seeded hash of the relative path).
+- `<root>/<class>/<file>` (split later by a seeded hash of the relative path).
 A labels CSV (`path,label`, paths relative to the root) overrides folder names.
+The driver uses these on its file listing (to fix the label vocabulary before any task)
+and the executors use them per row, so both always agree.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pyspark.sql import Column, DataFrame
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
 
 SPLITS = ("train", "val", "test")
-RELPATH = "relpath"
-SPLIT_FOLDER = "split_folder"
-LABEL_NAME = "label_name"
 
 
-def relative_path(path: "Column", root: str) -> "Column":
-    """`path` minus the qualified input root and its slash."""
-    from pyspark.sql import functions as F
-
+def relative_path(path: str, root: str) -> str | None:
+    """`path` below the qualified input root, or None if it is not below it."""
     prefix = root.rstrip("/") + "/"
-    return F.when(path.startswith(prefix), path.substr(len(prefix) + 1, 1 << 30)).otherwise(F.lit(None))
+    return path[len(prefix) :] if path.startswith(prefix) else None
 
 
-def with_layout(files: "DataFrame", root: str, split_from_folders: bool) -> "DataFrame":
-    """Add relpath, split_folder (or null) and label_name (or null when the layout gives none)."""
-    from pyspark.sql import functions as F
+@dataclass(frozen=True)
+class Layout:
+    """How labels and splits are read off a relative path."""
 
-    parts = F.split(F.col(RELPATH), "/")
-    files = files.withColumn(RELPATH, relative_path(F.col("path"), root))
-    if split_from_folders:
-        good = (F.size(parts) == 3) & parts.getItem(0).isin(*SPLITS)
-        return files.withColumn(SPLIT_FOLDER, F.when(good, parts.getItem(0))).withColumn(
-            LABEL_NAME, F.when(good, parts.getItem(1))
-        )
-    return files.withColumn(SPLIT_FOLDER, F.lit(None).cast("string")).withColumn(
-        LABEL_NAME, F.when(F.size(parts) >= 2, parts.getItem(0))
-    )
+    root: str
+    split_from_folders: bool
+    csv_labels: Mapping[str, str] | None = field(default=None, repr=False)
 
+    def parse(self, path: str) -> tuple[str | None, str | None, str | None]:
+        """(relative path, split folder or None, label name or None)."""
+        rel = relative_path(path, self.root)
+        if rel is None:
+            return None, None, None
+        parts = rel.split("/")
+        split = label = None
+        if self.split_from_folders:
+            if len(parts) >= 2 and parts[0] in SPLITS:
+                split = parts[0]
+                label = parts[1] if len(parts) == 3 else None
+        elif len(parts) >= 2:
+            label = parts[0]
+        if self.csv_labels is not None:
+            label = self.csv_labels.get(rel)
+        return rel, split, label
 
-def with_csv_labels(files: "DataFrame", labels: "DataFrame") -> "DataFrame":
-    """Replace folder-derived labels with those of a `path,label` CSV (paths relative to the root)."""
-    from pyspark.sql import functions as F
-
-    csv = labels.select(F.col("path").alias("_csv_path"), F.col("label").alias("_csv_label"))
-    joined = files.join(csv, files[RELPATH] == csv["_csv_path"], "left")
-    return joined.withColumn(LABEL_NAME, F.col("_csv_label")).drop("_csv_path", "_csv_label")
+    def vocabulary(self, paths: Iterable[str]) -> list[str]:
+        """Sorted label names found in the listing."""
+        return sorted({label for _, _, label in map(self.parse, paths) if label is not None})
