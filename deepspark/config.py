@@ -74,14 +74,19 @@ def _leaf_keys(tree: Mapping[str, Any], prefix: str) -> list[str]:
     return keys
 
 
-def _nest(dotted: str, value: Any) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
+def _set(tree: dict[str, Any], dotted: str, value: Any, sources: dict[str, str], source: str) -> None:
+    """A command-line override replaces the value at its key whole (a mapping is not merged)."""
     node = tree
     parts = dotted.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
     node[parts[-1]] = value
-    return tree
+    for key in [k for k in sources if k.startswith(dotted + ".")]:
+        del sources[key]
+    sources[dotted] = source
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -142,7 +147,7 @@ def load_config(
             _merge(merged, _read_yaml(path), sources, str(path))
     for text in overrides:
         key, value = parse_override(text)
-        _merge(merged, _nest(key, value), sources, f"{CLI_SOURCE} ({text})")
+        _set(merged, key, value, sources, f"{CLI_SOURCE} ({text})")
     try:
         return model.model_validate(merged)
     except ValidationError as exc:

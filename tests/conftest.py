@@ -103,6 +103,15 @@ def raw_folder(tmp_path_factory) -> RawFolder:
     return RawFolder(root, good, bad, labels)
 
 
+def make_flat_folder(root: Path, per_class: int, labels: tuple[str, ...] = ("a", "b")) -> Path:
+    """<root>/<label>/<i>.png, 28x28 grayscale noise: a class-folder layout with no split folders."""
+    for label in labels:
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / label / f"{i}.png").write_bytes(encode(gray(hash((label, i)) % 2**32), "PNG"))
+    return root
+
+
 @pytest.fixture()
 def etl_overrides(tmp_path, raw_folder) -> list[str]:
     """Overrides that point the ETL at the generated folder and a fresh output root."""

@@ -76,3 +76,8 @@ def test_resolved_config_round_trips(conf_dir):
 def test_project_base_config_is_valid():
     cfg = load_config(EtlImagesConfig, "etl_images", [], "local")
     assert cfg.spark.master == "local[2]"
+
+
+def test_command_line_mapping_replaces_the_whole_value(conf_dir):
+    cfg = load_config(EtlImagesConfig, "etl_images", ["input.split_fractions={train: 1.0}"], None, conf_dir)
+    assert cfg.input.split_fractions == {"train": 1.0}

@@ -12,6 +12,7 @@ from deepspark.config import ConfigError, load_config
 from deepspark.schemas.images import ImageSpec, decode_pixels
 from pipelines.images import etl
 from pipelines.images.config import EtlImagesConfig
+from tests.conftest import make_flat_folder
 
 pytestmark = pytest.mark.spark
 
@@ -37,7 +38,7 @@ def first_run(spark, raw_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("etl")
     overrides = [
         f"input.path={raw_folder.root}", f"output.root={out}", "output.name=zoo", "tracking.enabled=false",
-        "files_per_task=16", "arrow_batch_rows=8", "image.max_pixels=1000000",
+        "files_per_task=16", "arrow_batch_rows=8", "image.max_pixels=1000000", "input.val_from_train=0",
     ]
     return overrides, run(spark, overrides)
 
@@ -98,13 +99,7 @@ def test_rerun_gives_identical_split_and_id_as_new_version(spark, first_run):
 
 
 def test_hash_split_on_flat_layout(spark, tmp_path):
-    from tests.conftest import encode, gray
-
-    root = tmp_path / "flat"
-    for label in ("a", "b"):
-        (root / label).mkdir(parents=True)
-        for i in range(30):
-            (root / label / f"{i}.png").write_bytes(encode(gray(i), "PNG"))
+    root = make_flat_folder(tmp_path / "flat", 30)
     overrides = [f"input.path={root}", f"output.root={tmp_path / 'out'}", "output.name=flat",
                  "tracking.enabled=false", "input.split_fractions={train: 0.6, val: 0.2, test: 0.2}"]
     first = run(spark, overrides)
@@ -118,7 +113,7 @@ def test_hash_split_on_flat_layout(spark, tmp_path):
 
 def test_failed_write_leaves_previous_version_current(spark, raw_folder, tmp_path, monkeypatch):
     overrides = [f"input.path={raw_folder.root}", f"output.root={tmp_path}", "output.name=zoo",
-                 "tracking.enabled=false", "image.max_pixels=1000000"]
+                 "tracking.enabled=false", "image.max_pixels=1000000", "input.val_from_train=0"]
     good = run(spark, overrides)
 
     def crash(*args, **kwargs):
@@ -132,6 +127,28 @@ def test_failed_write_leaves_previous_version_current(spark, raw_folder, tmp_pat
     assert sorted(p.name for p in base.glob("v=*")) == [f"v={good.version}"]
     assert not any((base / "_staging").iterdir())  # the half-written version was removed
     assert len(read_split(good.url, "test")) == 30
+
+
+def test_val_carved_from_train_when_folders_lack_val(spark, first_run, raw_folder, tmp_path):
+    overrides, whole = first_run
+    carved = run(spark, [o for o in overrides if not o.startswith(("output.root", "input.val_from_train"))]
+                 + [f"output.root={tmp_path}", "input.val_from_train=0.5"])
+    assert set(carved.manifest["counts"]) == {"train", "val", "test"}
+    assert carved.manifest["counts"]["test"] == whole.manifest["counts"]["test"]
+    train, val = read_split(carved.url, "train"), read_split(carved.url, "val")
+    assert not set(train) & set(val)
+    assert set(train) | set(val) == set(read_split(whole.url, "train"))
+    assert 0 < len(val) < len(train) + len(val)
+
+
+def test_row_group_size_is_configurable(spark, tmp_path):
+    import pyarrow.parquet as pq
+
+    root = make_flat_folder(tmp_path / "flat", 150)
+    result = run(spark, [f"input.path={root}", f"output.root={tmp_path}", "tracking.enabled=false",
+                         "input.split_fractions={train: 1.0}", "output.row_group_size_mb=0.05"])
+    files = list(Path(result.url.replace("file:", "", 1), "data", "train").glob("*.parquet"))
+    assert sum(pq.ParquetFile(f).metadata.num_row_groups for f in files) >= 3
 
 
 def test_missing_input_is_a_config_error_naming_the_key(spark, tmp_path):

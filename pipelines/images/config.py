@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from deepspark.config import FrozenModel
 from deepspark.spark import SparkSettings
@@ -21,6 +21,9 @@ class InputSettings(FrozenModel):
     split_mode: Literal["auto", "folders", "hash"] = "auto"
     split_fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     seed: int = 17
+    # With train/ and test/ folders but no val/, carve this share of train into a val split
+    # (seeded hash of the path, so the same files every run). 0 keeps train whole.
+    val_from_train: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("split_fractions")
     @classmethod
@@ -49,7 +52,7 @@ class ImageSettings(FrozenModel):
 class OutputSettings(FrozenModel):
     root: str = "data/datasets"
     name: str = Field("fashion-mnist", pattern=r"^[A-Za-z0-9_.-]+$")
-    row_group_size_mb: PositiveInt = 4
+    row_group_size_mb: PositiveFloat = 4.0
     file_size_mb: PositiveInt = 128  # target uncompressed bytes per Parquet file
 
 

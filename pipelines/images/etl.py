@@ -73,9 +73,11 @@ def make_decoder(
     layout_: "Broadcast[layout.Layout]",
     seed: int,
     fractions: dict[str, float],
+    val_from_train: float = 0.0,
 ) -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     """Build, on the driver, the picklable pandas function the executors run."""
     label_index = {name: i for i, name in enumerate(vocabulary)}
+    carve = {"train": 1.0 - val_from_train, "val": val_from_train}
     columns = [c.split()[0] for c in PROCESSED_DDL.split(", ")]
 
     def decode_batches(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
@@ -88,6 +90,9 @@ def make_decoder(
             out: dict[str, list] = {c: [] for c in columns}
             for path, size, content in zip(batch["path"], batch["length"], batch["content"]):
                 rel, split, label_name = parse(path)
+                split = split or assign_split(rel or path, seed, fractions)
+                if split == "train" and val_from_train:
+                    split = assign_split(rel or path, seed + 1, carve)
                 image = label = reason = detail = None
                 try:
                     if label_name is None:
@@ -102,7 +107,7 @@ def make_decoder(
                     reason, detail = "unreadable", f"{type(exc).__name__}: {exc}"
                 for column, value in zip(columns, (
                     image, label, label_name, path, content_hash(content),
-                    split or assign_split(rel or path, seed, fractions), size, reason, detail,
+                    split, size, reason, detail,
                 )):
                     out[column].append(value)
             frame = pd.DataFrame(out, columns=columns)
@@ -113,7 +118,7 @@ def make_decoder(
     return decode_batches
 
 
-def _check_inputs(spark: "SparkSession", cfg: EtlImagesConfig, fs: HadoopFS) -> tuple[str, bool]:
+def _check_inputs(spark: "SparkSession", cfg: EtlImagesConfig, fs: HadoopFS) -> tuple[str, bool, float]:
     """Driver-side checks before any task: the input exists, the layout is understood."""
     root = fs.qualify(to_url(cfg.input.path))
     if not fs.is_dir(root):
@@ -126,7 +131,8 @@ def _check_inputs(spark: "SparkSession", cfg: EtlImagesConfig, fs: HadoopFS) -> 
     from_folders = cfg.input.split_mode == "folders" or (
         cfg.input.split_mode == "auto" and bool(set(top) & set(layout.SPLITS))
     )
-    return root, from_folders
+    carve = cfg.input.val_from_train if from_folders and "val" not in top else 0.0
+    return root, from_folders, carve
 
 
 def _list_files(spark: "SparkSession", cfg: EtlImagesConfig, root: str) -> "DataFrame":
@@ -231,7 +237,9 @@ def _write_split(spark: "SparkSession", rows: "DataFrame", url: str, spec: schem
     n_files = max(1, -(-n_rows * spec.raw_bytes // (cfg.output.file_size_mb * 1024 * 1024)))
     order = F.sha2(F.concat_ws("|", F.lit(str(seed)), F.col(schema.PATH)), 256)
     ordered = rows.select(*schema.DATA_COLUMNS).repartitionByRange(n_files, order).sortWithinPartitions(order)
-    with materialize_dataset(spark, url, schema.unischema(spec), cfg.output.row_group_size_mb):
+    with materialize_dataset(spark, url, schema.unischema(spec)):  # restores the Hadoop conf on exit
+        block_bytes = max(1024, int(cfg.output.row_group_size_mb * 1024 * 1024))
+        spark.sparkContext._jsc.hadoopConfiguration().setInt("parquet.block.size", block_bytes)
         ordered.write.mode("error").parquet(url)
 
 
@@ -247,7 +255,7 @@ def run_etl(spark: "SparkSession", cfg: EtlImagesConfig) -> EtlResult:
 
     started = time.perf_counter()
     fs = HadoopFS(spark)
-    root, from_folders = _check_inputs(spark, cfg, fs)
+    root, from_folders, val_from_train = _check_inputs(spark, cfg, fs)
     spec = schema.ImageSpec(cfg.image.height, cfg.image.width, cfg.image.channels, cfg.image.encoding)
     location = VersionedLocation(fs, fs.qualify(to_url(cfg.output.root)), cfg.output.name)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
@@ -258,7 +266,7 @@ def run_etl(spark: "SparkSession", cfg: EtlImagesConfig) -> EtlResult:
     vocabulary = _vocabulary(cfg, layout_, [path for path, _ in listing])
     log.info("listed %d files, %d labels in %.1f s", files_in, len(vocabulary), time.perf_counter() - started)
     decoder = make_decoder(cfg.image.rules(), spec, vocabulary, spark.sparkContext.broadcast(layout_),
-                           cfg.input.seed, dict(cfg.input.split_fractions))
+                           cfg.input.seed, dict(cfg.input.split_fractions), val_from_train)
     processed = _list_files(spark, cfg, root).mapInPandas(decoder, PROCESSED_DDL).unionByName(_empty_files(spark, listing))
     processed = processed.persist(StorageLevel.MEMORY_AND_DISK)
     staging = location.new_staging()

@@ -1,0 +1,84 @@
+"""Config of the training job (`conf/base/train.yaml`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+from deepspark.config import FrozenModel
+from deepspark.spark import SparkSettings
+from deepspark.tracking import TrackingSettings
+
+
+class DataSettings(FrozenModel):
+    root: str = "data/datasets"
+    name: str = "fashion-mnist"
+    version: PositiveInt | None = None  # default: the latest complete version
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+
+
+class ModelSettings(FrozenModel):
+    name: Literal["convnet", "resnet_small"] = "convnet"
+
+
+class LoaderSettings(FrozenModel):
+    """Petastorm reader and in-process shuffling (training/data.py)."""
+
+    pool_type: Literal["thread", "dummy"] = "dummy"
+    workers: PositiveInt = 1
+    shuffle_buffer: PositiveInt = 10_000  # rows mixed across row groups
+    queue_batches: PositiveInt = 8  # batches prepared ahead of the training step
+
+
+class OptimizerSettings(FrozenModel):
+    batch_size: PositiveInt = 64  # per rank; the global batch is batch_size * ranks
+    learning_rate: PositiveFloat = 1e-3  # for one rank; scaled by the number of ranks
+    warmup_epochs: NonNegativeInt = 1
+
+
+class HorovodSettings(FrozenModel):
+    num_proc: PositiveInt | None = None  # default: Spark's task slots
+    intra_op_threads: PositiveInt = 1
+    inter_op_threads: PositiveInt = 1
+    start_timeout_s: PositiveInt = 120
+    mixed_precision: bool = False
+    xla: bool = False
+
+
+class RegistrySettings(FrozenModel):
+    enabled: bool = True
+    model_name: str = "fashion-mnist-classifier"
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
+    gate_metric: str = "test_accuracy"
+    gate_min_delta: float = 0.0  # champion moves when new >= champion + delta
+
+
+class FaultSettings(FrozenModel):
+    """Deliberate failure for resilience tests: rank `exit_rank` exits after epoch `exit_after_epoch`."""
+
+    exit_rank: NonNegativeInt | None = None
+    exit_after_epoch: NonNegativeInt | None = None
+
+
+class TrainConfig(FrozenModel):
+    spark: SparkSettings = SparkSettings(app_name="deepspark-train")
+    tracking: TrackingSettings = TrackingSettings()
+    data: DataSettings = DataSettings()
+    model: ModelSettings = ModelSettings()
+    loader: LoaderSettings = LoaderSettings()
+    optimizer: OptimizerSettings = OptimizerSettings()
+    horovod: HorovodSettings = HorovodSettings()
+    registry: RegistrySettings = RegistrySettings()
+    fault: FaultSettings = FaultSettings()
+    epochs: PositiveInt = 12
+    steps_per_epoch: PositiveInt | None = None  # default: train rows // global batch
+    eval_batch_size: PositiveInt = 1024
+    max_eval_rows: PositiveInt | None = None  # cap val/test rows (tests and smoke runs)
+    seed: int = 42
+    resume: str | None = None  # an MLflow run id to continue
+    run_name: str | None = None
+    extra_tags: dict[str, str] = Field(default_factory=dict)
