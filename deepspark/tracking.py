@@ -53,14 +53,21 @@ def ensure_experiment(settings: TrackingSettings) -> str:
 
 
 @contextmanager
-def job_run(settings: TrackingSettings, run_name: str, config: BaseModel, tags: dict[str, str] | None = None) -> Iterator["Run | None"]:
-    """Open the job's single MLflow run (or nothing when tracking is disabled)."""
+def job_run(settings: TrackingSettings, run_name: str, config: BaseModel, tags: dict[str, str] | None = None,
+            resume_run_id: str | None = None) -> Iterator["Run | None"]:
+    """Open the job's single MLflow run (or nothing when tracking is disabled). With
+    `resume_run_id` the existing run is reopened; it ends FAILED if the block raises."""
     if not settings.enabled:
         yield None
         return
     import mlflow
 
     experiment_id = ensure_experiment(settings)
+    if resume_run_id is not None:
+        with mlflow.start_run(run_id=resume_run_id) as run:
+            mlflow.set_tags({**(tags or {}), "deepspark.resumed": "true"})
+            yield run
+        return
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         params = flatten(config)
         items = list(params.items())

@@ -124,3 +124,35 @@ def etl_overrides(tmp_path, raw_folder) -> list[str]:
         "arrow_batch_rows=8",
         "image.max_pixels=1000000",
     ]
+
+
+@dataclass(frozen=True)
+class SmallDataset:
+    root: Path
+    name: str
+    train_rows: int
+
+
+@pytest.fixture(scope="session")
+def fashion_small(spark, tmp_path_factory) -> SmallDataset:
+    """400 train + 400 test Fashion-MNIST images (Debian package) through the real ETL, with
+    small row groups so 2 ranks get uneven shards."""
+    from deepspark.config import load_config
+    from pipelines.images.config import EtlImagesConfig
+    from pipelines.images.demo_data import write_raw_folder
+    from pipelines.images.etl import run_etl
+
+    base = tmp_path_factory.mktemp("fashion")
+    write_raw_folder(base / "raw", limit=400)
+    cfg = load_config(EtlImagesConfig, "etl_images", [
+        f"input.path={base / 'raw'}", f"output.root={base / 'datasets'}", "output.name=fashion-small",
+        "tracking.enabled=false", "output.row_group_size_mb=0.05",
+    ])
+    result = run_etl(spark, cfg)
+    return SmallDataset(base / "datasets", "fashion-small", result.manifest["totals"]["rows_written"])
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path) -> list[str]:
+    """Overrides for a fresh, real sqlite-backed MLflow store in this test's folder."""
+    return [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_root={tmp_path / 'artifacts'}"]

@@ -44,6 +44,7 @@ class HorovodSettings(FrozenModel):
     intra_op_threads: PositiveInt = 1
     inter_op_threads: PositiveInt = 1
     start_timeout_s: PositiveInt = 120
+    nics: list[str] | None = Field(default_factory=lambda: ["lo"])  # None: let Horovod pick (clusters)
     mixed_precision: bool = False
     xla: bool = False
 
@@ -53,7 +54,7 @@ class RegistrySettings(FrozenModel):
     model_name: str = "fashion-mnist-classifier"
     candidate_alias: str = "candidate"
     champion_alias: str = "champion"
-    gate_metric: str = "test_accuracy"
+    gate_metric: Literal["test_accuracy"] = "test_accuracy"  # higher is better
     gate_min_delta: float = 0.0  # champion moves when new >= champion + delta
 
 

@@ -1,0 +1,153 @@
+"""Distributed training end to end: real local[2] Spark, real Horovod ranks over gloo, real
+Petastorm readers, a real sqlite MLflow store. Tiny step counts keep each run short."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepspark.config import ConfigError, load_config
+from training.config import TrainConfig
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+
+def config(dataset, store: list[str], *extra: str) -> TrainConfig:
+    return load_config(TrainConfig, "train", [
+        f"data.root={dataset.root}", f"data.name={dataset.name}", *store,
+        "epochs=2", "steps_per_epoch=4", "optimizer.batch_size=16", "max_eval_rows=200", *extra,
+    ])
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def runs_of(experiment: str = "deepspark"):
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id]) if exp else []
+
+
+@pytest.fixture(scope="module")
+def trained(spark, fashion_small, tmp_path_factory):
+    """One 2-rank training run shared by the assertions below."""
+    from training.job import run_job
+
+    tmp = tmp_path_factory.mktemp("train")
+    store = [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"tracking.artifact_root={tmp / 'artifacts'}"]
+    result = run_job(spark, config(fashion_small, store))
+    return result, store
+
+
+def test_two_ranks_make_exactly_one_finished_run(trained):
+    result, _ = trained
+    runs = runs_of()
+    assert [r.info.run_id for r in runs] == [result.run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert result.num_proc == 2
+    assert run.data.params["num_proc"] == "2"
+    assert run.data.params["optimizer.batch_size"] == "16"  # the resolved config, as params
+    assert run.data.tags["dataset.name"] == "fashion-small"
+
+
+def test_per_epoch_metrics_dataset_and_artifacts(trained):
+    result, _ = trained
+    c = client()
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "samples_per_s", "input_stall_share"):
+        assert [m.step for m in c.get_metric_history(result.run_id, key)] == [0, 1], key
+    run = c.get_run(result.run_id)
+    assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
+    assert run.data.metrics["test_accuracy"] == pytest.approx(result.test["test_accuracy"])
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name.startswith("fashion-small@v")
+    artifacts = {a.path for a in c.list_artifacts(result.run_id, "plots")}
+    assert artifacts == {"plots/training_curves.png", "plots/confusion_matrix.png"}
+    checkpoints = {a.path for a in c.list_artifacts(result.run_id, "checkpoints")}
+    assert {"checkpoints/epoch-0000.json", "checkpoints/epoch-0001.tar"} <= checkpoints
+    assert sum(map(sum, result.confusion)) == 200  # max_eval_rows test images, each counted once
+
+
+def test_registered_model_has_signature_and_predicts(trained, fashion_small):
+    import mlflow
+    import numpy as np
+
+    result, _ = trained
+    version = client().get_model_version_by_alias("fashion-mnist-classifier", "candidate")
+    assert int(version.version) == result.model_version
+    model_uri = "models:/fashion-mnist-classifier@champion"
+    info = mlflow.models.get_model_info(model_uri)
+    assert info.signature is not None and tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 28, 28, 1)
+    probs = mlflow.pyfunc.load_model(model_uri).predict(np.zeros((3, 28, 28, 1), np.uint8))
+    assert np.asarray(probs).shape == (3, 10)
+
+
+def test_champion_gate_both_ways(trained, spark, fashion_small):
+    from training.job import run_job
+
+    result, store = trained
+    worse = run_job(spark, config(fashion_small, store, "epochs=1", "steps_per_epoch=1",
+                                  "optimizer.learning_rate=0.00001"))
+    c = client()
+    assert worse.test["test_accuracy"] < result.test["test_accuracy"]
+    assert int(c.get_model_version_by_alias("fashion-mnist-classifier", "candidate").version) == worse.model_version
+    assert int(c.get_model_version_by_alias("fashion-mnist-classifier", "champion").version) == result.model_version
+    forced = run_job(spark, config(fashion_small, store, "epochs=1", "steps_per_epoch=1",
+                                   "optimizer.learning_rate=0.00001", "registry.gate_min_delta=-1.0"))
+    assert int(c.get_model_version_by_alias("fashion-mnist-classifier", "champion").version) == forced.model_version
+
+
+def test_killed_rank_fails_clearly_then_resumes_in_the_same_run(spark, fashion_small, mlflow_store):
+    from training.job import TrainingFailed, run_job
+
+    with pytest.raises(TrainingFailed, match="resume with resume=") as failure:
+        run_job(spark, config(fashion_small, mlflow_store, "epochs=3", "fault.exit_rank=1", "fault.exit_after_epoch=0"))
+    run_id = str(failure.value).split("resume=")[1].split(":")[0]
+    c = client()
+    assert c.get_run(run_id).info.status == "FAILED"
+    assert [m.step for m in c.get_metric_history(run_id, "loss")] == [0]
+
+    resumed = run_job(spark, config(fashion_small, mlflow_store, "epochs=3", f"resume={run_id}"))
+    assert resumed.run_id == run_id
+    assert [r.info.run_id for r in runs_of()] == [run_id]  # still exactly one run for the job
+    assert c.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in c.get_metric_history(run_id, "loss")] == [0, 1, 2]
+
+
+def test_uneven_shards_finish(spark, fashion_small):
+    from deepspark.datasets import open_dataset
+    from training.data import ShardSpec, read_row_groups
+    from training.job import run_job
+
+    dataset = open_dataset(spark, str(fashion_small.root), fashion_small.name)
+    url = dataset.split_url("train")
+    shard_rows = [sum(len(y) for _, y in read_row_groups(ShardSpec(url, dataset.spec, rank, 2), None, False))
+                  for rank in (0, 1)]
+    assert sum(shard_rows) == dataset.rows("train")
+    assert shard_rows[0] != shard_rows[1], f"fixture should shard unevenly, got {shard_rows}"
+    steps = max(shard_rows) // 16 + 2  # more steps than the smaller shard holds: it must cycle, not hang
+    result = run_job(spark, config(fashion_small, ["tracking.enabled=false"], "epochs=1", f"steps_per_epoch={steps}"))
+    assert result.num_proc == 2 and result.test["test_accuracy"] > 0
+
+
+@pytest.mark.parametrize("override,key", [
+    ("horovod.num_proc=3", "horovod.num_proc"),
+    ("data.name=missing", "data.name"),
+    ("data.test_split=holdout", "data.test_split"),
+    ("optimizer.batch_size=100000", "optimizer.batch_size"),
+])
+def test_driver_side_errors_name_the_key(spark, fashion_small, override, key):
+    from training.job import plan
+
+    cfg = config(fashion_small, ["tracking.enabled=false"], override)
+    if override.startswith("optimizer"):
+        cfg = cfg.model_copy(update={"steps_per_epoch": None})
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        plan(spark, cfg)
+
+
+def test_unknown_model_is_rejected_at_load(fashion_small):
+    with pytest.raises(ConfigError, match="model.name"):
+        config(fashion_small, [], "model.name=vgg99")

@@ -1,0 +1,150 @@
+"""The Petastorm seam: a rank's shard of a split as batches of (uint8 images, int labels).
+
+Petastorm's `make_batch_reader` yields whole row groups; the raw image column of a row group
+decodes with one `np.frombuffer` (deepspark.schemas.images), rows are mixed in a seeded shuffle
+buffer, and a background thread keeps `queue_batches` batches ready. The time the training step
+spends waiting on that queue is the input stall. Replacing Petastorm means replacing this module.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from deepspark.schemas.images import IMAGE, LABEL, ImageSpec, decode_pixels
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Which rows this rank reads and how."""
+
+    url: str
+    spec: ImageSpec
+    rank: int = 0
+    size: int = 1
+    pool_type: str = "dummy"
+    workers: int = 1
+
+
+def read_row_groups(shard: ShardSpec, seed: int | None, infinite: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(images, labels) per row group of this rank's shard, row groups in a seeded order."""
+    from petastorm import make_batch_reader
+
+    with make_batch_reader(
+        shard.url,
+        schema_fields=[IMAGE, LABEL],
+        reader_pool_type=shard.pool_type,
+        workers_count=shard.workers,
+        shuffle_row_groups=seed is not None,
+        seed=seed,
+        num_epochs=None if infinite else 1,
+        cur_shard=shard.rank if shard.size > 1 else None,
+        shard_count=shard.size if shard.size > 1 else None,
+        shard_seed=0,
+    ) as reader:
+        for batch in reader:
+            yield decode_pixels(list(getattr(batch, IMAGE)), shard.spec), np.asarray(getattr(batch, LABEL), np.int32)
+
+
+def shuffled_batches(
+    groups: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int, buffer_rows: int, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Full batches drawn from a seeded shuffle buffer of at least `buffer_rows` rows; about half
+    the buffer stays behind each time, so rows from consecutive row groups mix."""
+    rng = np.random.default_rng(seed)
+    xs: np.ndarray | None = None
+    ys: np.ndarray | None = None
+    for x, y in groups:
+        xs = x if xs is None else np.concatenate([xs, x])
+        ys = y if ys is None else np.concatenate([ys, y])
+        if len(ys) < max(buffer_rows, batch_size):
+            continue
+        order = rng.permutation(len(ys))
+        xs, ys = xs[order], ys[order]
+        emit = max(1, (len(ys) - buffer_rows // 2) // batch_size) * batch_size
+        for start in range(0, emit, batch_size):
+            yield xs[start : start + batch_size], ys[start : start + batch_size]
+        xs, ys = xs[emit:], ys[emit:]
+    if ys is not None and len(ys) >= batch_size:
+        order = rng.permutation(len(ys))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            yield xs[idx], ys[idx]
+
+
+class StallMeter:
+    """Seconds the consumer spent waiting for a batch that was not ready yet."""
+
+    def __init__(self) -> None:
+        self.wait_seconds = 0.0
+        self.batches = 0
+
+    def reset(self) -> tuple[float, int]:
+        out = (self.wait_seconds, self.batches)
+        self.wait_seconds, self.batches = 0.0, 0
+        return out
+
+
+def prefetched(source: Iterator, depth: int, meter: StallMeter, limit: int) -> Iterator:
+    """Run `source` in a thread, `depth` items ahead; stop after `limit` items. Waiting is metered."""
+    items: "queue.Queue" = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for count, item in enumerate(source):
+                if stop.is_set() or count >= limit:
+                    break
+                items.put(item)
+        except BaseException as exc:  # surfaced to the consumer
+            items.put(exc)
+        finally:
+            items.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True, name="batch-prefetch")
+    thread.start()
+    try:
+        while True:
+            started = time.perf_counter()
+            item = items.get()
+            meter.wait_seconds += time.perf_counter() - started
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            meter.batches += 1
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # drain so the producer can exit
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+def training_batches(shard: ShardSpec, batch_size: int, buffer_rows: int, seed: int, epoch: int,
+                     steps: int, depth: int, meter: StallMeter) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Exactly `steps` batches for one epoch; the order depends only on (seed, epoch, rank),
+    so a resumed run sees the same data order from its first resumed epoch on."""
+    epoch_seed = seed * 100_003 + epoch * 101 + shard.rank
+    groups = read_row_groups(shard, seed=epoch_seed, infinite=True)
+    return prefetched(shuffled_batches(groups, batch_size, buffer_rows, epoch_seed), depth, meter, steps)
+
+
+def strided_rows(shard: ShardSpec, max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every `size`-th row starting at `rank` of a whole split (row order as stored):
+    exact, disjoint evaluation shards whatever the number of row groups."""
+    whole = ShardSpec(shard.url, shard.spec, 0, 1, shard.pool_type, shard.workers)
+    parts = list(read_row_groups(whole, seed=None, infinite=False))
+    xs = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, *shard.spec.shape), np.uint8)
+    ys = np.concatenate([p[1] for p in parts]) if parts else np.empty((0,), np.int32)
+    if max_rows is not None:
+        xs, ys = xs[:max_rows], ys[:max_rows]
+    return xs[shard.rank :: shard.size], ys[shard.rank :: shard.size]

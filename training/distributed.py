@@ -1,0 +1,47 @@
+"""The Horovod seam: launch a picklable function as N ranks on Spark executors (gloo).
+
+Everything Horovod-specific that the driver touches lives here, so another launcher
+(TorchDistributor, Ray) replaces this module, not the jobs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+
+class RankFailure(RuntimeError):
+    """A rank died or raised; the job fails instead of hanging."""
+
+
+def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: Sequence[str] | None,
+              env: dict[str, str] | None = None) -> list[Any]:
+    """Run `fn` on `num_proc` Horovod ranks over gloo, one per Spark task; results by rank."""
+    import horovod.spark
+
+    rank_env = dict(os.environ)
+    rank_env.update({
+        "HOROVOD_GLOO_TIMEOUT_SECONDS": "60",  # a dead peer fails collectives within a minute
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+    })
+    rank_env.update(env or {})
+    try:
+        return horovod.spark.run(
+            fn, num_proc=num_proc, start_timeout=start_timeout_s, use_gloo=True,
+            nics=set(nics) if nics else None, env=rank_env, verbose=1,
+        )
+    except Exception as exc:
+        raise RankFailure(f"Horovod ranks failed: {type(exc).__name__}: {exc}") from exc
+
+
+def available_gpu() -> str | None:
+    """The GPU address Spark assigned to this task, if any (inside a rank)."""
+    try:
+        from horovod.spark.task import get_available_devices
+
+        addresses = get_available_devices()
+    except Exception:
+        return None
+    return str(addresses[0]) if addresses else None

@@ -1,0 +1,216 @@
+"""The training job on the driver: check the config against the dataset, open the one MLflow
+run, launch the Horovod ranks on Spark, then log the model, plots and metrics and apply the
+registry gate. Ranks only log per-epoch metrics and checkpoints (rank 0)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from deepspark.config import ConfigError
+from deepspark.datasets import DatasetRef, open_dataset
+from deepspark.spark import task_slots
+from deepspark.tracking import job_run, tracking_uri
+from training.config import TrainConfig
+from training.remote import CHECKPOINT_DIR, RankTask
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+
+class TrainingFailed(RuntimeError):
+    """The ranks failed; the message says how to resume."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str | None
+    dataset: str
+    num_proc: int
+    epochs: int
+    seconds: float
+    test: dict[str, float]
+    model_version: int | None = None
+    registry: str = ""
+    confusion: list = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        lines = [
+            f"trained on {self.dataset} with {self.num_proc} Horovod ranks, {self.epochs} epochs in {self.seconds:.0f} s",
+            f"test accuracy {self.test['test_accuracy']:.4f}, test loss {self.test['test_loss']:.4f}",
+        ]
+        if self.run_id:
+            lines.append(f"MLflow run {self.run_id} (make ui, experiment 'deepspark')")
+        if self.registry:
+            lines.append(self.registry)
+        return "\n".join(lines)
+
+
+def train_row_groups(url: str) -> int:
+    """Row groups in a split: Petastorm shards by row group, so each rank needs at least one."""
+    import pyarrow.parquet as pq
+    from pyarrow import fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(url)
+    files = [f.path for f in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+             if f.path.endswith(".parquet")]
+    return sum(pq.ParquetFile(filesystem.open_input_file(f)).metadata.num_row_groups for f in files)
+
+
+def plan(spark: "SparkSession", cfg: TrainConfig) -> tuple[DatasetRef, int, int]:
+    """Driver-side checks before anything is launched: dataset, splits, shapes, ranks, steps."""
+    try:
+        dataset = open_dataset(spark, cfg.data.root, cfg.data.name, cfg.data.version)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"data.name/data.version: {exc}") from None
+    for key, split in (("data.train_split", cfg.data.train_split), ("data.test_split", cfg.data.test_split)):
+        if split not in dataset.manifest["splits"]:
+            raise ConfigError(f"{key}: dataset {dataset.name} v={dataset.version} has no split {split!r} "
+                              f"(has {sorted(dataset.manifest['splits'])})")
+    from training.models import BUILDERS
+
+    if cfg.model.name not in BUILDERS:
+        raise ConfigError(f"model.name: {cfg.model.name!r} not in the catalogue {sorted(BUILDERS)}")
+    if len(dataset.labels) < 2:
+        raise ConfigError(f"data.name: dataset {dataset.name} has {len(dataset.labels)} label(s); need >= 2")
+    slots = task_slots(spark)
+    num_proc = cfg.horovod.num_proc or slots
+    if num_proc > slots:
+        raise ConfigError(f"horovod.num_proc={num_proc} exceeds Spark's {slots} task slots")
+    groups = train_row_groups(dataset.split_url(cfg.data.train_split))
+    if groups < num_proc:
+        raise ConfigError(f"horovod.num_proc={num_proc} but the {cfg.data.train_split} split has {groups} row "
+                          "group(s): re-run the ETL with a smaller output.row_group_size_mb")
+    global_batch = cfg.optimizer.batch_size * num_proc
+    steps = cfg.steps_per_epoch or dataset.rows(cfg.data.train_split) // global_batch
+    if steps < 1:
+        raise ConfigError(f"optimizer.batch_size={cfg.optimizer.batch_size} x {num_proc} ranks exceeds the "
+                          f"{dataset.rows(cfg.data.train_split)} training rows")
+    return dataset, num_proc, steps
+
+
+def latest_checkpoint(run_id: str) -> tuple[int, bytes]:
+    """The newest complete checkpoint of a run (its .json marker is written after the archive)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    markers = sorted(a.path for a in client.list_artifacts(run_id, CHECKPOINT_DIR) if a.path.endswith(".json"))
+    if not markers:
+        raise ConfigError(f"resume={run_id}: the run has no complete checkpoint to resume from")
+    with tempfile.TemporaryDirectory() as tmp:
+        marker = json.loads(open(client.download_artifacts(run_id, markers[-1], tmp)).read())
+        archive = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{marker['archive']}", tmp)
+        with open(archive, "rb") as fh:
+            return int(marker["epoch"]), fh.read()
+
+
+def _metric_history(run_id: str, keys: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
+
+
+def _log_dataset(dataset: DatasetRef) -> None:
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(dataset.url.replace("file:", "file://", 1) if dataset.url.startswith("file:/") and
+                                    not dataset.url.startswith("file://") else dataset.url)
+    mlflow.log_input(MetaDataset(source, name=f"{dataset.name}@v{dataset.version}", digest=dataset.dataset_id),
+                     context="training", tags={"version": str(dataset.version)})
+
+
+def _log_model(cfg: TrainConfig, dataset: DatasetRef, weights: list[np.ndarray]) -> int | None:
+    """Rebuild the architecture on the driver, load rank 0's weights, log with a signature, register."""
+    import mlflow
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    from training.models import build_model
+
+    model = build_model(cfg.model.name, dataset.spec.shape, len(dataset.labels))
+    model.set_weights(weights)
+    example = np.zeros((2, *dataset.spec.shape), np.uint8)
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    info = mlflow.tensorflow.log_model(
+        model, name="model", signature=signature, input_example=example,
+        registered_model_name=cfg.registry.model_name if cfg.registry.enabled else None,
+    )
+    mlflow.log_dict({"labels": dataset.labels, "image": dataset.spec.to_dict()}, "model_meta/labels.json")
+    del tf
+    return int(info.registered_model_version) if info.registered_model_version else None
+
+
+def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
+    """The job: plan, then one MLflow run around the distributed training."""
+    from training.distributed import RankFailure, run_ranks
+
+    dataset, num_proc, steps = plan(spark, cfg)
+    start_epoch, checkpoint = 0, None
+    if cfg.resume:
+        if not cfg.tracking.enabled:
+            raise ConfigError("resume: needs tracking.enabled=true (checkpoints live in the MLflow run)")
+        from deepspark.tracking import ensure_experiment
+
+        ensure_experiment(cfg.tracking)
+        last, checkpoint = latest_checkpoint(cfg.resume)
+        start_epoch = last + 1
+        log.info("resuming run %s after epoch %d", cfg.resume, last + 1)
+    started = time.perf_counter()
+    tags = {"deepspark.job": "train", "dataset.name": dataset.name, "dataset.version": str(dataset.version),
+            "dataset.id": dataset.dataset_id, **cfg.extra_tags}
+    run_name = cfg.run_name or f"train:{cfg.model.name}:{dataset.name}@v{dataset.version}"
+    with job_run(cfg.tracking, run_name, cfg, tags, resume_run_id=cfg.resume) as run:
+        run_id = run.info.run_id if run else None
+        if run is not None:
+            import mlflow
+
+            if not cfg.resume:
+                _log_dataset(dataset)
+                mlflow.log_params({"num_proc": num_proc, "steps_per_epoch": steps,
+                                   "global_batch_size": cfg.optimizer.batch_size * num_proc})
+        task = RankTask(
+            cfg=cfg, spec=dataset.spec, num_classes=len(dataset.labels),
+            train_url=dataset.split_url(cfg.data.train_split),
+            val_url=dataset.split_url(cfg.data.val_split) if cfg.data.val_split in dataset.manifest["splits"] else None,
+            test_url=dataset.split_url(cfg.data.test_split), steps_per_epoch=steps, start_epoch=start_epoch,
+            tracking_uri=tracking_uri(cfg.tracking) if run else None, run_id=run_id, checkpoint=checkpoint,
+        )
+        try:
+            results = run_ranks(task, num_proc, cfg.horovod.start_timeout_s, cfg.horovod.nics)
+        except RankFailure as exc:
+            hint = f"; resume with resume={run_id}" if run_id else ""
+            raise TrainingFailed(f"training failed{hint}: {exc}") from exc
+        outcome = results[0]
+        seconds = time.perf_counter() - started
+        model_version, registry_line = None, ""
+        if run is not None:
+            import mlflow
+
+            mlflow.log_metrics({**outcome["test"], "train_seconds": seconds})
+            with tempfile.TemporaryDirectory() as tmp:
+                from training import plots
+
+                history = _metric_history(run_id, ("loss", "accuracy", "val_loss", "val_accuracy"))
+                plots.training_curves(history, os.path.join(tmp, "training_curves.png"))
+                plots.confusion_matrix(np.array(outcome["confusion"]), dataset.labels, os.path.join(tmp, "confusion_matrix.png"))
+                mlflow.log_artifacts(tmp, "plots")
+            model_version = _log_model(cfg, dataset, outcome["weights"])
+            if model_version is not None:
+                from training.registry import promote
+
+                promotion = promote(cfg.registry, model_version, outcome["test"][cfg.registry.gate_metric])
+                registry_line = promotion.summary(cfg.registry.model_name, cfg.registry)
+    return TrainResult(run_id, f"{dataset.name}@v{dataset.version}", num_proc, cfg.epochs, seconds,
+                       outcome["test"], model_version, registry_line, outcome["confusion"])

@@ -1,0 +1,52 @@
+"""Training curves and the confusion matrix as PNGs (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def training_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: str) -> None:
+    """Loss and accuracy per epoch, train against validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for key, style in ((metric, "-o"), (f"val_{metric}", "--s")):
+            points = sorted(history.get(key, []))
+            if points:
+                ax.plot([e + 1 for e, _ in points], [v for _, v in points], style, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    limit = matrix.max() / 2 if matrix.size else 0
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color="white" if value > limit else "black")
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    ax.set_title(f"test confusion matrix (accuracy {accuracy:.4f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
