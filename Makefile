@@ -15,6 +15,7 @@ setup:
 demo: setup
 	$(PY) jobs/demo_data.py
 	$(VENV)/bin/spark-submit --master local[2] jobs/etl_images.py
+	$(VENV)/bin/spark-submit --master local[2] jobs/train.py
 	@$(PY) -m deepspark.demo
 
 test: setup

@@ -36,7 +36,8 @@ class LoaderSettings(FrozenModel):
 class OptimizerSettings(FrozenModel):
     batch_size: PositiveInt = 64  # per rank; the global batch is batch_size * ranks
     learning_rate: PositiveFloat = 1e-3  # for one rank; scaled by the number of ranks
-    warmup_epochs: NonNegativeInt = 1
+    warmup_epochs: NonNegativeInt = 1  # linear warm-up to learning_rate x ranks
+    schedule: Literal["cosine", "constant"] = "cosine"  # after the warm-up
 
 
 class HorovodSettings(FrozenModel):

@@ -147,7 +147,9 @@ def _log_model(cfg: TrainConfig, dataset: DatasetRef, weights: list[np.ndarray])
         model, name="model", signature=signature, input_example=example,
         registered_model_name=cfg.registry.model_name if cfg.registry.enabled else None,
     )
-    mlflow.log_dict({"labels": dataset.labels, "image": dataset.spec.to_dict()}, "model_meta/labels.json")
+    mlflow.log_dict({"labels": dataset.labels, "image": dataset.spec.to_dict(),
+                     "etl_image": dataset.manifest["config"]["image"], "dataset": f"{dataset.name}@v{dataset.version}"},
+                    "model_meta/labels.json")
     del tf
     return int(info.registered_model_version) if info.registered_model_version else None
 
@@ -178,8 +180,8 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
 
             if not cfg.resume:
                 _log_dataset(dataset)
-                mlflow.log_params({"num_proc": num_proc, "steps_per_epoch": steps,
-                                   "global_batch_size": cfg.optimizer.batch_size * num_proc})
+                mlflow.log_params({"resolved.num_proc": num_proc, "resolved.steps_per_epoch": steps,
+                                   "resolved.global_batch_size": cfg.optimizer.batch_size * num_proc})
         task = RankTask(
             cfg=cfg, spec=dataset.spec, num_classes=len(dataset.labels),
             train_url=dataset.split_url(cfg.data.train_split),

@@ -90,8 +90,11 @@ class RankTask:
         from training.models import build_model
 
         model = build_model(cfg.model.name, self.spec.shape, self.num_classes)
-        lr = cfg.optimizer.learning_rate * size
-        optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(learning_rate=lr))
+        from training.schedules import WarmupThenDecay
+
+        schedule = WarmupThenDecay(cfg.optimizer.learning_rate * size, cfg.optimizer.warmup_epochs * self.steps_per_epoch,
+                                   cfg.epochs * self.steps_per_epoch, cfg.optimizer.schedule)
+        optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(learning_rate=schedule))
         model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                       jit_compile=cfg.horovod.xla)
         if self.checkpoint is not None:
@@ -100,9 +103,6 @@ class RankTask:
         callbacks = [
             hvd.callbacks.BroadcastGlobalVariablesCallback(0),
             hvd.callbacks.MetricAverageCallback(),
-            hvd.callbacks.LearningRateWarmupCallback(
-                initial_lr=lr, warmup_epochs=cfg.optimizer.warmup_epochs, steps_per_epoch=self.steps_per_epoch
-            ),
         ]
         pool = (cfg.loader.pool_type, cfg.loader.workers)
         shard = ShardSpec(self.train_url, self.spec, rank, size, *pool)
@@ -131,7 +131,7 @@ class RankTask:
             metrics["samples_per_s"] = self.steps_per_epoch * batch * size / slowest
             metrics["input_stall_share"] = _allreduce(np.array([wait / elapsed]), "sum", f"stall{epoch}")[0] / size
             metrics["epoch_seconds"] = slowest
-            metrics["learning_rate"] = float(tf.keras.backend.get_value(model.optimizer.learning_rate))
+            metrics["learning_rate"] = float(schedule(model.optimizer.iterations))
             metrics = {k: float(v) for k, v in metrics.items()}
             if rank == 0:
                 self._log_epoch(client, epoch, metrics, model)
