@@ -48,7 +48,7 @@ def test_two_ranks_make_exactly_one_finished_run(trained):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert result.num_proc == 2
-    assert run.data.params["num_proc"] == "2"
+    assert run.data.params["resolved.num_proc"] == "2"
     assert run.data.params["optimizer.batch_size"] == "16"  # the resolved config, as params
     assert run.data.tags["dataset.name"] == "fashion-small"
 
