@@ -100,43 +100,50 @@ class RankTask:
         if self.checkpoint is not None:
             model.optimizer.build(model.trainable_variables)
             restore_checkpoint(self.checkpoint, model, model.optimizer)
-        callbacks = [
-            hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-            hvd.callbacks.MetricAverageCallback(),
-        ]
         pool = (cfg.loader.pool_type, cfg.loader.workers)
         shard = ShardSpec(self.train_url, self.spec, rank, size, *pool)
         val = strided_rows(ShardSpec(self.val_url, self.spec, rank, size, *pool), cfg.max_eval_rows) if self.val_url else None
         batch = cfg.optimizer.batch_size
-        signature = (tf.TensorSpec((batch, *self.spec.shape), tf.uint8), tf.TensorSpec((batch,), tf.int32))
         meter = StallMeter()
-        client = self._mlflow_client() if rank == 0 else None
 
-        for epoch in range(self.start_epoch, cfg.epochs):
-            meter.reset()
-            dataset = tf.data.Dataset.from_generator(
-                lambda e=epoch: training_batches(shard, batch, cfg.loader.shuffle_buffer, cfg.seed, e,
-                                                 self.steps_per_epoch, cfg.loader.queue_batches, meter),
-                output_signature=signature,
-            )
-            started = time.perf_counter()
-            history = model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=self.steps_per_epoch,
-                                callbacks=callbacks, verbose=0)
-            elapsed = time.perf_counter() - started
-            wait, _ = meter.reset()
-            metrics = {"loss": history.history["loss"][-1], "accuracy": history.history["accuracy"][-1]}
-            if val is not None:
-                metrics.update(self._evaluate(model, *val, prefix="val_")[0])
-            slowest = _allreduce(np.array([elapsed]), "max", f"elapsed{epoch}")[0]
-            metrics["samples_per_s"] = self.steps_per_epoch * batch * size / slowest
-            metrics["input_stall_share"] = _allreduce(np.array([wait / elapsed]), "sum", f"stall{epoch}")[0] / size
-            metrics["epoch_seconds"] = slowest
-            metrics["learning_rate"] = float(schedule(model.optimizer.iterations))
-            metrics = {k: float(v) for k, v in metrics.items()}
-            if rank == 0:
-                self._log_epoch(client, epoch, metrics, model)
-            if cfg.fault.exit_rank == rank and cfg.fault.exit_after_epoch == epoch:
-                os._exit(17)  # deliberate, for resilience tests: a rank dying mid-training
+        def all_epochs():  # type: ignore[no-untyped-def]
+            """One generator for the whole fit: no per-epoch iterator teardown (which stalled ~20 s)."""
+            for epoch in range(self.start_epoch, cfg.epochs):
+                yield from training_batches(shard, batch, cfg.loader.shuffle_buffer, cfg.seed, epoch,
+                                            self.steps_per_epoch, cfg.loader.queue_batches, meter)
+
+        dataset = tf.data.Dataset.from_generator(all_epochs, output_signature=(
+            tf.TensorSpec((batch, *self.spec.shape), tf.uint8), tf.TensorSpec((batch,), tf.int32)))
+        task, client = self, (self._mlflow_client() if rank == 0 else None)
+
+        class EpochEnd(tf.keras.callbacks.Callback):
+            """Per-epoch validation, throughput, stall share, logging, checkpoint (rank 0), fault drill."""
+
+            def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+                self.started = time.perf_counter()
+                meter.reset()
+
+            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                elapsed = time.perf_counter() - self.started
+                wait, _ = meter.reset()
+                metrics = {"loss": logs["loss"], "accuracy": logs["accuracy"]}
+                if val is not None:
+                    metrics.update(task._evaluate(self.model, *val, prefix="val_")[0])
+                slowest = _allreduce(np.array([elapsed]), "max", f"elapsed{epoch}")[0]
+                metrics["samples_per_s"] = task.steps_per_epoch * batch * size / slowest
+                metrics["input_stall_share"] = _allreduce(np.array([wait / elapsed]), "sum", f"stall{epoch}")[0] / size
+                metrics["epoch_seconds"] = slowest
+                metrics["learning_rate"] = schedule(self.model.optimizer.iterations)
+                metrics = {k: float(v) for k, v in metrics.items()}
+                if rank == 0:
+                    task._log_epoch(client, epoch, metrics, self.model)
+                if cfg.fault.exit_rank == rank and cfg.fault.exit_after_epoch == epoch:
+                    os._exit(17)  # deliberate, for resilience tests: a rank dying mid-training
+
+        if self.start_epoch < cfg.epochs:
+            model.fit(dataset, initial_epoch=self.start_epoch, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
+                      verbose=0, callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+                                            hvd.callbacks.MetricAverageCallback(), EpochEnd()])
 
         test_metrics, confusion = self._evaluate(model, *strided_rows(
             ShardSpec(self.test_url, self.spec, rank, size, *pool), cfg.max_eval_rows), prefix="test_")
