@@ -147,6 +147,23 @@ class HadoopFS:
         finally:
             stream.close()
 
+    def create_exclusive(self, url: str, text: str) -> bool:
+        """Create a small file only if it does not exist yet; False if another writer won."""
+        from py4j.protocol import Py4JJavaError
+
+        fs, path = self._fs(url)
+        try:
+            stream = fs.create(path, False)
+        except Py4JJavaError as exc:
+            if "FileAlreadyExists" in str(exc.java_exception):
+                return False
+            raise
+        try:
+            stream.write(bytearray(text.encode("utf-8")))
+        finally:
+            stream.close()
+        return True
+
     def rename(self, src: str, dst: str) -> None:
         """Rename `src` to `dst`; refuses to move into an existing destination."""
         fs, src_path = self._fs(src)

@@ -1,0 +1,135 @@
+"""Batch inference throughput, side by side in one run (needs `make demo` first: the demo dataset,
+the raw Fashion-MNIST folders and a champion in the registry):
+
+- limit: in-process `model.predict(batch_size=1024)` over the same preprocessed rows (the test
+  split, 10,000 rows), 2 intra-op threads: one process using both cores, no Spark;
+- ours: the batch inference job (`inference.job.run_inference`) over the same dataset split, on
+  local[2], rows/s of the whole job (resolve, ship, score, commit);
+- peer: `mlflow.pyfunc.spark_udf` with default settings over the same rows;
+- model loads per job (ours);
+- scaling: the job over 10,000 and 40,000 raw PNG files (decode included): time(4x) / time(1x).
+
+Usage: python benchmarks/inference.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from deepspark.config import load_config  # noqa: E402
+from inference.config import BatchInferenceConfig  # noqa: E402
+
+MODEL_URI = "models:/fashion-mnist-classifier@champion"
+
+
+def job(spark, out: Path, *overrides: str):
+    from inference.job import run_inference
+
+    cfg = load_config(BatchInferenceConfig, "batch_inference", [
+        f"output.path={out}", "full_refresh=true", "force_unlock=true", *overrides])
+    return run_inference(spark, cfg)
+
+
+def in_process_predict(x: np.ndarray, repeats: int) -> float:
+    import mlflow
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(2)
+    model = mlflow.tensorflow.load_model(MODEL_URI)
+    model.predict(x[:1024], batch_size=1024, verbose=0)  # trace once
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.predict(x, batch_size=1024, verbose=0)
+        best = max(best, len(x) / (time.perf_counter() - started))
+    return best
+
+
+def mlflow_spark_udf(spark, rows) -> tuple[float, str]:
+    """mlflow.pyfunc.spark_udf with its defaults; if the default result type cannot hold the
+    model's (-1, 10) output, retry with result_type='array<float>' and say so."""
+    import mlflow.pyfunc
+    from pyspark.sql import functions as F
+
+    frame = rows.select(F.transform(F.col("pixels"), lambda v: v.cast("float")).alias("image"))
+    for result_type, note in ((None, "defaults"), ("array<float>", "result_type=array<float> (default crashed)")):
+        try:
+            kwargs = {} if result_type is None else {"result_type": result_type}
+            udf = mlflow.pyfunc.spark_udf(spark, MODEL_URI, env_manager="local", **kwargs)
+            started = time.perf_counter()
+            frame.select(udf("image").alias("p")).write.format("noop").mode("overwrite").save()
+            return rows.count() / (time.perf_counter() - started), note
+        except Exception as exc:  # the known default result-type crash
+            print(f"spark_udf with {note}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    return float("nan"), "failed"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    from deepspark.datasets import open_dataset
+    from deepspark.schemas.images import decode_pixels
+    from deepspark.spark import SparkSettings, build_session
+    from deepspark.tracking import TrackingSettings, ensure_experiment
+
+    ensure_experiment(TrackingSettings())
+    spark = build_session(SparkSettings(app_name="bench-inference"))
+    figures = []
+    try:
+        dataset = open_dataset(spark, "data/datasets", "fashion-mnist")
+        test = spark.read.parquet(dataset.split_url("test"))
+        images = [r.image for r in test.select("image").collect()]
+        x = decode_pixels(images, dataset.spec)
+        limit = in_process_predict(x, 2 if args.quick else 3)
+        with tempfile.TemporaryDirectory() as tmp:
+            ours = job(spark, Path(tmp) / "ds", "input.path=null", "input.dataset=fashion-mnist", "input.split=test")
+            ours_rate = ours.scored / ours.seconds
+            from pyspark.sql import functions as F
+
+            pixel_rows = spark.createDataFrame([(p.ravel().tolist(),) for p in x], "pixels array<int>").repartition(2)
+            peer_rate, peer_note = mlflow_spark_udf(spark, pixel_rows)
+            raw = "input.path=data/raw/fashion-mnist/train"
+            one = job(spark, Path(tmp) / "x1", raw, "input.glob=0[0-9]*.png")
+            four = job(spark, Path(tmp) / "x4", raw, "input.glob=[0-3][0-9]*.png")
+            assert (one.scored, four.scored) == (10_000, 40_000), (one.scored, four.scored)
+    finally:
+        spark.stop()
+
+    print(f"\n{'batch inference, 10,000 Fashion-MNIST rows':<52}{'rows/s':>10}{'vs limit':>10}")
+    print(f"{'in-process model.predict (limit)':<52}{limit:>10,.0f}{1:>10.2f}")
+    print(f"{'ours: batch inference job (dataset split)':<52}{ours_rate:>10,.0f}{ours_rate / limit:>10.2f}")
+    print(f"{'mlflow.pyfunc.spark_udf, ' + peer_note:<52}{peer_rate:>10,.0f}{peer_rate / limit:>10.2f}")
+    print(f"ours / mlflow spark_udf: {ours_rate / peer_rate:.2f}; model loads in our job: {ours.model_loads}")
+    print(f"raw PNG files, whole job: 10,000 in {one.seconds:.1f} s, 40,000 in {four.seconds:.1f} s: "
+          f"time(4x)/time(1x) = {four.seconds / one.seconds:.2f}")
+    figures += [
+        {"name": "udf_over_in_process_predict", "value": round(ours_rate / limit, 3), "goal": 0.8, "unit": "ratio"},
+        {"name": "udf_over_mlflow_spark_udf", "value": round(ours_rate / peer_rate, 3), "goal": 2.0, "unit": "ratio"},
+        {"name": "in_process_predict_rows_per_s", "value": round(limit), "goal": None, "unit": "rows/s"},
+        {"name": "batch_inference_rows_per_s", "value": round(ours_rate), "goal": None, "unit": "rows/s"},
+        {"name": "mlflow_spark_udf_rows_per_s", "value": round(peer_rate), "goal": None, "unit": "rows/s"},
+        {"name": "model_loads_per_job", "value": ours.model_loads, "goal": None, "unit": "loads"},
+        {"name": "inference_time_4x_over_1x", "value": round(four.seconds / one.seconds, 3), "goal": 4.4, "unit": "ratio"},
+    ]
+    if args.json:
+        args.json.write_text(json.dumps({"figures": figures}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

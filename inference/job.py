@@ -1,0 +1,179 @@
+"""Batch inference job: resolve the model once, score only what this model version has not
+scored yet, commit predictions and quarantine atomically, report accuracy where labels exist."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from deepspark.config import ConfigError
+from deepspark.storage import HadoopFS, to_url
+from inference.config import BatchInferenceConfig
+from inference.model import ResolvedModel, resolve_and_ship
+from inference.state import KEY, Lock, Table
+from inference.udf import SCORED_DDL, make_scorer
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    job_id: str
+    model: str
+    inputs: int
+    already_scored: int
+    scored: int
+    quarantined: int
+    model_loads: int
+    seconds: float
+    accuracy: float | None
+    output: str
+
+    def summary(self) -> str:
+        lines = [
+            f"batch inference {self.job_id} with {self.model} -> {self.output}",
+            f"inputs {self.inputs} = already scored {self.already_scored} + scored now {self.scored}"
+            f" + quarantined {self.quarantined}",
+            f"{self.seconds:.1f} s, {self.scored / self.seconds if self.seconds else 0:,.0f} rows/s, "
+            f"model loaded {self.model_loads} time(s)",
+        ]
+        if self.accuracy is not None:
+            lines.append(f"accuracy against the folder labels: {self.accuracy:.4f}")
+        return "\n".join(lines)
+
+
+def _inputs(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel) -> tuple["DataFrame", str, str | None, object]:
+    """The input rows: raw files (binaryFile) or a dataset split; checks shapes on the driver."""
+    if cfg.input.path is not None:
+        root = fs.qualify(to_url(cfg.input.path))
+        if not fs.is_dir(root):
+            raise ConfigError(f"input.path: {cfg.input.path!r} is not a folder ({root})")
+        max_bytes = 128 * 1024 * 1024
+        spark.conf.set("spark.sql.files.maxPartitionBytes", str(max_bytes))
+        spark.conf.set("spark.sql.files.openCostInBytes", str(max(1, max_bytes // cfg.files_per_task)))
+        files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+                 .option("pathGlobFilter", cfg.input.glob).load(root).select("path", "content"))
+        return files, "files", root, None
+    from deepspark.datasets import open_dataset
+
+    try:
+        dataset = open_dataset(spark, cfg.input.dataset_root, cfg.input.dataset, cfg.input.dataset_version)  # type: ignore[arg-type]
+    except FileNotFoundError as exc:
+        raise ConfigError(f"input.dataset: {exc}") from None
+    if dataset.spec.shape != (model.rules.height, model.rules.width, model.rules.channels):
+        raise ConfigError(f"input.dataset: {dataset.name} v={dataset.version} holds {dataset.spec.shape} images but "
+                          f"{model.uri} expects {(model.rules.height, model.rules.width, model.rules.channels)}")
+    try:
+        url = dataset.split_url(cfg.input.split)
+    except KeyError as exc:
+        raise ConfigError(f"input.split: {exc.args[0]}") from None
+    rows = spark.read.parquet(url).select("path", "content_hash", "image", "label_name")
+    return rows, "dataset", None, dataset.spec
+
+
+def run_inference(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult:
+    from pyspark.sql import functions as F
+
+    started = time.perf_counter()
+    job_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    fs = HadoopFS(spark)
+    from deepspark.tracking import ensure_experiment
+
+    ensure_experiment(cfg.tracking)  # the registry lives in the tracking store
+    out_url = fs.qualify(to_url(cfg.output.path))
+    predictions = Table(fs, out_url)
+    quarantine = Table(fs, fs.qualify(to_url(cfg.output.quarantine_path or cfg.output.path.rstrip("/") + "_quarantine")))
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
+    # Shipped files must outlive the job while the SparkContext lives (executors may fetch late).
+    workdir = tempfile.mkdtemp(prefix="deepspark-model-")
+    model = resolve_and_ship(spark, cfg.model_uri, workdir)  # one concrete version for the whole job
+    rows, source, root, spec = _inputs(spark, cfg, fs, model)
+    lock = Lock(fs, out_url, job_id)
+    lock.acquire(cfg.force_unlock)
+    try:
+        return _score(spark, cfg, model, rows, source, root, spec, predictions, quarantine, job_id, started)
+    finally:
+        lock.release()
+        for table in (predictions, quarantine):
+            fs.delete(table.staging(job_id))
+
+
+def _score(spark, cfg, model, rows, source, root, spec, predictions: Table, quarantine: Table, job_id: str,
+           started: float) -> InferenceResult:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    inputs = rows.count()
+    done = None
+    if not cfg.full_refresh:
+        committed = [t.committed(spark, model.version) for t in (predictions, quarantine)]
+        parts = [c.select(*KEY) for c in committed if c is not None]
+        if parts:
+            done = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
+    keyed = rows
+    if done is not None:
+        if source == "files":  # the content hash is computed on executors; only skip unchanged files
+            from pyspark.sql.functions import sha2
+
+            keyed = rows.withColumn("content_hash", sha2(F.col("content"), 256))
+        keyed = keyed.join(F.broadcast(done.distinct()), KEY, "left_anti")
+        if source == "files":
+            keyed = keyed.drop("content_hash")
+    loads = spark.sparkContext.accumulator(0)
+    scorer = make_scorer(model, source, root, spec, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads)
+    stamp = F.lit(datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    scored = (keyed.mapInPandas(scorer, SCORED_DDL)
+              .withColumn("model_name", F.lit(model.name)).withColumn("model_version", F.lit(model.version))
+              .withColumn("model_run_id", F.lit(model.run_id)).withColumn("job_id", F.lit(job_id))
+              .withColumn("scored_at", stamp)
+              .persist(StorageLevel.MEMORY_AND_DISK))
+    try:
+        good = scored.where(F.col("reason").isNull()).drop("reason", "detail")
+        bad = scored.where(F.col("reason").isNotNull()).select("path", "content_hash", "reason", "detail",
+                                                                "model_name", "model_version", "job_id", "scored_at")
+        good.drop("model_version").write.parquet(predictions.staging(job_id))
+        bad.drop("model_version").coalesce(1).write.parquet(quarantine.staging(job_id))
+        counts = {r["ok"]: r["count"] for r in scored.groupBy(F.col("reason").isNull().alias("ok")).count().collect()}
+        n_good, n_bad = counts.get(True, 0), counts.get(False, 0)
+        accuracy = None
+        labelled = good.where(F.col("true_label").isNotNull() & F.col("true_label").isin(*model.labels))
+        row = labelled.agg(F.count("*").alias("n"), F.sum((F.col("true_label") == F.col("predicted_label")).cast("int")).alias("hits")).collect()[0]
+        if row["n"]:
+            accuracy = row["hits"] / row["n"]
+        if cfg.full_refresh:
+            predictions.drop_version(model.version)
+            quarantine.drop_version(model.version)
+        predictions.commit(job_id, model.version)
+        quarantine.commit(job_id, model.version)
+    finally:
+        scored.unpersist()
+    already = inputs - n_good - n_bad
+    return InferenceResult(job_id, model.uri, inputs, already, n_good, n_bad, loads.value,
+                           time.perf_counter() - started, accuracy, predictions.url)
+
+
+def run_job(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult:
+    """The job, with its MLflow run (counts, throughput, model version, accuracy)."""
+    from deepspark.tracking import job_run
+
+    with job_run(cfg.tracking, "batch-inference", cfg, tags={"deepspark.job": "batch_inference"}) as run:
+        result = run_inference(spark, cfg)
+        if run is not None:
+            import mlflow
+
+            mlflow.set_tags({"model.uri": result.model, "inference.job_id": result.job_id})
+            metrics = {"inputs": result.inputs, "scored": result.scored, "quarantined": result.quarantined,
+                       "already_scored": result.already_scored, "model_loads": result.model_loads,
+                       "seconds": result.seconds}
+            if result.accuracy is not None:
+                metrics["accuracy"] = result.accuracy
+            mlflow.log_metrics(metrics)
+    return result

@@ -1,0 +1,100 @@
+"""Model resolution on the driver and model loading on executors.
+
+The driver turns `models:/<name>@<alias>` into one concrete version once per job (a promotion
+mid-job cannot mix versions), downloads it once and ships it with `SparkContext.addFile`.
+Each Python worker loads it at most once and reuses it across batches and tasks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from deepspark.config import ConfigError
+from pipelines.images.transforms import ImageRules
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+MODEL_META = "model_meta/labels.json"
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """One concrete registered model version and what preprocessing it was trained with."""
+
+    name: str
+    version: int
+    run_id: str
+    labels: tuple[str, ...]
+    rules: ImageRules
+    shipped_as: str  # the folder name SparkFiles.get() finds on executors
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def resolve(model_uri: str) -> tuple[str, int, str]:
+    """(name, version, run_id) for `models:/name@alias` or `models:/name/version`; raises naming
+    `model_uri` when the model, alias or version does not exist."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    match = _URI.match(model_uri)
+    if not match:
+        raise ConfigError(f"model_uri: {model_uri!r} is not models:/<name>@<alias> or models:/<name>/<version>")
+    client = MlflowClient()
+    name = match["name"]
+    try:
+        if match["alias"]:
+            mv = client.get_model_version_by_alias(name, match["alias"])
+        else:
+            mv = client.get_model_version(name, match["version"])
+    except MlflowException as exc:
+        raise ConfigError(f"model_uri: {model_uri!r} does not resolve in the registry: {exc.message}") from None
+    return name, int(mv.version), mv.run_id
+
+
+def resolve_and_ship(spark: "SparkSession", model_uri: str, workdir: str) -> ResolvedModel:
+    """Resolve once, download once, ship to executors once."""
+    import mlflow
+
+    name, version, run_id = resolve(model_uri)
+    meta_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_META, dst_path=workdir)
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    image = meta["image"]
+    etl = meta.get("etl_image", {})
+    rules = ImageRules(int(image["height"]), int(image["width"]), int(image["channels"]),
+                       etl.get("resize_mode", "pad"), int(etl.get("max_pixels", 40_000_000)), int(etl.get("min_side", 1)))
+    shipped = f"deepspark-model-{name}-v{version}"
+    already = {os.path.basename(f.rstrip("/")) for f in spark.sparkContext.listFiles}
+    if shipped not in already:  # a long-lived SparkContext ships each model version once
+        local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=os.path.join(workdir, "model"))
+        target = os.path.join(workdir, shipped)
+        os.rename(local, target)
+        spark.sparkContext.addFile(target, recursive=True)
+    return ResolvedModel(name, version, run_id, tuple(meta["labels"]), rules, shipped)
+
+
+@functools.lru_cache(maxsize=2)
+def load_on_worker(shipped_as: str, intra_op_threads: int) -> Any:
+    """The Keras model, loaded once per Python worker (and per model version)."""
+    from pyspark import SparkFiles
+
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TensorFlow already initialised in this worker
+        pass
+    import mlflow.tensorflow
+
+    return mlflow.tensorflow.load_model(SparkFiles.get(shipped_as))
