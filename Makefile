@@ -7,7 +7,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(VENV)/bin/python)
 export TF_CPP_MIN_LOG_LEVEL := 2
 UI_PORT ?= 5000
 
-.PHONY: setup demo test test-fast ui bench clean
+.PHONY: setup demo infer test test-fast ui bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -16,7 +16,11 @@ demo: setup
 	$(PY) jobs/demo_data.py
 	$(VENV)/bin/spark-submit --master local[2] jobs/etl_images.py
 	$(VENV)/bin/spark-submit --master local[2] jobs/train.py
+	$(VENV)/bin/spark-submit --master local[2] jobs/batch_inference.py
 	@$(PY) -m deepspark.demo
+
+infer: setup
+	$(VENV)/bin/spark-submit --master local[2] jobs/batch_inference.py
 
 test: setup
 	$(PY) -m pytest
@@ -30,6 +34,8 @@ ui: setup
 
 bench: setup
 	$(PY) benchmarks/etl_images.py --quick
+	$(PY) benchmarks/training.py --quick
+	$(PY) benchmarks/inference.py --quick
 
 clean:
 	rm -rf data spark-warehouse

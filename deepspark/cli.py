@@ -70,8 +70,11 @@ def job_command(job: str) -> click.Command:
     @click.argument("overrides", nargs=-1)
     def command(profile: str | None, overrides: tuple[str, ...]) -> None:
         """Run the job; overrides are key=value with dotted keys, e.g. image.height=32."""
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("py4j").setLevel(logging.WARNING)
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for ours in ("deepspark", "pipelines", "training", "inference"):
+            logging.getLogger(ours).setLevel(logging.INFO)
+        # py4j reports (at INFO, on the root logger) a connection it then retries successfully
+        # when Horovod drives Spark from another thread: noise, not an error.
         for noisy in ("petastorm", "pyarrow"):  # legacy-dataset API notices, not actionable by users
             warnings.filterwarnings("ignore", category=FutureWarning, module=noisy)
         run_job(job, profile, overrides)

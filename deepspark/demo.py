@@ -21,7 +21,33 @@ def main() -> None:
         print(f"  where:    {dataset / f'v={version}'}  (data/<split>/ = Petastorm Parquet, quarantine/, manifest.json)")
         print(f"  rows:     {totals['rows_written']} written, {totals['quarantined']} quarantined of {totals['files_in']} files")
         print("  splits:   " + ", ".join(f"{s}={sum(c.values())}" for s, c in manifest["counts"].items()))
+    _mlflow_summary()
     print("MLflow:     make ui, then open http://127.0.0.1:5000 (experiment 'deepspark')")
+
+
+def _mlflow_summary() -> None:
+    """The latest training and inference runs, and the registry's aliases."""
+    from mlflow.tracking import MlflowClient
+
+    from deepspark.tracking import TrackingSettings, ensure_experiment
+
+    experiment_id = ensure_experiment(TrackingSettings())
+    client = MlflowClient()
+    for job, metric in (("train", "test_accuracy"), ("batch_inference", "accuracy")):
+        runs = client.search_runs([experiment_id], f"tags.`deepspark.job` = '{job}'", max_results=1,
+                                  order_by=["attributes.start_time DESC"])
+        if runs:
+            run = runs[0]
+            value = run.data.metrics.get(metric)
+            shown = f"{value:.4f}" if value is not None else "n/a"
+            print(f"{job + ':':<11} run {run.info.run_id} ({run.info.status}), {metric} {shown}")
+    try:
+        for alias in ("champion", "candidate"):
+            mv = client.get_model_version_by_alias("fashion-mnist-classifier", alias)
+            print(f"registry:   fashion-mnist-classifier@{alias} = v{mv.version}")
+    except Exception:
+        pass
+    print("predictions: data/predictions/fashion-mnist (Parquet), quarantine: data/predictions/fashion-mnist_quarantine")
 
 
 if __name__ == "__main__":

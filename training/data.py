@@ -35,9 +35,12 @@ def read_row_groups(shard: ShardSpec, seed: int | None, infinite: bool) -> Itera
     """(images, labels) per row group of this rank's shard, row groups in a seeded order."""
     from petastorm import make_batch_reader
 
+    from deepspark.schemas.images import unischema
+
+    fields = unischema(shard.spec).fields
     with make_batch_reader(
         shard.url,
-        schema_fields=[IMAGE, LABEL],
+        schema_fields=[fields[IMAGE], fields[LABEL]],  # fields, not name patterns: exact match
         reader_pool_type=shard.pool_type,
         workers_count=shard.workers,
         shuffle_row_groups=seed is not None,

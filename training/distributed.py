@@ -24,7 +24,9 @@ def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: 
         "HOROVOD_GLOO_TIMEOUT_SECONDS": "60",  # a dead peer fails collectives within a minute
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
         "PYTHONUNBUFFERED": "1",
-        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+        # pyarrow's legacy-dataset notices and Petastorm's "use make_reader" hint (we read raw
+        # columns with make_batch_reader on purpose) are not actionable in a rank's log.
+        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning:petastorm.reader",
     })
     rank_env.update(env or {})
     try:
