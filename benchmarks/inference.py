@@ -69,12 +69,15 @@ def mlflow_spark_udf(spark, rows) -> tuple[float, str]:
         try:
             kwargs = {} if result_type is None else {"result_type": result_type}
             udf = mlflow.pyfunc.spark_udf(spark, MODEL_URI, env_manager="local", **kwargs)
-            started = time.perf_counter()
-            frame.select(udf("image").alias("p")).write.format("noop").mode("overwrite").save()
-            return rows.count() / (time.perf_counter() - started), note
+            rates = []
+            for _ in range(2):  # cold, then warm (its workers keep the model)
+                started = time.perf_counter()
+                frame.select(udf("image").alias("p")).write.format("noop").mode("overwrite").save()
+                rates.append(rows.count() / (time.perf_counter() - started))
+            return rates[0], rates[1], note
         except Exception as exc:  # the known default result-type crash
             print(f"spark_udf with {note}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-    return float("nan"), "failed"
+    return float("nan"), float("nan"), "failed"
 
 
 def main() -> None:
@@ -98,12 +101,15 @@ def main() -> None:
         x = decode_pixels(images, dataset.spec)
         limit = in_process_predict(x, 2 if args.quick else 3)
         with tempfile.TemporaryDirectory() as tmp:
-            ours = job(spark, Path(tmp) / "ds", "input.path=null", "input.dataset=fashion-mnist", "input.split=test")
+            split = ("input.path=null", "input.dataset=fashion-mnist", "input.split=test")
+            ours = job(spark, Path(tmp) / "ds", *split)  # cold: Python workers start, import TF, load the model
             ours_rate = ours.scored / ours.seconds
+            warm = job(spark, Path(tmp) / "ds", *split)  # warm: the same job again in the same SparkContext
+            warm_rate = warm.scored / warm.seconds
             from pyspark.sql import functions as F
 
             pixel_rows = spark.createDataFrame([(p.ravel().tolist(),) for p in x], "pixels array<int>").repartition(2)
-            peer_rate, peer_note = mlflow_spark_udf(spark, pixel_rows)
+            peer_rate, peer_warm, peer_note = mlflow_spark_udf(spark, pixel_rows)
             raw = "input.path=data/raw/fashion-mnist/train"
             one = job(spark, Path(tmp) / "x1", raw, "input.glob=0[0-9]*.png")
             four = job(spark, Path(tmp) / "x4", raw, "input.glob=[0-3][0-9]*.png")
@@ -113,14 +119,23 @@ def main() -> None:
 
     print(f"\n{'batch inference, 10,000 Fashion-MNIST rows':<52}{'rows/s':>10}{'vs limit':>10}")
     print(f"{'in-process model.predict (limit)':<52}{limit:>10,.0f}{1:>10.2f}")
-    print(f"{'ours: batch inference job (dataset split)':<52}{ours_rate:>10,.0f}{ours_rate / limit:>10.2f}")
-    print(f"{'mlflow.pyfunc.spark_udf, ' + peer_note:<52}{peer_rate:>10,.0f}{peer_rate / limit:>10.2f}")
-    print(f"ours / mlflow spark_udf: {ours_rate / peer_rate:.2f}; model loads in our job: {ours.model_loads}")
+    print(f"{'ours, whole job, cold (fresh workers)':<52}{ours_rate:>10,.0f}{ours_rate / limit:>10.2f}")
+    print(f"{'ours, whole job, warm (workers kept the model)':<52}{warm_rate:>10,.0f}{warm_rate / limit:>10.2f}")
+    print(f"{'mlflow spark_udf cold, ' + peer_note:<52}{peer_rate:>10,.0f}{peer_rate / limit:>10.2f}")
+    print(f"{'mlflow spark_udf warm':<52}{peer_warm:>10,.0f}{peer_warm / limit:>10.2f}")
+    marginal = 30_000 / (four.seconds - one.seconds)
+    print(f"ours / mlflow spark_udf: cold {ours_rate / peer_rate:.2f}, warm {warm_rate / peer_warm:.2f}; "
+          f"model loads: cold job {ours.model_loads}, warm job {warm.model_loads}")
+    print(f"marginal rate from raw PNGs (decode included), (40,000 - 10,000) / (t4 - t1): {marginal:,.0f} rows/s "
+          f"= {marginal / limit:.2f} of the limit")
     print(f"raw PNG files, whole job: 10,000 in {one.seconds:.1f} s, 40,000 in {four.seconds:.1f} s: "
           f"time(4x)/time(1x) = {four.seconds / one.seconds:.2f}")
     figures += [
         {"name": "udf_over_in_process_predict", "value": round(ours_rate / limit, 3), "goal": 0.8, "unit": "ratio"},
         {"name": "udf_over_mlflow_spark_udf", "value": round(ours_rate / peer_rate, 3), "goal": 2.0, "unit": "ratio"},
+        {"name": "udf_warm_over_in_process_predict", "value": round(warm_rate / limit, 3), "goal": 0.8, "unit": "ratio"},
+        {"name": "udf_warm_over_mlflow_spark_udf_warm", "value": round(warm_rate / peer_warm, 3), "goal": 2.0, "unit": "ratio"},
+        {"name": "udf_marginal_over_in_process_predict", "value": round(marginal / limit, 3), "goal": 0.8, "unit": "ratio"},
         {"name": "in_process_predict_rows_per_s", "value": round(limit), "goal": None, "unit": "rows/s"},
         {"name": "batch_inference_rows_per_s", "value": round(ours_rate), "goal": None, "unit": "rows/s"},
         {"name": "mlflow_spark_udf_rows_per_s", "value": round(peer_rate), "goal": None, "unit": "rows/s"},

@@ -39,8 +39,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} is not of the form key=value ({CLI_SOURCE})")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: cannot parse value {raw!r} ({CLI_SOURCE}): {exc}") from exc
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. a glob such as *.png): the literal string
     return key, value
 
 

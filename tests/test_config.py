@@ -60,6 +60,7 @@ def test_override_syntax():
     assert parse_override("a.b=3") == ("a.b", 3)
     assert parse_override("a=[1, 2]") == ("a", [1, 2])
     assert parse_override("a=null") == ("a", None)
+    assert parse_override("input.glob=*.png") == ("input.glob", "*.png")  # not YAML: kept literally
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("justakey")
 

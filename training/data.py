@@ -57,27 +57,40 @@ def read_row_groups(shard: ShardSpec, seed: int | None, infinite: bool) -> Itera
 def shuffled_batches(
     groups: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int, buffer_rows: int, seed: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Full batches drawn from a seeded shuffle buffer of at least `buffer_rows` rows; about half
-    the buffer stays behind each time, so rows from consecutive row groups mix."""
+    """Full batches drawn uniformly from a seeded shuffle buffer of `buffer_rows` rows (tf.data's
+    shuffle semantics, vectorised): each batch is gathered from random slots, which the next rows
+    of the stream then refill, so every row is copied once in and once out."""
     rng = np.random.default_rng(seed)
-    xs: np.ndarray | None = None
-    ys: np.ndarray | None = None
+    capacity = max(buffer_rows, batch_size)
+    bx: np.ndarray | None = None
+    by: np.ndarray | None = None
+    filled = 0
+    carry: tuple[np.ndarray, np.ndarray] | None = None
     for x, y in groups:
-        xs = x if xs is None else np.concatenate([xs, x])
-        ys = y if ys is None else np.concatenate([ys, y])
-        if len(ys) < max(buffer_rows, batch_size):
-            continue
-        order = rng.permutation(len(ys))
-        xs, ys = xs[order], ys[order]
-        emit = max(1, (len(ys) - buffer_rows // 2) // batch_size) * batch_size
-        for start in range(0, emit, batch_size):
-            yield xs[start : start + batch_size], ys[start : start + batch_size]
-        xs, ys = xs[emit:], ys[emit:]
-    if ys is not None and len(ys) >= batch_size:
-        order = rng.permutation(len(ys))
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[start : start + batch_size]
-            yield xs[idx], ys[idx]
+        if carry is not None:
+            x, y = np.concatenate([carry[0], x]), np.concatenate([carry[1], y])
+            carry = None
+        if bx is None:
+            bx, by = np.empty((capacity, *x.shape[1:]), x.dtype), np.empty((capacity,), y.dtype)
+        pos = min(capacity - filled, len(y))
+        bx[filled : filled + pos], by[filled : filled + pos] = x[:pos], y[:pos]
+        filled += pos
+        while filled == capacity and len(y) - pos >= batch_size:
+            slots = rng.choice(capacity, batch_size, replace=False)
+            yield bx[slots], by[slots]
+            bx[slots], by[slots] = x[pos : pos + batch_size], y[pos : pos + batch_size]
+            pos += batch_size
+        if pos < len(y):
+            carry = (x[pos:], y[pos:])
+    if bx is None:
+        return
+    xs, ys = bx[:filled], by[:filled]
+    if carry is not None:
+        xs, ys = np.concatenate([xs, carry[0]]), np.concatenate([ys, carry[1]])
+    order = rng.permutation(len(ys))
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        idx = order[start : start + batch_size]
+        yield xs[idx], ys[idx]
 
 
 class StallMeter:
