@@ -56,11 +56,12 @@ def _inputs(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, mode
         root = fs.qualify(to_url(cfg.input.path))
         if not fs.is_dir(root):
             raise ConfigError(f"input.path: {cfg.input.path!r} is not a folder ({root})")
-        max_bytes = 128 * 1024 * 1024
-        spark.conf.set("spark.sql.files.maxPartitionBytes", str(max_bytes))
-        spark.conf.set("spark.sql.files.openCostInBytes", str(max(1, max_bytes // cfg.files_per_task)))
-        files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-                 .option("pathGlobFilter", cfg.input.glob).load(root).select("path", "content"))
+        from pipelines.images.etl import read_image_files
+
+        files = read_image_files(spark, root, cfg.input.glob, cfg.files_per_task).select("path", "content")
+        empty = [(path, bytearray()) for path, size in fs.list_files(root, cfg.input.glob) if size == 0]
+        if empty:  # Spark's file index skips 0-byte files; score them too, so they land in quarantine
+            files = files.unionByName(spark.createDataFrame(empty, "path string, content binary"))
         return files, "files", root, None
     from deepspark.datasets import open_dataset
 

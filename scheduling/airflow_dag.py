@@ -9,7 +9,11 @@ max_active_runs=1 plus the output lock keep one writer at a time.
 from datetime import datetime, timedelta
 
 from airflow import DAG
-from airflow.operators.bash import BashOperator
+
+try:  # Airflow 3
+    from airflow.providers.standard.operators.bash import BashOperator
+except ImportError:  # Airflow 2
+    from airflow.operators.bash import BashOperator
 
 with DAG(
     dag_id="deepspark_batch_inference",

@@ -32,12 +32,13 @@ def registry(spark, fashion_small, tmp_path_factory) -> list[str]:
 
 @pytest.fixture()
 def raw_copy(fashion_small, tmp_path) -> Path:
-    """The small Fashion-MNIST test folder plus two bad files, in a folder this test owns."""
+    """The small Fashion-MNIST test folder plus three bad files, in a folder this test owns."""
     folder = tmp_path / "incoming"
     shutil.copytree(fashion_small.root.parent / "raw" / "test", folder)
     whole = next((folder / "Bag").iterdir()).read_bytes()
     (folder / "Bag" / "broken.png").write_bytes(whole[: len(whole) // 2])
     (folder / "Bag" / "empty-ish.jpg").write_bytes(b"not a jpeg at all")
+    (folder / "Bag" / "zero.png").write_bytes(b"")
     return folder
 
 
@@ -56,7 +57,7 @@ def table(spark, out: Path):
 def test_end_to_end_from_a_raw_folder(spark, registry, raw_copy, tmp_path):
     out = tmp_path / "predictions"
     result = infer(spark, registry, raw_copy, out)
-    assert result.inputs == 402 and result.scored == 400 and result.quarantined == 2 and result.already_scored == 0
+    assert result.inputs == 403 and result.scored == 400 and result.quarantined == 3 and result.already_scored == 0
     assert 1 <= result.model_loads <= 2  # once per Python worker, not per batch or task
     rows = table(spark, out)
     assert rows.count() == 400
@@ -65,7 +66,7 @@ def test_end_to_end_from_a_raw_folder(spark, registry, raw_copy, tmp_path):
     assert len(first.top_k_labels) == 3 and first.predicted_label == first.top_k_labels[0]
     assert abs(sum(first.top_k_probabilities)) <= 1.0 + 1e-5
     quarantine = spark.read.parquet(str(out) + "_quarantine").collect()
-    assert sorted(r.reason for r in quarantine) == ["not_an_image", "truncated"]
+    assert sorted(r.reason for r in quarantine) == ["empty_file", "not_an_image", "truncated"]
     assert result.accuracy is not None and 0.0 <= result.accuracy <= 1.0
 
 
@@ -78,7 +79,7 @@ def test_second_run_scores_only_new_files_and_rerun_after_crash_is_exactly_once(
         shutil.copy(raw_copy / "Coat" / sorted(p.name for p in (raw_copy / "Coat").iterdir())[0],
                     raw_copy / "Coat" / f"new-{i}.png")
     second = infer(spark, registry, raw_copy, out)
-    assert (second.scored, second.quarantined, second.already_scored) == (5, 0, 402)
+    assert (second.scored, second.quarantined, second.already_scored) == (5, 0, 403)
 
     for i in range(3):
         (raw_copy / "Bag" / f"late-{i}.png").write_bytes((raw_copy / "Coat" / "new-0.png").read_bytes())

@@ -70,3 +70,17 @@ def test_storage_round_trip(encoding):
 def test_encode_rejects_wrong_shape():
     with pytest.raises(ValueError, match="expected uint8"):
         encode_pixels(np.zeros((28, 27, 1), np.uint8), ImageSpec(28, 28, 1))
+
+
+def test_arrow_column_decodes_without_per_row_objects():
+    import pyarrow as pa
+
+    from deepspark.schemas.images import decode_arrow_column
+
+    spec = ImageSpec(28, 28, 1)
+    batch = [gray(i)[:, :, None] for i in range(6)]
+    column = pa.chunked_array([[encode_pixels(p, spec) for p in batch[:4]], [encode_pixels(p, spec) for p in batch[4:]]])
+    assert np.array_equal(decode_arrow_column(column, spec), np.stack(batch))
+    assert np.array_equal(decode_arrow_column(column.chunk(0).slice(1, 2), spec), np.stack(batch[1:3]))
+    with pytest.raises(ValueError, match="do not match"):
+        decode_arrow_column(pa.array([b"short"]), spec)

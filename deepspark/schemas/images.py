@@ -89,6 +89,24 @@ def decode_pixels(values: Sequence[bytes], spec: ImageSpec) -> np.ndarray:
     return out
 
 
+def decode_arrow_column(column: "object", spec: ImageSpec) -> np.ndarray:
+    """A pyarrow (chunked) binary column of raw tensors -> (N, H, W, C) uint8 without creating a
+    Python object per row: the values buffer already holds the rows back to back."""
+    import pyarrow as pa
+
+    if spec.encoding != "raw":
+        return decode_pixels(column.to_pylist(), spec)  # type: ignore[attr-defined]
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for chunk in chunks:
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+        if len(chunk) and not np.all(np.diff(offsets) == spec.raw_bytes):
+            raise ValueError(f"raw image bytes do not match shape {spec.shape}")
+        values = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+        parts.append(values.reshape((len(chunk), *spec.shape)))
+    return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+
 def unischema(spec: ImageSpec) -> "Unischema":
     """The Petastorm Unischema of a dataset written with `spec`."""
     from petastorm.codecs import ScalarCodec

@@ -135,14 +135,16 @@ def _check_inputs(spark: "SparkSession", cfg: EtlImagesConfig, fs: HadoopFS) -> 
     return root, from_folders, carve
 
 
-def _list_files(spark: "SparkSession", cfg: EtlImagesConfig, root: str) -> "DataFrame":
+def read_image_files(spark: "SparkSession", root: str, glob: str, files_per_task: int) -> "DataFrame":
+    """(path, length, content) of every matching file below `root`, about `files_per_task`
+    small files per task (Spark's default open cost would make one task per ~32 files)."""
     max_bytes = 128 * 1024 * 1024
     spark.conf.set("spark.sql.files.maxPartitionBytes", str(max_bytes))
-    spark.conf.set("spark.sql.files.openCostInBytes", str(max(1, max_bytes // cfg.files_per_task)))
+    spark.conf.set("spark.sql.files.openCostInBytes", str(max(1, max_bytes // files_per_task)))
     return (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", cfg.input.glob)
+        .option("pathGlobFilter", glob)
         .load(root)
         .select("path", "length", "content")
     )
@@ -267,7 +269,8 @@ def run_etl(spark: "SparkSession", cfg: EtlImagesConfig) -> EtlResult:
     log.info("listed %d files, %d labels in %.1f s", files_in, len(vocabulary), time.perf_counter() - started)
     decoder = make_decoder(cfg.image.rules(), spec, vocabulary, spark.sparkContext.broadcast(layout_),
                            cfg.input.seed, dict(cfg.input.split_fractions), val_from_train)
-    processed = _list_files(spark, cfg, root).mapInPandas(decoder, PROCESSED_DDL).unionByName(_empty_files(spark, listing))
+    files = read_image_files(spark, root, cfg.input.glob, cfg.files_per_task)
+    processed = files.mapInPandas(decoder, PROCESSED_DDL).unionByName(_empty_files(spark, listing))
     processed = processed.persist(StorageLevel.MEMORY_AND_DISK)
     staging = location.new_staging()
     try:
