@@ -46,6 +46,7 @@ class HorovodSettings(FrozenModel):
     inter_op_threads: PositiveInt = 1
     start_timeout_s: PositiveInt = 120
     nics: list[str] | None = Field(default_factory=lambda: ["lo"])  # None: let Horovod pick (clusters)
+    compression: Literal["none", "fp16"] = "none"  # gradients on the wire (fp16 halves allreduce bytes)
     mixed_precision: bool = False
     xla: bool = False
 

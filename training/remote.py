@@ -94,7 +94,8 @@ class RankTask:
 
         schedule = WarmupThenDecay(cfg.optimizer.learning_rate * size, cfg.optimizer.warmup_epochs * self.steps_per_epoch,
                                    cfg.epochs * self.steps_per_epoch, cfg.optimizer.schedule)
-        optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(learning_rate=schedule))
+        compression = hvd.Compression.fp16 if cfg.horovod.compression == "fp16" else hvd.Compression.none
+        optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(learning_rate=schedule), compression=compression)
         model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                       jit_compile=cfg.horovod.xla)
         if self.checkpoint is not None:
