@@ -17,6 +17,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONF_DIR = PROJECT_ROOT / "conf"
 DEFAULTS_SOURCE = "built-in defaults"
 CLI_SOURCE = "command line"
+ALL_JOBS = "all.yaml"  # in a profile folder: settings for every Spark job (spark.*, tracking.*)
 
 C = TypeVar("C", bound="FrozenModel")
 
@@ -130,18 +131,19 @@ def load_config(
     profile: str | None = None,
     conf_dir: Path | None = None,
 ) -> C:
-    """Resolve a job's config: model defaults, then conf/base/<job>.yaml, then
-    conf/<profile>/<job>.yaml, then `key=value` overrides; validate and freeze it."""
+    """Resolve a job's config: model defaults, then conf/base/<job>.yaml, then for each profile
+    (comma-separated) conf/<profile>/all.yaml and conf/<profile>/<job>.yaml, then `key=value`
+    overrides; validate and freeze it."""
     conf_dir = conf_dir or DEFAULT_CONF_DIR
     merged: dict[str, Any] = {}
     sources: dict[str, str] = {}
     layers = [conf_dir / "base" / f"{job}.yaml"]
-    if profile:
-        profile_dir = conf_dir / profile
+    for name in (profile.split(",") if profile else []):  # e.g. --profile standalone,gpu
+        profile_dir = conf_dir / name.strip()
         if not profile_dir.is_dir():
             known = sorted(p.name for p in conf_dir.iterdir() if p.is_dir())
-            raise ConfigError(f"profile {profile!r}: no folder {profile_dir} (known profiles: {known})")
-        layers.append(profile_dir / f"{job}.yaml")
+            raise ConfigError(f"profile {name!r}: no folder {profile_dir} (known profiles: {known})")
+        layers += [profile_dir / ALL_JOBS, profile_dir / f"{job}.yaml"]
     for path in layers:
         if path.is_file():
             _merge(merged, _read_yaml(path), sources, str(path))

@@ -83,12 +83,27 @@ def resolve_and_ship(spark: "SparkSession", model_uri: str, workdir: str) -> Res
     return ResolvedModel(name, version, run_id, tuple(meta["labels"]), rules, shipped)
 
 
+def task_gpu() -> str | None:
+    """The GPU address Spark assigned to the running task, if any."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    resources = context.resources() if context is not None else {}
+    return resources["gpu"].addresses[0] if "gpu" in resources and resources["gpu"].addresses else None
+
+
 @functools.lru_cache(maxsize=2)
-def load_on_worker(shipped_as: str, intra_op_threads: int) -> Any:
-    """The Keras model, loaded once per Python worker (and per model version)."""
+def load_on_worker(shipped_as: str, intra_op_threads: int, gpu: str | None = None) -> Any:
+    """The Keras model, loaded once per Python worker (and per model version), on the task's GPU."""
     from pyspark import SparkFiles
 
     import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        chosen = next((g for g in gpus if gpu is not None and g.name.endswith(f":{gpu}")), gpus[0])
+        tf.config.experimental.set_memory_growth(chosen, True)
+        tf.config.set_visible_devices(chosen, "GPU")
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)

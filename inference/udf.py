@@ -60,12 +60,12 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, spec: Image
     def score(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
-        from inference.model import load_on_worker
+        from inference.model import load_on_worker, task_gpu
         from pipelines.images.layout import Layout
         from pipelines.images.transforms import content_hash
 
         before = load_on_worker.cache_info().misses
-        model_obj = load_on_worker(model.shipped_as, threads)
+        model_obj = load_on_worker(model.shipped_as, threads, task_gpu())
         if load_on_worker.cache_info().misses > before:
             loads.add(1)
         layout = Layout(root, split_from_folders=False) if root else None

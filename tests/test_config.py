@@ -82,3 +82,23 @@ def test_project_base_config_is_valid():
 def test_command_line_mapping_replaces_the_whole_value(conf_dir):
     cfg = load_config(EtlImagesConfig, "etl_images", ["input.split_fractions={train: 1.0}"], None, conf_dir)
     assert cfg.input.split_fractions == {"train": 1.0}
+
+
+def test_profiles_stack_and_all_yaml_applies_to_every_job(conf_dir):
+    (conf_dir / "cluster").mkdir()
+    (conf_dir / "cluster" / "all.yaml").write_text("spark:\n  master: spark://h:7077\n")
+    (conf_dir / "gpu" / "all.yaml").write_text("spark:\n  conf:\n    spark.task.resource.gpu.amount: '1'\n")
+    cfg = load_config(EtlImagesConfig, "etl_images", [], "cluster,gpu", conf_dir)
+    assert cfg.spark.master == "spark://h:7077"
+    assert cfg.spark.conf == {"spark.task.resource.gpu.amount": "1"}
+    assert cfg.image.width == 48  # gpu/etl_images.yaml still applies
+
+
+def test_shipped_profiles_are_valid_for_every_job():
+    from inference.config import BatchInferenceConfig
+    from training.config import TrainConfig
+
+    for profile in ("local", "standalone", "yarn", "k8s", "gpu", "standalone,gpu"):
+        for job, model in (("etl_images", EtlImagesConfig), ("train", TrainConfig),
+                           ("batch_inference", BatchInferenceConfig)):
+            load_config(model, job, [], profile)
