@@ -7,7 +7,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(VENV)/bin/python)
 export TF_CPP_MIN_LOG_LEVEL := 2
 UI_PORT ?= 5000
 
-.PHONY: setup demo infer test test-fast ui bench clean
+.PHONY: setup demo infer test test-fast ui bench dist clean
 
 setup:
 	@bash scripts/setup.sh
@@ -37,5 +37,8 @@ bench: setup
 	$(PY) benchmarks/training.py --quick
 	$(PY) benchmarks/inference.py --quick
 
+dist: setup    ## dist/deepspark.zip for --py-files, dist/conf.zip for --archives (README: Run on a cluster)
+	$(PY) -m deepspark.packaging dist
+
 clean:
-	rm -rf data spark-warehouse
+	rm -rf data spark-warehouse dist

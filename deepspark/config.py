@@ -7,6 +7,7 @@ the file (or the command line) that set it, before any Spark work starts.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
@@ -14,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONF_DIR = PROJECT_ROOT / "conf"
+CONF_DIR_ENV = "DEEPSPARK_CONF_DIR"
 DEFAULTS_SOURCE = "built-in defaults"
 CLI_SOURCE = "command line"
 ALL_JOBS = "all.yaml"  # in a profile folder: settings for every Spark job (spark.*, tracking.*)
@@ -124,6 +125,15 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> ConfigError:
     return ConfigError("invalid config:\n  " + "\n  ".join(lines))
 
 
+def default_conf_dir() -> Path:
+    """$DEEPSPARK_CONF_DIR, else the checkout's conf/, else ./conf (code shipped as a zip, or a
+    cluster-mode driver that received `--archives conf.zip#conf`)."""
+    if os.environ.get(CONF_DIR_ENV):
+        return Path(os.environ[CONF_DIR_ENV])
+    checkout = PROJECT_ROOT / "conf"
+    return checkout if checkout.is_dir() else Path.cwd() / "conf"
+
+
 def load_config(
     model: type[C],
     job: str,
@@ -134,7 +144,7 @@ def load_config(
     """Resolve a job's config: model defaults, then conf/base/<job>.yaml, then for each profile
     (comma-separated) conf/<profile>/all.yaml and conf/<profile>/<job>.yaml, then `key=value`
     overrides; validate and freeze it."""
-    conf_dir = conf_dir or DEFAULT_CONF_DIR
+    conf_dir = conf_dir or default_conf_dir()
     merged: dict[str, Any] = {}
     sources: dict[str, str] = {}
     layers = [conf_dir / "base" / f"{job}.yaml"]

@@ -156,3 +156,30 @@ def fashion_small(spark, tmp_path_factory) -> SmallDataset:
 def mlflow_store(tmp_path) -> list[str]:
     """Overrides for a fresh, real sqlite-backed MLflow store in this test's folder."""
     return [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_root={tmp_path / 'artifacts'}"]
+
+
+# ---- a real Spark standalone cluster and a real MLflow tracking server on 127.0.0.1 ----------
+
+@pytest.fixture(scope="session")
+def standalone_cluster(tmp_path_factory):
+    """Master + 2 workers (1 core, 1 fake GPU each: addresses 0 and 1) from the pinned pyspark;
+    every process is stopped by PID at the end, also when a test fails."""
+    from deepspark.localcluster import start_standalone
+
+    cluster = start_standalone(tmp_path_factory.mktemp("cluster"), workers=2, fake_gpus=True)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (sqlite backend, artifact serving) on 127.0.0.1."""
+    from deepspark.localcluster import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,157 @@
+"""A real Spark standalone cluster and a real MLflow tracking server on this machine, from the
+pinned installations: for the cluster tests, the cluster benchmark and trying cluster mode
+locally (`make cluster`). Every process is started in its own session and stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+DISCOVERY_SCRIPT = Path(__file__).resolve().parent.parent / "conf" / "gpu" / "discover_gpus.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for(check: Callable[[], bool], what: str, timeout_s: float, procs: Sequence[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what}: {proc.args[:2]} exited with {proc.returncode}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what}: not ready after {timeout_s:.0f} s")
+
+
+def _stop(procs: Sequence[subprocess.Popen]) -> None:
+    """SIGTERM each process group, then SIGKILL what is still there."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@dataclass
+class Processes:
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(p.pid for p in self.procs)
+
+    def stop(self) -> None:
+        _stop(self.procs)
+
+
+@dataclass
+class Cluster(Processes):
+    master_url: str = ""
+    ui_url: str = ""
+    workdir: Path = Path(".")
+
+
+@dataclass
+class MlflowServer(Processes):
+    url: str = ""
+
+
+def start_standalone(workdir: Path, workers: int = 2, cores: int = 1, memory: str = "3g",
+                     fake_gpus: bool = False, timeout_s: float = 90) -> Cluster:
+    """Master and workers via the pinned pyspark's `spark-class`; returns once all are ALIVE."""
+    import pyspark
+
+    spark_home = Path(pyspark.__file__).parent
+    port, ui = free_port(), free_port()
+    env = {**os.environ, "SPARK_HOME": str(spark_home), "SPARK_LOCAL_IP": "127.0.0.1",
+           "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable)}
+    spark_class = str(spark_home / "bin" / "spark-class")
+    cluster = Cluster(master_url=f"spark://127.0.0.1:{port}", ui_url=f"http://127.0.0.1:{ui}", workdir=workdir)
+    try:
+        cluster.procs.append(subprocess.Popen(
+            [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+             "--webui-port", str(ui)], env=env, start_new_session=True,
+            stdout=open(workdir / "master.log", "w"), stderr=subprocess.STDOUT))
+        for i in range(workers):
+            worker_env = dict(env)
+            if fake_gpus:  # one fake GPU per worker, address i: tests GPU scheduling without GPUs
+                worker_env["DEEPSPARK_FAKE_GPUS"] = str(i)
+                worker_env["SPARK_WORKER_OPTS"] = (f"-Dspark.worker.resource.gpu.amount=1 "
+                                                   f"-Dspark.worker.resource.gpu.discoveryScript={DISCOVERY_SCRIPT}")
+            cluster.procs.append(subprocess.Popen(
+                [spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", str(cores),
+                 "--memory", memory, "--webui-port", str(free_port()), "--work-dir", str(workdir / f"worker{i}"),
+                 cluster.master_url], env=worker_env, start_new_session=True,
+                stdout=open(workdir / f"worker{i}.log", "w"), stderr=subprocess.STDOUT))
+
+        def all_alive() -> bool:
+            with urllib.request.urlopen(f"{cluster.ui_url}/json/", timeout=2) as resp:
+                state = json.load(resp)
+            return sum(w["state"] == "ALIVE" for w in state["workers"]) == workers
+
+        _wait_for(all_alive, "standalone cluster", timeout_s, cluster.procs)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def start_mlflow_server(workdir: Path, timeout_s: float = 120) -> MlflowServer:
+    """`mlflow server` with a sqlite backend and artifact serving, on a free loopback port."""
+    port = free_port()
+    server = MlflowServer(url=f"http://127.0.0.1:{port}")
+    server.procs.append(subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--serve-artifacts",
+         "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
+        start_new_session=True, stdout=open(workdir / "server.log", "w"), stderr=subprocess.STDOUT))
+    try:
+        _wait_for(lambda: urllib.request.urlopen(f"{server.url}/health", timeout=2).status == 200,
+                  "mlflow server", timeout_s, server.procs)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def spark_submit(master: str, script: Path, args: Sequence[str] = (), conf: dict[str, str] | None = None,
+                 py_files: Path | None = None, cwd: Path | None = None, timeout_s: float = 1800) -> tuple[str, float]:
+    """Run `spark-submit` of this venv on loopback; returns (output, seconds), raises with the
+    output's tail on a non-zero exit."""
+    settings = {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1", **(conf or {})}
+    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", master]
+    if py_files is not None:
+        cmd += ["--py-files", str(py_files)]
+    for key, value in settings.items():
+        cmd += ["--conf", f"{key}={value}"]
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "SPARK_LOCAL_IP": "127.0.0.1", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "DEEPSPARK_CONF_DIR": os.environ.get("DEEPSPARK_CONF_DIR", str(DISCOVERY_SCRIPT.parent.parent))}
+    started = time.perf_counter()
+    proc = subprocess.run([*cmd, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"spark-submit {script.name} exited {proc.returncode}:\n{output[-6000:]}")
+    return output, time.perf_counter() - started
