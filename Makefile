@@ -6,6 +6,7 @@ export PYSPARK_PYTHON := $(abspath $(VENV)/bin/python)
 export PYSPARK_DRIVER_PYTHON := $(abspath $(VENV)/bin/python)
 export TF_CPP_MIN_LOG_LEVEL := 2
 UI_PORT ?= 5000
+SUBMIT := $(VENV)/bin/spark-submit --master local[2] --driver-java-options "-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties)"
 
 .PHONY: setup demo infer test test-fast ui bench dist clean
 
@@ -14,13 +15,13 @@ setup:
 
 demo: setup
 	$(PY) jobs/demo_data.py
-	$(VENV)/bin/spark-submit --master local[2] jobs/etl_images.py
-	$(VENV)/bin/spark-submit --master local[2] jobs/train.py
-	$(VENV)/bin/spark-submit --master local[2] jobs/batch_inference.py
+	$(SUBMIT) jobs/etl_images.py
+	$(SUBMIT) jobs/train.py
+	$(SUBMIT) jobs/batch_inference.py
 	@$(PY) -m deepspark.demo
 
 infer: setup
-	$(VENV)/bin/spark-submit --master local[2] jobs/batch_inference.py
+	$(SUBMIT) jobs/batch_inference.py
 
 test: setup
 	$(PY) -m pytest

@@ -106,7 +106,6 @@ def main() -> None:
             ours_rate = ours.scored / ours.seconds
             warm = job(spark, Path(tmp) / "ds", *split)  # warm: the same job again in the same SparkContext
             warm_rate = warm.scored / warm.seconds
-            from pyspark.sql import functions as F
 
             pixel_rows = spark.createDataFrame([(p.ravel().tolist(),) for p in x], "pixels array<int>").repartition(2)
             peer_rate, peer_warm, peer_note = mlflow_spark_udf(spark, pixel_rows)

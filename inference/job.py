@@ -81,7 +81,6 @@ def _inputs(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, mode
 
 
 def run_inference(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult:
-    from pyspark.sql import functions as F
 
     started = time.perf_counter()
     job_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]

@@ -64,10 +64,13 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, spec: Image
         from pipelines.images.layout import Layout
         from pipelines.images.transforms import content_hash
 
-        before = load_on_worker.cache_info().misses
-        model_obj = load_on_worker(model.shipped_as, threads, task_gpu())
-        if load_on_worker.cache_info().misses > before:
-            loads.add(1)
+        def loaded() -> object:  # only when there is something to score: empty runs load nothing
+            before = load_on_worker.cache_info().misses
+            model_obj = load_on_worker(model.shipped_as, threads, task_gpu())
+            if load_on_worker.cache_info().misses > before:
+                loads.add(1)
+            return model_obj
+
         layout = Layout(root, split_from_folders=False) if root else None
         for batch in batches:
             n = len(batch)
@@ -84,7 +87,7 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, spec: Image
                 tensors, failures = list(stacked), [None] * n
                 truth = list(batch["label_name"])
             good = [i for i, t in enumerate(tensors) if t is not None]
-            probs = predict(model_obj, np.stack([tensors[i] for i in good]), batch_size) if good else None
+            probs = predict(loaded(), np.stack([tensors[i] for i in good]), batch_size) if good else None
             index = np.full(n, -1, np.int64)
             top_labels: list = [None] * n
             top_probs: list = [None] * n

@@ -10,7 +10,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -134,7 +134,6 @@ def _log_dataset(dataset: DatasetRef) -> None:
 def _log_model(cfg: TrainConfig, dataset: DatasetRef, weights: list[np.ndarray]) -> int | None:
     """Rebuild the architecture on the driver, load rank 0's weights, log with a signature, register."""
     import mlflow
-    import tensorflow as tf
     from mlflow.models import infer_signature
 
     from training.models import build_model
@@ -150,7 +149,6 @@ def _log_model(cfg: TrainConfig, dataset: DatasetRef, weights: list[np.ndarray])
     mlflow.log_dict({"labels": dataset.labels, "image": dataset.spec.to_dict(),
                      "etl_image": dataset.manifest["config"]["image"], "dataset": f"{dataset.name}@v{dataset.version}"},
                     "model_meta/labels.json")
-    del tf
     return int(info.registered_model_version) if info.registered_model_version else None
 
 

@@ -118,7 +118,7 @@ def make_decoder(
     return decode_batches
 
 
-def _check_inputs(spark: "SparkSession", cfg: EtlImagesConfig, fs: HadoopFS) -> tuple[str, bool, float]:
+def _check_inputs(cfg: EtlImagesConfig, fs: HadoopFS) -> tuple[str, bool, float]:
     """Driver-side checks before any task: the input exists, the layout is understood."""
     root = fs.qualify(to_url(cfg.input.path))
     if not fs.is_dir(root):
@@ -257,7 +257,7 @@ def run_etl(spark: "SparkSession", cfg: EtlImagesConfig) -> EtlResult:
 
     started = time.perf_counter()
     fs = HadoopFS(spark)
-    root, from_folders, val_from_train = _check_inputs(spark, cfg, fs)
+    root, from_folders, val_from_train = _check_inputs(cfg, fs)
     spec = schema.ImageSpec(cfg.image.height, cfg.image.width, cfg.image.channels, cfg.image.encoding)
     location = VersionedLocation(fs, fs.qualify(to_url(cfg.output.root)), cfg.output.name)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
