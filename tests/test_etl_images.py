@@ -154,3 +154,36 @@ def test_row_group_size_is_configurable(spark, tmp_path):
 def test_missing_input_is_a_config_error_naming_the_key(spark, tmp_path):
     with pytest.raises(ConfigError, match="input.path"):
         run(spark, [f"input.path={tmp_path / 'nope'}", f"output.root={tmp_path}", "tracking.enabled=false"])
+
+
+def test_killed_job_leaves_the_previous_version_current(spark, raw_folder, tmp_path):
+    """SIGKILL a real spark-submit ETL while it writes (its staged Parquet files exist, nothing is
+    published yet): the previous version stays current and readable, the next run publishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = [f"input.path={raw_folder.root}", f"output.root={tmp_path}", "output.name=zoo",
+                 "tracking.enabled=false", "image.max_pixels=1000000", "input.val_from_train=0"]
+    first = run(spark, overrides)
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    project = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]",
+                             str(project / "jobs" / "etl_images.py"), *overrides], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = tmp_path / "zoo"
+    deadline = time.monotonic() + 120
+    while not list(base.glob("_staging/*/data/*/*.parquet")):
+        assert proc.poll() is None, "the job ended before it was caught writing"
+        assert time.monotonic() < deadline, "the job never started writing"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (base / "_LATEST").read_text().strip() == str(first.version)
+    assert sorted(p.name for p in base.glob("v=*")) == [f"v={first.version}"]
+    assert len(read_split(first.url, "test")) == 30
+    after = run(spark, overrides)
+    assert after.version == first.version + 1
+    assert (base / "_LATEST").read_text().strip() == str(after.version)
