@@ -111,7 +111,7 @@ def _score(spark, cfg, model, rows, source, root, spec, predictions: Table, quar
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    inputs = rows.count()
+    inputs = rows.count()  # files: a listing only (binaryFile reads no content for a count)
     done = None
     if not cfg.full_refresh:
         committed = [t.committed(spark, model.version) for t in (predictions, quarantine)]
@@ -141,13 +141,15 @@ def _score(spark, cfg, model, rows, source, root, spec, predictions: Table, quar
                                                                 "model_name", "model_version", "job_id", "scored_at")
         good.drop("model_version").write.parquet(predictions.staging(job_id))
         bad.drop("model_version").coalesce(1).write.parquet(quarantine.staging(job_id))
-        counts = {r["ok"]: r["count"] for r in scored.groupBy(F.col("reason").isNull().alias("ok")).count().collect()}
-        n_good, n_bad = counts.get(True, 0), counts.get(False, 0)
-        accuracy = None
-        labelled = good.where(F.col("true_label").isNotNull() & F.col("true_label").isin(*model.labels))
-        row = labelled.agg(F.count("*").alias("n"), F.sum((F.col("true_label") == F.col("predicted_label")).cast("int")).alias("hits")).collect()[0]
-        if row["n"]:
-            accuracy = row["hits"] / row["n"]
+        ok = F.col("reason").isNull()
+        labelled = ok & F.col("true_label").isNotNull() & F.col("true_label").isin(*model.labels)
+        totals = scored.agg(  # one pass: counts and accuracy against folder/dataset labels
+            F.count(F.when(ok, 1)).alias("good"), F.count(F.when(~ok, 1)).alias("bad"),
+            F.count(F.when(labelled, 1)).alias("labelled"),
+            F.count(F.when(labelled & (F.col("true_label") == F.col("predicted_label")), 1)).alias("hits"),
+        ).collect()[0]
+        n_good, n_bad = totals["good"], totals["bad"]
+        accuracy = totals["hits"] / totals["labelled"] if totals["labelled"] else None
         if cfg.full_refresh:
             predictions.drop_version(model.version)
             quarantine.drop_version(model.version)
