@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,15 @@ class HadoopFS:
             if matches(name) and not name.startswith(("_", ".")):
                 found.append((str(status.getPath().toString()), int(status.getLen())))
         return sorted(found)
+
+    def dir_ages(self, url: str) -> dict[str, float]:
+        """Sub-folder name -> seconds since it was last modified."""
+        fs, path = self._fs(url)
+        if not fs.exists(path):
+            return {}
+        now_ms = time.time() * 1000
+        return {str(st.getPath().getName()): (now_ms - st.getModificationTime()) / 1000
+                for st in fs.listStatus(path) if st.isDirectory()}
 
     def mkdirs(self, url: str) -> None:
         fs, path = self._fs(url)
@@ -230,6 +240,14 @@ class VersionedLocation:
                 f" under {self.base} (have {self.versions()})"
             )
         return chosen, self.version_url(chosen)
+
+    def clean_staging(self, older_than_s: float) -> list[str]:
+        """Delete staging folders left by killed runs (a live run's folder is younger)."""
+        staging = join(self.base, STAGING_DIR)
+        stale = [name for name, age in self.fs.dir_ages(staging).items() if age > older_than_s]
+        for name in stale:
+            self.fs.delete(join(staging, name))
+        return stale
 
     def new_staging(self) -> str:
         url = join(self.base, STAGING_DIR, uuid.uuid4().hex)

@@ -184,6 +184,11 @@ def test_killed_job_leaves_the_previous_version_current(spark, raw_folder, tmp_p
     assert (base / "_LATEST").read_text().strip() == str(first.version)
     assert sorted(p.name for p in base.glob("v=*")) == [f"v={first.version}"]
     assert len(read_split(first.url, "test")) == 30
-    after = run(spark, overrides)
+    leftover = [p for p in (base / "_staging").iterdir()]
+    assert len(leftover) == 1  # the killed run's staging folder, never read
+    old = time.time() - 2 * 3600
+    os.utime(leftover[0], (old, old))
+    after = run(spark, overrides + ["output.stale_staging_hours=1"])
     assert after.version == first.version + 1
     assert (base / "_LATEST").read_text().strip() == str(after.version)
+    assert not any((base / "_staging").iterdir())  # stale staging removed, this run's own published

@@ -54,6 +54,7 @@ class OutputSettings(FrozenModel):
     name: str = Field("fashion-mnist", pattern=r"^[A-Za-z0-9_.-]+$")
     row_group_size_mb: PositiveFloat = 4.0
     file_size_mb: PositiveInt = 128  # target uncompressed bytes per Parquet file
+    stale_staging_hours: PositiveFloat = 24.0  # staging folders of killed runs older than this are deleted
 
 
 class EtlImagesConfig(FrozenModel):

@@ -272,6 +272,9 @@ def run_etl(spark: "SparkSession", cfg: EtlImagesConfig) -> EtlResult:
     files = read_image_files(spark, root, cfg.input.glob, cfg.files_per_task)
     processed = files.mapInPandas(decoder, PROCESSED_DDL).unionByName(_empty_files(spark, listing))
     processed = processed.persist(StorageLevel.MEMORY_AND_DISK)
+    removed = location.clean_staging(cfg.output.stale_staging_hours * 3600)
+    if removed:
+        log.info("removed %d staging folder(s) left by killed runs: %s", len(removed), removed)
     staging = location.new_staging()
     try:
         stats = _group_stats(processed)
