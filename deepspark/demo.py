@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from deepspark.datasets import MANIFEST
+from deepspark.storage import LATEST_POINTER
+
 DATASETS = Path("data/datasets")
 
 
 def main() -> None:
     print("\n=== DeepSpark demo: what was produced ===")
     for dataset in sorted(p for p in DATASETS.glob("*") if p.is_dir()):
-        pointer = dataset / "_LATEST"
+        pointer = dataset / LATEST_POINTER
         if not pointer.is_file():
             continue
         version = pointer.read_text().strip()
-        manifest = json.loads((dataset / f"v={version}" / "manifest.json").read_text())
+        manifest = json.loads((dataset / f"v={version}" / MANIFEST).read_text())
         totals = manifest["totals"]
         print(f"dataset {manifest['dataset']} v={version} (id {manifest['dataset_id']})")
         print(f"  where:    {dataset / f'v={version}'}  (data/<split>/ = Petastorm Parquet, quarantine/, manifest.json)")

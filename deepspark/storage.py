@@ -149,23 +149,16 @@ class HadoopFS:
         finally:
             stream.close()
 
-    def write_text(self, url: str, text: str) -> None:
-        fs, path = self._fs(url)
-        stream = fs.create(path, True)
-        try:
-            stream.write(bytearray(text.encode("utf-8")))
-        finally:
-            stream.close()
-
-    def create_exclusive(self, url: str, text: str) -> bool:
-        """Create a small file only if it does not exist yet; False if another writer won."""
+    def write_text(self, url: str, text: str, overwrite: bool = True) -> bool:
+        """Write a small file; with overwrite=False only if it does not exist yet (False if another
+        writer won: the file system arbitrates)."""
         from py4j.protocol import Py4JJavaError
 
         fs, path = self._fs(url)
         try:
-            stream = fs.create(path, False)
+            stream = fs.create(path, overwrite)
         except Py4JJavaError as exc:
-            if "FileAlreadyExists" in str(exc.java_exception):
+            if not overwrite and "FileAlreadyExists" in str(exc.java_exception):
                 return False
             raise
         try:
@@ -189,12 +182,12 @@ class HadoopFS:
         self.write_text(tmp, text)
         fs, path = self._fs(url)
         _, tmp_path = self._fs(tmp)
-        local = local_path(url)
-        if local is not None:  # POSIX rename replaces atomically; also move the .crc along
-            os.replace(local_path(tmp), local)  # type: ignore[arg-type]
-            crc = local.parent / f".{Path(str(local_path(tmp))).name}.crc"
-            if crc.exists():
-                crc.unlink()
+        local, tmp_local = local_path(url), local_path(tmp)
+        if local is not None and tmp_local is not None:  # POSIX rename replaces atomically
+            os.replace(tmp_local, local)
+            # Drop the temp file's checksum: the pointer then has no .crc, so Hadoop's checksummed
+            # local file system never verifies it against a stale one.
+            tmp_local.with_name(f".{tmp_local.name}.crc").unlink(missing_ok=True)
             return
         if fs.exists(path):
             fs.delete(path, False)

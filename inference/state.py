@@ -85,7 +85,7 @@ class Lock:
                     f"output {self.url} is locked by job {held.get('job_id')} (pid {held.get('pid')} on "
                     f"{held.get('host')}); wait for it, or pass force_unlock=true if that job is gone")
             self.fs.delete(self.path)
-        if not self.fs.create_exclusive(self.path, json.dumps(owner)):
+        if not self.fs.write_text(self.path, json.dumps(owner), overwrite=False):
             raise ConcurrentRunError(f"output {self.url} was locked by another run just now")
 
     def release(self) -> None:

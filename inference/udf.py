@@ -26,21 +26,10 @@ SCORED_DDL = (
 
 def preprocess_files(contents: list[bytes], model: ResolvedModel) -> tuple[list[np.ndarray | None], list[tuple[str, str] | None]]:
     """Raw file bytes -> tensors, exactly as the ETL did it; failures as (reason, detail)."""
-    from pipelines.images.transforms import BadImage, decode_image
+    from pipelines.images.transforms import decode_or_reason
 
-    tensors: list[np.ndarray | None] = []
-    failures: list[tuple[str, str] | None] = []
-    for content in contents:
-        try:
-            tensors.append(decode_image(content, model.rules))
-            failures.append(None)
-        except BadImage as bad:
-            tensors.append(None)
-            failures.append((bad.reason, bad.detail))
-        except Exception as exc:  # never fail the job on one file
-            tensors.append(None)
-            failures.append(("unreadable", f"{type(exc).__name__}: {exc}"))
-    return tensors, failures
+    decoded = [decode_or_reason(content, model.rules) for content in contents]
+    return [pixels for pixels, _ in decoded], [failure for _, failure in decoded]
 
 
 def predict(model_obj: object, x: np.ndarray, batch_size: int) -> np.ndarray:

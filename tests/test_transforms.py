@@ -84,3 +84,12 @@ def test_arrow_column_decodes_without_per_row_objects():
     assert np.array_equal(decode_arrow_column(column.chunk(0).slice(1, 2), spec), np.stack(batch[1:3]))
     with pytest.raises(ValueError, match="do not match"):
         decode_arrow_column(pa.array([b"short"]), spec)
+
+
+def test_decode_or_reason_never_raises():
+    pixels, failure = T.decode_or_reason(encode(gray(1), "PNG"), RULES)
+    assert failure is None and pixels.shape == (28, 28, 1)
+    assert T.decode_or_reason(b"", RULES) == (None, (T.EMPTY, "0 bytes"))
+    broken_rules = T.ImageRules(28, 28, 2)  # 2 channels: PIL cannot reshape, a decoder-level bug
+    pixels, failure = T.decode_or_reason(encode(gray(1), "PNG"), broken_rules)
+    assert pixels is None and failure[0] == T.UNREADABLE and "Error" in failure[1]

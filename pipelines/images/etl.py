@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from deepspark.config import ConfigError, config_to_yaml
+from deepspark.datasets import MANIFEST
 from deepspark.schemas import images as schema
 from deepspark.storage import HadoopFS, VersionedLocation, join, to_url
 from pipelines.images import layout
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 CONFIG_FILE = "config.yaml"
 DATA_DIR = "data"
 QUARANTINE_DIR = "quarantine"
@@ -83,7 +83,7 @@ def make_decoder(
     def decode_batches(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
-        from pipelines.images.transforms import BadImage, assign_split, content_hash, decode_image
+        from pipelines.images.transforms import assign_split, content_hash, decode_or_reason
 
         parse = layout_.value.parse
         for batch in batches:
@@ -93,18 +93,16 @@ def make_decoder(
                 split = split or assign_split(rel or path, seed, fractions)
                 if split == "train" and val_from_train:
                     split = assign_split(rel or path, seed + 1, carve)
-                image = label = reason = detail = None
-                try:
-                    if label_name is None:
-                        raise BadImage(NO_LABEL, f"layout gives no label for {rel or path!r}")
-                    if label_name not in label_index:
-                        raise BadImage(NO_LABEL, f"label {label_name!r} not in the vocabulary")
-                    image = schema.encode_pixels(decode_image(content, rules), spec)
-                    label = label_index[label_name]
-                except BadImage as bad:
-                    reason, detail = bad.reason, bad.detail
-                except Exception as exc:  # a decoder bug must not drop the file: quarantine it with the error
-                    reason, detail = "unreadable", f"{type(exc).__name__}: {exc}"
+                image = label = None
+                if label_name is None:
+                    failure = (NO_LABEL, f"layout gives no label for {rel or path!r}")
+                elif label_name not in label_index:
+                    failure = (NO_LABEL, f"label {label_name!r} not in the vocabulary")
+                else:
+                    pixels, failure = decode_or_reason(content, rules)
+                    if pixels is not None:
+                        image, label = schema.encode_pixels(pixels, spec), label_index[label_name]
+                reason, detail = failure if failure else (None, None)
                 for column, value in zip(columns, (
                     image, label, label_name, path, content_hash(content),
                     split, size, reason, detail,

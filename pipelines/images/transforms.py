@@ -150,6 +150,17 @@ def decode_image(data: bytes, rules: ImageRules) -> np.ndarray:
     return fit(_to_array(img, fmt, rules.channels), rules)
 
 
+def decode_or_reason(data: bytes, rules: ImageRules) -> tuple[np.ndarray | None, tuple[str, str] | None]:
+    """`decode_image` that never raises: (pixels, None) or (None, (reason, detail)). One bad file,
+    or a decoder bug, must become a quarantine row, never a failed job (ETL and inference alike)."""
+    try:
+        return decode_image(data, rules), None
+    except BadImage as bad:
+        return None, (bad.reason, bad.detail)
+    except Exception as exc:
+        return None, (UNREADABLE, f"{type(exc).__name__}: {exc}")
+
+
 def assign_split(relative_path: str, seed: int, fractions: Mapping[str, float]) -> str:
     """Deterministic split from a seeded hash of the path relative to the input root:
     the same file lands in the same split on every run and every machine."""
