@@ -15,7 +15,7 @@ setup:
 
 demo: setup
 	$(PY) jobs/demo_data.py
-	$(SUBMIT) jobs/etl_images.py
+	$(SUBMIT) jobs/etl.py
 	$(SUBMIT) jobs/train.py
 	$(SUBMIT) jobs/batch_inference.py
 	@$(PY) -m deepspark.demo

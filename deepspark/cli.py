@@ -26,10 +26,10 @@ class JobSpec:
 
 
 JOBS: dict[str, JobSpec] = {
-    "etl_images": JobSpec("pipelines.images.config:EtlImagesConfig", "pipelines.images.etl:run_job"),
+    "etl": JobSpec("pipelines.config:EtlConfig", "pipelines.etl:run_job"),
     "train": JobSpec("training.config:TrainConfig", "training.job:run_job"),
     "batch_inference": JobSpec("inference.config:BatchInferenceConfig", "inference.job:run_job"),
-    "demo_data": JobSpec("pipelines.images.demo_data:DemoDataConfig", "pipelines.images.demo_data:run_job", False),
+    "demo_data": JobSpec("pipelines.demo_data:DemoDataConfig", "pipelines.demo_data:run_job", False),
 }
 
 

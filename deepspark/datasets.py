@@ -1,4 +1,4 @@
-"""Open a published dataset version by name: its URL, manifest and image spec.
+"""Open a published dataset version by name: its URL, manifest and modality record.
 
 Training and inference both start here, so they read exactly what the ETL wrote.
 """
@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from deepspark.schemas.images import ImageSpec
+from deepspark.modality import ModalityRecord, TensorSpec
 from deepspark.storage import HadoopFS, VersionedLocation, join, to_url
 
 if TYPE_CHECKING:
@@ -32,8 +32,20 @@ class DatasetRef:
         return str(self.manifest["dataset_id"])
 
     @property
-    def spec(self) -> ImageSpec:
-        return ImageSpec.from_dict(self.manifest["image"])
+    def record(self) -> ModalityRecord:
+        """Modality, stored tensor, rules and fitted state. Manifests written before the modality
+        seam describe images only (an `image` section); they still open."""
+        if "modality" in self.manifest:
+            return ModalityRecord.from_dict(self.manifest)
+        image = self.manifest["image"]
+        spec = TensorSpec("image", (int(image["height"]), int(image["width"]), int(image["channels"])), "uint8",
+                          str(image.get("encoding", "raw")))
+        rules = {**self.manifest.get("config", {}).get("image", {}), "encoding": spec.encoding}
+        return ModalityRecord("image", spec, rules, {}, tuple(self.manifest["labels"]))
+
+    @property
+    def spec(self) -> TensorSpec:
+        return self.record.spec
 
     @property
     def labels(self) -> list[str]:

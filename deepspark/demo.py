@@ -22,7 +22,7 @@ def main() -> None:
         totals = manifest["totals"]
         print(f"dataset {manifest['dataset']} v={version} (id {manifest['dataset_id']})")
         print(f"  where:    {dataset / f'v={version}'}  (data/<split>/ = Petastorm Parquet, quarantine/, manifest.json)")
-        print(f"  rows:     {totals['rows_written']} written, {totals['quarantined']} quarantined of {totals['files_in']} files")
+        print(f"  rows:     {totals['rows_written']} written, {totals['quarantined']} quarantined of {totals['inputs_in']} inputs")
         print("  splits:   " + ", ".join(f"{s}={sum(c.values())}" for s, c in manifest["counts"].items()))
     _mlflow_summary()
     print("MLflow:     make ui, then open http://127.0.0.1:5000 (experiment 'deepspark')")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import PositiveInt, model_validator
 
 from deepspark.config import FrozenModel
@@ -10,10 +12,14 @@ from deepspark.tracking import TrackingSettings
 
 
 class InputSettings(FrozenModel):
-    """Exactly one of: a raw folder/URL of image files, or a dataset version's split."""
+    """Exactly one of: raw inputs (a folder/URL of files, or CSV/JSONL text records), or a
+    dataset version's split. The model's modality decides how raw inputs are read."""
 
     path: str | None = None
-    glob: str = "*.{png,PNG,jpg,JPG,jpeg,JPEG,bmp,BMP,gif,GIF,tif,TIF,tiff,TIFF,webp,WEBP}"
+    glob: str | None = None  # default: the model's modality's (e.g. *.{wav,flac,...} for audio)
+    format: Literal["auto", "files", "csv", "jsonl"] = "auto"  # text: records or one file per document
+    text_column: str = "text"
+    label_column: str = "label"  # optional: when present, accuracy is reported against it
     dataset_root: str = "data/datasets"
     dataset: str | None = None
     dataset_version: PositiveInt | None = None

@@ -50,34 +50,40 @@ class InferenceResult:
         return "\n".join(lines)
 
 
-def _inputs(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel) -> tuple["DataFrame", str, str | None, object]:
-    """The input rows: raw files (binaryFile) or a dataset split; checks shapes on the driver."""
+def _inputs(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel
+            ) -> tuple["DataFrame", str, str | None]:
+    """The input rows: raw inputs of the model's modality (files or text records), or a dataset
+    split whose stored tensors match the model's; checked on the driver, errors name the key."""
     if cfg.input.path is not None:
-        root = fs.qualify(to_url(cfg.input.path))
-        if not fs.is_dir(root):
-            raise ConfigError(f"input.path: {cfg.input.path!r} is not a folder ({root})")
-        from pipelines.images.etl import read_image_files
+        from pipelines.inputs import RecordColumns, input_kind, open_inputs
 
-        files = read_image_files(spark, root, cfg.input.glob, cfg.files_per_task).select("path", "content")
-        empty = [(path, bytearray()) for path, size in fs.list_files(root, cfg.input.glob) if size == 0]
-        if empty:  # Spark's file index skips 0-byte files; score them too, so they land in quarantine
-            files = files.unionByName(spark.createDataFrame(empty, "path string, content binary"))
-        return files, "files", root, None
+        plugin = model.record.plugin
+        root = fs.qualify(to_url(cfg.input.path))
+        kind = input_kind(fs, root, cfg.input.format, "records" in plugin.input_kinds)
+        inputs = open_inputs(spark, fs, cfg.input.path, "input.path", kind, cfg.input.glob or plugin.default_glob,
+                             cfg.files_per_task, RecordColumns(cfg.input.text_column, cfg.input.label_column,
+                                                               label_required=False))
+        return inputs.frame, inputs.kind, inputs.root
     from deepspark.datasets import open_dataset
 
     try:
         dataset = open_dataset(spark, cfg.input.dataset_root, cfg.input.dataset, cfg.input.dataset_version)  # type: ignore[arg-type]
     except FileNotFoundError as exc:
         raise ConfigError(f"input.dataset: {exc}") from None
-    if dataset.spec.shape != (model.rules.height, model.rules.width, model.rules.channels):
-        raise ConfigError(f"input.dataset: {dataset.name} v={dataset.version} holds {dataset.spec.shape} images but "
-                          f"{model.uri} expects {(model.rules.height, model.rules.width, model.rules.channels)}")
+    held, wanted = dataset.record, model.record
+    if (held.modality, held.spec) != (wanted.modality, wanted.spec):
+        raise ConfigError(f"input.dataset: {dataset.name} v={dataset.version} holds {held.modality} "
+                          f"{held.spec.dtype} {held.spec.shape} tensors but {model.uri} expects {wanted.modality} "
+                          f"{wanted.spec.dtype} {wanted.spec.shape}")
+    if held.state != wanted.state:
+        raise ConfigError(f"input.dataset: {dataset.name} v={dataset.version} was preprocessed with another fitted "
+                          f"state (e.g. vocabulary) than {model.uri}; score its raw inputs with input.path instead")
     try:
         url = dataset.split_url(cfg.input.split)
     except KeyError as exc:
         raise ConfigError(f"input.split: {exc.args[0]}") from None
-    rows = spark.read.parquet(url).select("path", "content_hash", "image", "label_name")
-    return rows, "dataset", None, dataset.spec
+    rows = spark.read.parquet(url).select("path", "content_hash", held.spec.column, "label_name")
+    return rows, "dataset", None
 
 
 def run_inference(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult:
@@ -95,18 +101,18 @@ def run_inference(spark: "SparkSession", cfg: BatchInferenceConfig) -> Inference
     # Shipped files must outlive the job while the SparkContext lives (executors may fetch late).
     workdir = tempfile.mkdtemp(prefix="deepspark-model-")
     model = resolve_and_ship(spark, cfg.model_uri, workdir)  # one concrete version for the whole job
-    rows, source, root, spec = _inputs(spark, cfg, fs, model)
+    rows, source, root = _inputs(spark, cfg, fs, model)
     lock = Lock(fs, out_url, job_id)
     lock.acquire(cfg.force_unlock)
     try:
-        return _score(spark, cfg, model, rows, source, root, spec, predictions, quarantine, job_id, started)
+        return _score(spark, cfg, model, rows, source, root, predictions, quarantine, job_id, started)
     finally:
         lock.release()
         for table in (predictions, quarantine):
             fs.delete(table.staging(job_id))
 
 
-def _score(spark, cfg, model, rows, source, root, spec, predictions: Table, quarantine: Table, job_id: str,
+def _score(spark, cfg, model, rows, source, root, predictions: Table, quarantine: Table, job_id: str,
            started: float) -> InferenceResult:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -120,15 +126,14 @@ def _score(spark, cfg, model, rows, source, root, spec, predictions: Table, quar
             done = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
     keyed = rows
     if done is not None:
-        if source == "files":  # the content hash is computed on executors; only skip unchanged files
-            from pyspark.sql.functions import sha2
-
-            keyed = rows.withColumn("content_hash", sha2(F.col("content"), 256))
+        raw = source != "dataset"
+        if raw:  # the content hash is computed on executors; only skip unchanged inputs
+            keyed = rows.withColumn("content_hash", F.sha2(F.col("payload"), 256))
         keyed = keyed.join(F.broadcast(done.distinct()), KEY, "left_anti")
-        if source == "files":
+        if raw:
             keyed = keyed.drop("content_hash")
     loads = spark.sparkContext.accumulator(0)
-    scorer = make_scorer(model, source, root, spec, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads)
+    scorer = make_scorer(model, source, root, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads)
     stamp = F.lit(datetime.now(timezone.utc).isoformat(timespec="seconds"))
     scored = (keyed.mapInPandas(scorer, SCORED_DDL)
               .withColumn("model_name", F.lit(model.name)).withColumn("model_version", F.lit(model.version))

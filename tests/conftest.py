@@ -138,13 +138,13 @@ def fashion_small(spark, tmp_path_factory) -> SmallDataset:
     """400 train + 400 test Fashion-MNIST images (Debian package) through the real ETL, with
     small row groups so 2 ranks get uneven shards."""
     from deepspark.config import load_config
-    from pipelines.images.config import EtlImagesConfig
     from pipelines.images.demo_data import write_raw_folder
-    from pipelines.images.etl import run_etl
+    from pipelines.config import EtlConfig
+    from pipelines.etl import run_etl
 
     base = tmp_path_factory.mktemp("fashion")
     write_raw_folder(base / "raw", limit=400)
-    cfg = load_config(EtlImagesConfig, "etl_images", [
+    cfg = load_config(EtlConfig, "etl", [
         f"input.path={base / 'raw'}", f"output.root={base / 'datasets'}", "output.name=fashion-small",
         "tracking.enabled=false", "output.row_group_size_mb=0.05",
     ])

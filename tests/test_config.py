@@ -5,20 +5,20 @@ from pathlib import Path
 import pytest
 
 from deepspark.config import ConfigError, config_to_yaml, flatten, load_config, parse_override
-from pipelines.images.config import EtlImagesConfig
+from pipelines.config import EtlConfig
 
 
 @pytest.fixture()
 def conf_dir(tmp_path: Path) -> Path:
     (tmp_path / "base").mkdir()
-    (tmp_path / "base" / "etl_images.yaml").write_text("image:\n  height: 32\n  width: 32\noutput:\n  name: base\n")
+    (tmp_path / "base" / "etl.yaml").write_text("image:\n  height: 32\n  width: 32\noutput:\n  name: base\n")
     (tmp_path / "gpu").mkdir()
-    (tmp_path / "gpu" / "etl_images.yaml").write_text("image:\n  width: 48\n")
+    (tmp_path / "gpu" / "etl.yaml").write_text("image:\n  width: 48\n")
     return tmp_path
 
 
 def test_layers_apply_in_order(conf_dir):
-    cfg = load_config(EtlImagesConfig, "etl_images", ["image.channels=3", "input.seed=5"], "gpu", conf_dir)
+    cfg = load_config(EtlConfig, "etl", ["image.channels=3", "input.seed=5"], "gpu", conf_dir)
     assert (cfg.image.height, cfg.image.width, cfg.image.channels) == (32, 48, 3)
     assert cfg.output.name == "base"
     assert cfg.input.seed == 5
@@ -26,34 +26,34 @@ def test_layers_apply_in_order(conf_dir):
 
 
 def test_config_is_frozen(conf_dir):
-    cfg = load_config(EtlImagesConfig, "etl_images", [], None, conf_dir)
+    cfg = load_config(EtlConfig, "etl", [], None, conf_dir)
     with pytest.raises(Exception):
         cfg.image.height = 3  # type: ignore[misc]
 
 
 def test_unknown_key_in_file_names_key_and_file(conf_dir):
-    (conf_dir / "base" / "etl_images.yaml").write_text("image:\n  hieght: 32\n")
+    (conf_dir / "base" / "etl.yaml").write_text("image:\n  hieght: 32\n")
     with pytest.raises(ConfigError) as err:
-        load_config(EtlImagesConfig, "etl_images", [], None, conf_dir)
+        load_config(EtlConfig, "etl", [], None, conf_dir)
     assert "image.hieght: unknown key" in str(err.value)
-    assert str(conf_dir / "base" / "etl_images.yaml") in str(err.value)
+    assert str(conf_dir / "base" / "etl.yaml") in str(err.value)
 
 
 def test_bad_value_from_command_line_names_key_and_source(conf_dir):
     with pytest.raises(ConfigError) as err:
-        load_config(EtlImagesConfig, "etl_images", ["image.channels=2"], None, conf_dir)
+        load_config(EtlConfig, "etl", ["image.channels=2"], None, conf_dir)
     message = str(err.value)
     assert "image.channels" in message and "command line (image.channels=2)" in message
 
 
 def test_bad_split_fractions_rejected(conf_dir):
     with pytest.raises(ConfigError, match="input.split_fractions"):
-        load_config(EtlImagesConfig, "etl_images", ["input.split_fractions={train: 0.5, val: 0.1}"], None, conf_dir)
+        load_config(EtlConfig, "etl", ["input.split_fractions={train: 0.5, val: 0.1}"], None, conf_dir)
 
 
 def test_unknown_profile_is_named(conf_dir):
     with pytest.raises(ConfigError, match="profile 'nope'"):
-        load_config(EtlImagesConfig, "etl_images", [], "nope", conf_dir)
+        load_config(EtlConfig, "etl", [], "nope", conf_dir)
 
 
 def test_override_syntax():
@@ -66,21 +66,21 @@ def test_override_syntax():
 
 
 def test_resolved_config_round_trips(conf_dir):
-    cfg = load_config(EtlImagesConfig, "etl_images", ["output.name=x"], None, conf_dir)
+    cfg = load_config(EtlConfig, "etl", ["output.name=x"], None, conf_dir)
     import yaml
 
-    again = EtlImagesConfig.model_validate(yaml.safe_load(config_to_yaml(cfg)))
+    again = EtlConfig.model_validate(yaml.safe_load(config_to_yaml(cfg)))
     assert again == cfg
     assert flatten(cfg)["output.name"] == "x"
 
 
 def test_project_base_config_is_valid():
-    cfg = load_config(EtlImagesConfig, "etl_images", [], "local")
+    cfg = load_config(EtlConfig, "etl", [], "local")
     assert cfg.spark.master == "local[2]"
 
 
 def test_command_line_mapping_replaces_the_whole_value(conf_dir):
-    cfg = load_config(EtlImagesConfig, "etl_images", ["input.split_fractions={train: 1.0}"], None, conf_dir)
+    cfg = load_config(EtlConfig, "etl", ["input.split_fractions={train: 1.0}"], None, conf_dir)
     assert cfg.input.split_fractions == {"train": 1.0}
 
 
@@ -88,10 +88,10 @@ def test_profiles_stack_and_all_yaml_applies_to_every_job(conf_dir):
     (conf_dir / "cluster").mkdir()
     (conf_dir / "cluster" / "all.yaml").write_text("spark:\n  master: spark://h:7077\n")
     (conf_dir / "gpu" / "all.yaml").write_text("spark:\n  conf:\n    spark.task.resource.gpu.amount: '1'\n")
-    cfg = load_config(EtlImagesConfig, "etl_images", [], "cluster,gpu", conf_dir)
+    cfg = load_config(EtlConfig, "etl", [], "cluster,gpu", conf_dir)
     assert cfg.spark.master == "spark://h:7077"
     assert cfg.spark.conf == {"spark.task.resource.gpu.amount": "1"}
-    assert cfg.image.width == 48  # gpu/etl_images.yaml still applies
+    assert cfg.image.width == 48  # gpu/etl.yaml still applies
 
 
 def test_shipped_profiles_are_valid_for_every_job():
@@ -99,6 +99,6 @@ def test_shipped_profiles_are_valid_for_every_job():
     from training.config import TrainConfig
 
     for profile in ("local", "standalone", "yarn", "k8s", "gpu", "standalone,gpu"):
-        for job, model in (("etl_images", EtlImagesConfig), ("train", TrainConfig),
+        for job, model in (("etl", EtlConfig), ("train", TrainConfig),
                            ("batch_inference", BatchInferenceConfig)):
             load_config(model, job, [], profile)

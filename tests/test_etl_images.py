@@ -9,27 +9,28 @@ import numpy as np
 import pytest
 
 from deepspark.config import ConfigError, load_config
-from deepspark.schemas.images import ImageSpec, decode_pixels
-from pipelines.images import etl
-from pipelines.images.config import EtlImagesConfig
+from deepspark.modality import TensorSpec
+from pipelines import etl
+from pipelines.config import EtlConfig
+from pipelines.images.modality import IMAGE
 from tests.conftest import make_flat_folder
 
 pytestmark = pytest.mark.spark
 
 
 def run(spark, overrides: list[str]) -> etl.EtlResult:
-    return etl.run_etl(spark, load_config(EtlImagesConfig, "etl_images", overrides))
+    return etl.run_etl(spark, load_config(EtlConfig, "etl", overrides))
 
 
 def read_split(url: str, split: str) -> dict[str, tuple[np.ndarray, str, int]]:
     """Read one split with petastorm.make_reader: path -> (pixels, label name, label index)."""
     from petastorm import make_reader
 
-    spec = ImageSpec.from_dict(json.loads(Path(url.replace("file:", "", 1), "manifest.json").read_text())["image"])
+    spec = TensorSpec.from_dict(json.loads(Path(url.replace("file:", "", 1), "manifest.json").read_text())["spec"])
     out = {}
     with make_reader(f"{url}/data/{split}", reader_pool_type="dummy", num_epochs=1) as reader:
         for row in reader:
-            out[row.path] = (decode_pixels([row.image], spec)[0], row.label_name, int(row.label))
+            out[row.path] = (IMAGE.decode([row.image], spec)[0], row.label_name, int(row.label))
     return out
 
 
@@ -45,11 +46,11 @@ def first_run(spark, raw_folder, tmp_path_factory):
 
 def test_counts_reconcile(first_run, raw_folder):
     _, result = first_run
-    files_in = len(raw_folder.good) + len(raw_folder.bad) + 4  # + cmyk, sixteen, rgba, gray that are fine
-    assert result.files_in == files_in
+    inputs_in = len(raw_folder.good) + len(raw_folder.bad) + 4  # + cmyk, sixteen, rgba, gray that are fine
+    assert result.inputs_in == inputs_in
     assert result.rows_written == len(raw_folder.good) + 4
     assert result.quarantined == len(raw_folder.bad)
-    assert result.files_in == result.rows_written + result.quarantined
+    assert result.inputs_in == result.rows_written + result.quarantined
 
 
 def test_every_bad_file_is_quarantined_with_its_reason(spark, first_run, raw_folder):

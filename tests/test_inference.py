@@ -149,10 +149,10 @@ def test_dataset_input_and_shape_mismatch(spark, registry, fashion_small, tmp_pa
                                               [*base, f"input.dataset={fashion_small.name}"]))
     assert result.scored == result.inputs > 0 and result.accuracy is not None
 
-    from pipelines.images.config import EtlImagesConfig
-    from pipelines.images.etl import run_etl
+    from pipelines.config import EtlConfig
+    from pipelines.etl import run_etl
 
-    run_etl(spark, load_config(EtlImagesConfig, "etl_images", [
+    run_etl(spark, load_config(EtlConfig, "etl", [
         f"input.path={fashion_small.root.parent / 'raw'}", f"output.root={fashion_small.root}", "output.name=big",
         "tracking.enabled=false", "image.height=32", "image.width=32"]))
     with pytest.raises(ConfigError, match="input.dataset: big v=1 holds"):
@@ -160,23 +160,26 @@ def test_dataset_input_and_shape_mismatch(spark, registry, fashion_small, tmp_pa
 
 
 def test_inference_preprocessing_matches_the_etl_tensor(spark, registry, fashion_small):
-    """The same file through inference's preprocessing and through the ETL gives identical tensors."""
+    """The same file through the registered model's preprocessing and through the ETL gives
+    identical tensors, and the pyfunc predicts on raw file bytes."""
+    import mlflow.pyfunc
+    import pandas as pd
     from petastorm import make_reader
 
     from deepspark.datasets import open_dataset
-    from deepspark.schemas.images import decode_pixels
-    from inference.model import ResolvedModel
-    from inference.udf import preprocess_files
-    from pipelines.images.transforms import ImageRules
 
     dataset = open_dataset(spark, str(fashion_small.root), fashion_small.name)
-    etl_image = dataset.manifest["config"]["image"]
-    model = ResolvedModel("m", 1, "r", tuple(dataset.labels), ImageRules(
-        etl_image["height"], etl_image["width"], etl_image["channels"], etl_image["resize_mode"],
-        etl_image["max_pixels"], etl_image["min_side"]), "unused")
+    mlflow.set_tracking_uri(registry[0].split("=", 1)[1])
+    model = mlflow.pyfunc.load_model("models:/fashion-mnist-classifier/1")
+    classifier = model.unwrap_python_model()
     with make_reader(dataset.split_url("test"), reader_pool_type="dummy", num_epochs=1) as reader:
         rows = [next(reader) for _ in range(20)]
     files = [Path(r.path.replace("file:", "", 1)).read_bytes() for r in rows]
-    tensors, failures = preprocess_files(files, model)
+    tensors, failures = classifier.preprocess(files)
     assert failures == [None] * 20
-    assert np.array_equal(np.stack(tensors), decode_pixels([r.image for r in rows], dataset.spec))
+    stored = dataset.record.plugin.decode([r.image for r in rows], dataset.spec)
+    assert np.array_equal(np.stack(tensors), stored)
+    served = model.predict(pd.DataFrame({"content": files + [b"not an image"]}))
+    expected = classifier.probabilities(stored).argmax(axis=1)
+    assert list(served["predicted_label"][:20]) == [dataset.labels[i] for i in expected]
+    assert served["predicted_label"][20] is None and served["reason"][20] == "not_an_image"

@@ -1,6 +1,6 @@
 """Layout parsing: labels and split folders from relative paths (pure, no Spark)."""
 
-from pipelines.images.layout import Layout, relative_path
+from pipelines.layout import Layout, relative_path
 
 ROOT = "file:/data/raw"
 

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
-from deepspark.schemas.images import ImageSpec, decode_pixels, encode_pixels
+from deepspark.modality import TensorSpec, decode_raw_arrow
 from pipelines.images import transforms as T
+from pipelines.images.modality import IMAGE
+from pipelines.layout import assign_split
 from tests.conftest import _zoo, encode, gray
 
 RULES = T.ImageRules(height=28, width=28, channels=1, max_pixels=1_000_000, min_side=8)
@@ -52,38 +54,45 @@ def test_rgb_target_from_gray_source():
 def test_split_is_deterministic_and_follows_fractions():
     fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
     paths = [f"Coat/{i}.png" for i in range(5000)]
-    first = [T.assign_split(p, 17, fractions) for p in paths]
-    assert first == [T.assign_split(p, 17, fractions) for p in paths]
+    first = [assign_split(p, 17, fractions) for p in paths]
+    assert first == [assign_split(p, 17, fractions) for p in paths]
     share = first.count("train") / len(first)
     assert 0.77 < share < 0.83
-    assert first != [T.assign_split(p, 18, fractions) for p in paths]  # the seed matters
+    assert first != [assign_split(p, 18, fractions) for p in paths]  # the seed matters
 
 
 @pytest.mark.parametrize("encoding", ["raw", "png"])
 def test_storage_round_trip(encoding):
-    spec = ImageSpec(28, 28, 1, encoding)
+    spec = TensorSpec("image", (28, 28, 1), "uint8", encoding)
     batch = [gray(i)[:, :, None] for i in range(5)]
-    stored = [encode_pixels(p, spec) for p in batch]
-    assert np.array_equal(decode_pixels(stored, spec), np.stack(batch))
+    stored = [IMAGE.encode(p, spec) for p in batch]
+    assert np.array_equal(IMAGE.decode(stored, spec), np.stack(batch))
 
 
 def test_encode_rejects_wrong_shape():
     with pytest.raises(ValueError, match="expected uint8"):
-        encode_pixels(np.zeros((28, 27, 1), np.uint8), ImageSpec(28, 28, 1))
+        IMAGE.encode(np.zeros((28, 27, 1), np.uint8), TensorSpec("image", (28, 28, 1), "uint8"))
 
 
 def test_arrow_column_decodes_without_per_row_objects():
     import pyarrow as pa
 
-    from deepspark.schemas.images import decode_arrow_column
-
-    spec = ImageSpec(28, 28, 1)
+    spec = TensorSpec("image", (28, 28, 1), "uint8")
     batch = [gray(i)[:, :, None] for i in range(6)]
-    column = pa.chunked_array([[encode_pixels(p, spec) for p in batch[:4]], [encode_pixels(p, spec) for p in batch[4:]]])
-    assert np.array_equal(decode_arrow_column(column, spec), np.stack(batch))
-    assert np.array_equal(decode_arrow_column(column.chunk(0).slice(1, 2), spec), np.stack(batch[1:3]))
+    column = pa.chunked_array([[IMAGE.encode(p, spec) for p in batch[:4]], [IMAGE.encode(p, spec) for p in batch[4:]]])
+    assert np.array_equal(decode_raw_arrow(column, spec), np.stack(batch))
+    assert np.array_equal(decode_raw_arrow(column.chunk(0).slice(1, 2), spec), np.stack(batch[1:3]))
     with pytest.raises(ValueError, match="do not match"):
-        decode_arrow_column(pa.array([b"short"]), spec)
+        decode_raw_arrow(pa.array([b"short"]), spec)
+
+
+def test_arrow_column_of_wider_dtypes_keeps_values():
+    import pyarrow as pa
+
+    spec = TensorSpec("tokens", (4,), "int32")
+    rows = [np.array([2, 70_000, 0, -1], np.int32), np.array([5, 6, 7, 8], np.int32)]
+    column = pa.array([r.tobytes() for r in rows], pa.binary())
+    assert np.array_equal(decode_raw_arrow(column, spec), np.stack(rows))
 
 
 def test_decode_or_reason_never_raises():

@@ -21,7 +21,7 @@ class DataSettings(FrozenModel):
 
 
 class ModelSettings(FrozenModel):
-    name: Literal["convnet", "resnet_small"] = "convnet"
+    name: str | None = None  # default: the dataset modality's default model (image: convnet, text: cnn, audio: cnn)
 
 
 class LoaderSettings(FrozenModel):

@@ -1,7 +1,8 @@
-"""The Petastorm seam: a rank's shard of a split as batches of (uint8 images, int labels).
+"""The Petastorm seam: a rank's shard of a split as batches of (stored tensors, int labels), for
+any modality (uint8 images, int32 token ids, int16 waveforms).
 
-Petastorm's `make_batch_reader` yields whole row groups; the raw image column of a row group
-decodes with one `np.frombuffer` (deepspark.schemas.images), rows are mixed in a seeded shuffle
+Petastorm's `make_batch_reader` yields whole row groups; the raw tensor column of a row group
+decodes with one `np.frombuffer` (deepspark.modality), rows are mixed in a seeded shuffle
 buffer, and a background thread keeps `queue_batches` batches ready. The time the training step
 spends waiting on that queue is the input stall. Replacing Petastorm means replacing this module.
 """
@@ -16,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from deepspark.schemas.images import IMAGE, LABEL, ImageSpec, decode_arrow_column
+from deepspark.modality import LABEL, TensorSpec, get_modality, unischema
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class ShardSpec:
     """Which rows this rank reads and how."""
 
     url: str
-    spec: ImageSpec
+    spec: TensorSpec
+    modality: str
     rank: int = 0
     size: int = 1
     pool_type: str = "dummy"
@@ -34,12 +36,13 @@ class ShardSpec:
 class _ArrowRowGroups:
     """Replaces Petastorm's results reader for make_batch_reader: Petastorm turns every binary
     value into a Python bytes object (`to_pandas`), which costs more than the whole decode; this
-    one hands the row group's Arrow buffers straight to `decode_arrow_column`."""
+    one hands the row group's Arrow buffers straight to the modality's `decode_arrow`."""
 
     batched_output = True
 
-    def __init__(self, spec: ImageSpec) -> None:
+    def __init__(self, spec: TensorSpec, modality: str) -> None:
         self.spec = spec
+        self.modality = get_modality(modality)
 
     def read_next(self, workers_pool, schema, ngram):  # type: ignore[no-untyped-def]
         from petastorm.workers_pool import EmptyResultError
@@ -48,19 +51,18 @@ class _ArrowRowGroups:
             table = workers_pool.get_results()
         except EmptyResultError:
             raise StopIteration from None
-        return decode_arrow_column(table.column(IMAGE), self.spec), table.column(LABEL).to_numpy().astype(np.int32)
+        tensors = self.modality.decode_arrow(table.column(self.spec.column), self.spec)
+        return tensors, table.column(LABEL).to_numpy().astype(np.int32)
 
 
 def read_row_groups(shard: ShardSpec, seed: int | None, infinite: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(images, labels) per row group of this rank's shard, row groups in a seeded order."""
     from petastorm import make_batch_reader
 
-    from deepspark.schemas.images import unischema
-
-    fields = unischema(shard.spec).fields
+    fields = unischema(shard.spec, shard.modality).fields
     with make_batch_reader(
         shard.url,
-        schema_fields=[fields[IMAGE], fields[LABEL]],  # fields, not name patterns: exact match
+        schema_fields=[fields[shard.spec.column], fields[LABEL]],  # fields, not name patterns: exact match
         reader_pool_type=shard.pool_type,
         workers_count=shard.workers,
         shuffle_row_groups=seed is not None,
@@ -70,7 +72,7 @@ def read_row_groups(shard: ShardSpec, seed: int | None, infinite: bool) -> Itera
         shard_count=shard.size if shard.size > 1 else None,
         shard_seed=0,
     ) as reader:
-        reader._results_queue_reader = _ArrowRowGroups(shard.spec)  # pinned petastorm 0.12.1's hook
+        reader._results_queue_reader = _ArrowRowGroups(shard.spec, shard.modality)  # pinned petastorm 0.12.1's hook
         yield from reader
 
 
@@ -177,9 +179,9 @@ def training_batches(shard: ShardSpec, batch_size: int, buffer_rows: int, seed: 
 def strided_rows(shard: ShardSpec, max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every `size`-th row starting at `rank` of a whole split (row order as stored):
     exact, disjoint evaluation shards whatever the number of row groups."""
-    whole = ShardSpec(shard.url, shard.spec, 0, 1, shard.pool_type, shard.workers)
+    whole = ShardSpec(shard.url, shard.spec, shard.modality, 0, 1, shard.pool_type, shard.workers)
     parts = list(read_row_groups(whole, seed=None, infinite=False))
-    xs = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, *shard.spec.shape), np.uint8)
+    xs = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, *shard.spec.shape), shard.spec.dtype)
     ys = np.concatenate([p[1] for p in parts]) if parts else np.empty((0,), np.int32)
     if max_rows is not None:
         xs, ys = xs[:max_rows], ys[:max_rows]

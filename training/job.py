@@ -66,7 +66,7 @@ def train_row_groups(url: str) -> int:
     return sum(pq.ParquetFile(filesystem.open_input_file(f)).metadata.num_row_groups for f in files)
 
 
-def plan(spark: "SparkSession", cfg: TrainConfig) -> tuple[DatasetRef, int, int]:
+def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
     """Driver-side checks before anything is launched: dataset, splits, shapes, ranks, steps."""
     try:
         dataset = open_dataset(spark, cfg.data.root, cfg.data.name, cfg.data.version)
@@ -76,10 +76,10 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> tuple[DatasetRef, int, int]
         if split not in dataset.manifest["splits"]:
             raise ConfigError(f"{key}: dataset {dataset.name} v={dataset.version} has no split {split!r} "
                               f"(has {sorted(dataset.manifest['splits'])})")
-    from training.models import BUILDERS
-
-    if cfg.model.name not in BUILDERS:
-        raise ConfigError(f"model.name: {cfg.model.name!r} not in the catalogue {sorted(BUILDERS)}")
+    plugin = dataset.record.plugin
+    model_name = cfg.model.name or plugin.default_model
+    if model_name not in plugin.models:
+        raise ConfigError(f"model.name: {model_name!r} is not a {plugin.name} model (have {sorted(plugin.models)})")
     if len(dataset.labels) < 2:
         raise ConfigError(f"data.name: dataset {dataset.name} has {len(dataset.labels)} label(s); need >= 2")
     slots = task_slots(spark)
@@ -95,7 +95,17 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> tuple[DatasetRef, int, int]
     if steps < 1:
         raise ConfigError(f"optimizer.batch_size={cfg.optimizer.batch_size} x {num_proc} ranks exceeds the "
                           f"{dataset.rows(cfg.data.train_split)} training rows")
-    return dataset, num_proc, steps
+    return Plan(dataset, model_name, num_proc, steps)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the driver decided before launching anything."""
+
+    dataset: DatasetRef
+    model_name: str
+    num_proc: int
+    steps_per_epoch: int
 
 
 def latest_checkpoint(run_id: str) -> tuple[int, bytes]:
@@ -131,24 +141,20 @@ def _log_dataset(dataset: DatasetRef) -> None:
                      context="training", tags={"version": str(dataset.version)})
 
 
-def _log_model(cfg: TrainConfig, dataset: DatasetRef, weights: list[np.ndarray]) -> int | None:
-    """Rebuild the architecture on the driver, load rank 0's weights, log with a signature, register."""
+def _log_model(cfg: TrainConfig, dataset: DatasetRef, model_name: str, weights: list[np.ndarray]) -> int | None:
+    """Rebuild the architecture on the driver, load rank 0's weights, log it with its modality
+    record (so inference needs nothing but the model URI) and register it."""
     import mlflow
-    from mlflow.models import infer_signature
 
-    from training.models import build_model
+    from inference.serving import log_classifier
 
-    model = build_model(cfg.model.name, dataset.spec.shape, len(dataset.labels))
+    record = dataset.record
+    model = record.plugin.build_model(model_name, record.spec, len(record.labels), record.state)
     model.set_weights(weights)
-    example = np.zeros((2, *dataset.spec.shape), np.uint8)
-    signature = infer_signature(example, model.predict(example, verbose=0))
-    info = mlflow.tensorflow.log_model(
-        model, name="model", signature=signature, input_example=example,
-        registered_model_name=cfg.registry.model_name if cfg.registry.enabled else None,
-    )
-    mlflow.log_dict({"labels": dataset.labels, "image": dataset.spec.to_dict(),
-                     "etl_image": dataset.manifest["config"]["image"], "dataset": f"{dataset.name}@v{dataset.version}"},
-                    "model_meta/labels.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        info = log_classifier(model, record, cfg.registry.model_name if cfg.registry.enabled else None, tmp)
+    mlflow.log_dict({"modality": record.modality, "labels": list(record.labels), "model": model_name,
+                     "dataset": f"{dataset.name}@v{dataset.version}"}, "model_meta/summary.json")
     return int(info.registered_model_version) if info.registered_model_version else None
 
 
@@ -156,7 +162,8 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
     """The job: plan, then one MLflow run around the distributed training."""
     from training.distributed import RankFailure, run_ranks
 
-    dataset, num_proc, steps = plan(spark, cfg)
+    planned = plan(spark, cfg)
+    dataset, num_proc, steps = planned.dataset, planned.num_proc, planned.steps_per_epoch
     start_epoch, checkpoint = 0, None
     if cfg.resume:
         if not cfg.tracking.enabled:
@@ -168,9 +175,9 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
         start_epoch = last + 1
         log.info("resuming run %s after epoch %d", cfg.resume, last + 1)
     started = time.perf_counter()
-    tags = {"deepspark.job": "train", "dataset.name": dataset.name, "dataset.version": str(dataset.version),
+    tags = {"deepspark.job": "train", "deepspark.modality": dataset.record.modality, "dataset.name": dataset.name, "dataset.version": str(dataset.version),
             "dataset.id": dataset.dataset_id, **cfg.extra_tags}
-    run_name = cfg.run_name or f"train:{cfg.model.name}:{dataset.name}@v{dataset.version}"
+    run_name = cfg.run_name or f"train:{planned.model_name}:{dataset.name}@v{dataset.version}"
     with job_run(cfg.tracking, run_name, cfg, tags, resume_run_id=cfg.resume) as run:
         run_id = run.info.run_id if run else None
         if run is not None:
@@ -179,9 +186,10 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
             if not cfg.resume:
                 _log_dataset(dataset)
                 mlflow.log_params({"resolved.num_proc": num_proc, "resolved.steps_per_epoch": steps,
+                                   "resolved.model_name": planned.model_name, "resolved.modality": dataset.record.modality,
                                    "resolved.global_batch_size": cfg.optimizer.batch_size * num_proc})
         task = RankTask(
-            cfg=cfg, spec=dataset.spec, num_classes=len(dataset.labels),
+            cfg=cfg, record=dataset.record, model_name=planned.model_name,
             train_url=dataset.split_url(cfg.data.train_split),
             val_url=dataset.split_url(cfg.data.val_split) if cfg.data.val_split in dataset.manifest["splits"] else None,
             test_url=dataset.split_url(cfg.data.test_split), steps_per_epoch=steps, start_epoch=start_epoch,
@@ -206,7 +214,7 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
                 plots.training_curves(history, os.path.join(tmp, "training_curves.png"))
                 plots.confusion_matrix(np.array(outcome["confusion"]), dataset.labels, os.path.join(tmp, "confusion_matrix.png"))
                 mlflow.log_artifacts(tmp, "plots")
-            model_version = _log_model(cfg, dataset, outcome["weights"])
+            model_version = _log_model(cfg, dataset, planned.model_name, outcome["weights"])
             if model_version is not None:
                 from training.registry import promote
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from deepspark.schemas.images import ImageSpec
+from deepspark.modality import ModalityRecord
 from training.config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -60,8 +60,8 @@ class RankTask:
     """Everything a rank needs; called once per rank by horovod.spark.run."""
 
     cfg: TrainConfig
-    spec: ImageSpec
-    num_classes: int
+    record: ModalityRecord
+    model_name: str
     train_url: str
     val_url: str | None
     test_url: str
@@ -87,9 +87,9 @@ class RankTask:
         tf.keras.utils.set_random_seed(cfg.seed)
 
         from training.data import ShardSpec, StallMeter, strided_rows, training_batches
-        from training.models import build_model
 
-        model = build_model(cfg.model.name, self.spec.shape, self.num_classes)
+        spec = self.record.spec
+        model = self.record.plugin.build_model(self.model_name, spec, self.num_classes, self.record.state)
         from training.schedules import WarmupThenDecay
 
         schedule = WarmupThenDecay(cfg.optimizer.learning_rate * size, cfg.optimizer.warmup_epochs * self.steps_per_epoch,
@@ -102,8 +102,9 @@ class RankTask:
             model.optimizer.build(model.trainable_variables)
             restore_checkpoint(self.checkpoint, model, model.optimizer)
         pool = (cfg.loader.pool_type, cfg.loader.workers)
-        shard = ShardSpec(self.train_url, self.spec, rank, size, *pool)
-        val = strided_rows(ShardSpec(self.val_url, self.spec, rank, size, *pool), cfg.max_eval_rows) if self.val_url else None
+        shard = ShardSpec(self.train_url, spec, self.record.modality, rank, size, *pool)
+        val = strided_rows(ShardSpec(self.val_url, spec, self.record.modality, rank, size, *pool),
+                           cfg.max_eval_rows) if self.val_url else None
         batch = cfg.optimizer.batch_size
         meter = StallMeter()
 
@@ -114,7 +115,7 @@ class RankTask:
                                             self.steps_per_epoch, cfg.loader.queue_batches, meter)
 
         dataset = tf.data.Dataset.from_generator(all_epochs, output_signature=(
-            tf.TensorSpec((batch, *self.spec.shape), tf.uint8), tf.TensorSpec((batch,), tf.int32)))
+            tf.TensorSpec((batch, *spec.shape), tf.as_dtype(spec.dtype)), tf.TensorSpec((batch,), tf.int32)))
         task, client = self, (self._mlflow_client() if rank == 0 else None)
 
         class EpochEnd(tf.keras.callbacks.Callback):
@@ -147,7 +148,7 @@ class RankTask:
                                             hvd.callbacks.MetricAverageCallback(), EpochEnd()])
 
         test_metrics, confusion = self._evaluate(model, *strided_rows(
-            ShardSpec(self.test_url, self.spec, rank, size, *pool), cfg.max_eval_rows), prefix="test_")
+            ShardSpec(self.test_url, spec, self.record.modality, rank, size, *pool), cfg.max_eval_rows), prefix="test_")
         if rank != 0:
             return None
         return {"weights": model.get_weights(), "test": test_metrics, "confusion": confusion.tolist()}
@@ -164,6 +165,10 @@ class RankTask:
         visible = next((g for g in gpus if g.name.endswith(f":{index}")), gpus[index % len(gpus)])
         tf.config.experimental.set_memory_growth(visible, True)
         tf.config.set_visible_devices(visible, "GPU")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.record.labels)
 
     def _evaluate(self, model: Any, x: np.ndarray, y: np.ndarray, prefix: str) -> tuple[dict[str, float], np.ndarray]:
         """Exact metrics over all ranks' disjoint shares: sums are allreduced, not averages of averages."""

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from deepspark.config import FrozenModel
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Real class names; "/" cannot be in a folder name, so T-shirt/top is stored as T-shirt_top.
@@ -71,14 +70,3 @@ def write_raw_folder(out: Path, source: Path = DEBIAN_DIR, limit: int | None = N
         shutil.rmtree(out)
     os.replace(tmp, out)
     return counts
-
-
-class DemoDataConfig(FrozenModel):
-    source: str = str(DEBIAN_DIR)
-    out: str = "data/raw/fashion-mnist"
-    limit: int | None = None  # images per split; None = all 70,000
-
-
-def run_job(cfg: "DemoDataConfig") -> str:
-    counts = write_raw_folder(Path(cfg.out), Path(cfg.source), cfg.limit)
-    return f"raw Fashion-MNIST PNGs at {cfg.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items())

@@ -6,20 +6,19 @@ multiprocessing limit all call these same functions, so tests need no Spark.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 import numpy as np
 
+from deepspark.modality import EMPTY, NO_LABEL, UNREADABLE, BadInput, or_reason
+
 ResizeMode = Literal["pad", "crop", "stretch"]
 
-# Quarantine reasons; each bad file gets exactly one.
-EMPTY = "empty_file"
+# Quarantine reasons; each bad file gets exactly one (EMPTY, UNREADABLE, NO_LABEL are shared).
 NOT_AN_IMAGE = "not_an_image"
 TRUNCATED = "truncated"
-UNREADABLE = "unreadable"
 UNSUPPORTED_MODE = "unsupported_mode"
 TOO_MANY_PIXELS = "too_many_pixels"
 TOO_SMALL = "too_small"
@@ -40,13 +39,8 @@ SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I"}
 SUPPORTED_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", *SIXTEEN_BIT_MODES}
 
 
-class BadImage(Exception):
+class BadImage(BadInput):
     """A file that cannot become a training row; `reason` is one of REASONS."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -59,6 +53,7 @@ class ImageRules:
     resize_mode: ResizeMode = "pad"
     max_pixels: int = 40_000_000
     min_side: int = 8
+    encoding: Literal["raw", "png"] = "raw"  # how the tensor is stored (raw: see benchmarks/README.md)
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -69,10 +64,6 @@ def sniff_format(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
     return None
-
-
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _to_array(img: "object", fmt: str, channels: int) -> np.ndarray:
@@ -151,25 +142,5 @@ def decode_image(data: bytes, rules: ImageRules) -> np.ndarray:
 
 
 def decode_or_reason(data: bytes, rules: ImageRules) -> tuple[np.ndarray | None, tuple[str, str] | None]:
-    """`decode_image` that never raises: (pixels, None) or (None, (reason, detail)). One bad file,
-    or a decoder bug, must become a quarantine row, never a failed job (ETL and inference alike)."""
-    try:
-        return decode_image(data, rules), None
-    except BadImage as bad:
-        return None, (bad.reason, bad.detail)
-    except Exception as exc:
-        return None, (UNREADABLE, f"{type(exc).__name__}: {exc}")
-
-
-def assign_split(relative_path: str, seed: int, fractions: Mapping[str, float]) -> str:
-    """Deterministic split from a seeded hash of the path relative to the input root:
-    the same file lands in the same split on every run and every machine."""
-    digest = hashlib.sha256(f"{seed}:{relative_path}".encode()).digest()
-    point = int.from_bytes(digest[:8], "big") / 2**64
-    cumulative = 0.0
-    names = list(fractions)
-    for name in names:
-        cumulative += fractions[name]
-        if point < cumulative:
-            return name
-    return names[-1]
+    """`decode_image` that never raises on bad data (ETL and inference alike)."""
+    return or_reason(lambda payload: decode_image(payload, rules), data)

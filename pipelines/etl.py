@@ -1,0 +1,353 @@
+"""The ETL on Spark, one driver for every modality: raw inputs -> a versioned Petastorm dataset
+plus a quarantine table.
+
+Raw inputs (files or text records, `pipelines.inputs`) get a split and a label on the driver's
+terms (`pipelines.layout.RowLabeller`); the modality fits its state on the train split (a text
+vocabulary, by a Spark job; nothing for images and audio); a pandas function preprocesses every
+input into the modality's stored tensor or a quarantine reason in bounded Arrow batches; every
+split becomes a Petastorm dataset under a staging folder that is published as
+`<root>/<name>/v=<n>/` by one rename. Inputs in = rows written + rows quarantined is checked
+against what landed on disk before publishing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from deepspark.config import ConfigError, config_to_yaml
+from deepspark.datasets import MANIFEST
+from deepspark.modality import (LABEL, LABEL_NAME, PATH, QUARANTINE_COLUMNS, Modality, ModalityRecord, TensorSpec,
+                                content_hash, get_modality, rules_to_dict, unischema)
+from deepspark.storage import HadoopFS, VersionedLocation, join, to_url
+from pipelines import layout
+from pipelines.config import EtlConfig
+from pipelines.inputs import RawInputs, RecordColumns, input_kind, open_inputs
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from pyspark import Broadcast
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+DATA_DIR = "data"
+QUARANTINE_DIR = "quarantine"
+SPLIT = "split"
+
+
+def processed_ddl(spec: TensorSpec) -> str:
+    return f"{spec.row_ddl()}, {SPLIT} string, size long, reason string, detail string"
+
+
+@dataclass(frozen=True)
+class EtlResult:
+    """What one ETL run produced; `manifest` is what was written beside the data."""
+
+    version: int
+    url: str
+    inputs_in: int
+    rows_written: int
+    quarantined: int
+    seconds: float
+    manifest: dict = field(repr=False)
+
+    @property
+    def inputs_per_second(self) -> float:
+        return self.inputs_in / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        reasons = self.manifest["totals"]["quarantine_by_reason"]
+        kind = self.manifest["modality"]
+        lines = [
+            f"{kind} dataset {self.manifest['dataset']} v={self.version} (id {self.manifest['dataset_id']}) at {self.url}",
+            f"inputs in {self.inputs_in} = rows written {self.rows_written} + quarantined {self.quarantined}"
+            + (f" {reasons}" if reasons else ""),
+            "per split: " + ", ".join(f"{s}={sum(c.values())}" for s, c in self.manifest["counts"].items()),
+            f"stored tensor: {self.manifest['spec']['column']} {self.manifest['spec']['dtype']} "
+            f"{tuple(self.manifest['spec']['shape'])}" + _state_line(self.manifest["state"]),
+            f"{self.seconds:.1f} s, {self.inputs_per_second:,.0f} inputs/s",
+        ]
+        return "\n".join(lines)
+
+
+def _state_line(state: dict) -> str:
+    return f", vocabulary of {len(state['vocabulary'])} tokens fitted on train" if "vocabulary" in state else ""
+
+
+def make_processor(modality: Modality, rules: Any, state: dict, spec: TensorSpec,
+                   labeller: "Broadcast[layout.RowLabeller]") -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
+    """Build, on the driver, the picklable pandas function the executors run: label and split,
+    then the modality's preprocessing, one row out per input in."""
+    columns = [c.split()[0] for c in processed_ddl(spec).split(", ")]
+
+    def process(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
+        import pandas as pd
+
+        preprocess = modality.preprocessor(rules, state)  # once per task (e.g. a token index)
+        label_of = labeller.value
+        index = {name: i for i, name in enumerate(label_of.labels)}
+        for batch in batches:
+            out: dict[str, list] = {c: [] for c in columns}
+            for path, size, payload, given_label, given_split, malformed in zip(
+                    batch["path"], batch["size"], batch["payload"], batch["label_name"], batch["split"],
+                    batch["malformed"]):
+                digest = content_hash(payload) if payload is not None else None
+                split, label_name, failure = label_of(path, digest or path, given_label, given_split)
+                stored = label = None
+                if malformed is not None:
+                    failure = (malformed, "Spark's reader could not parse this record")
+                elif failure is None:
+                    tensor, failure = preprocess(payload)
+                    if tensor is not None:
+                        stored, label = modality.encode(tensor, spec), index[label_name]
+                reason, detail = failure if failure else (None, None)
+                for column, value in zip(columns, (stored, label, label_name, path, digest, split, size, reason, detail)):
+                    out[column].append(value)
+            frame = pd.DataFrame(out, columns=columns)
+            frame[LABEL] = frame[LABEL].astype("Int32")
+            frame["size"] = frame["size"].astype("int64")
+            yield frame
+
+    return process
+
+
+def _check_inputs(cfg: EtlConfig, fs: HadoopFS, modality: Modality) -> tuple[str, str, bool, float]:
+    """Driver-side checks before any task: the input exists, its kind and layout are understood."""
+    root = fs.qualify(to_url(cfg.input.path))
+    if not fs.exists(root):
+        raise ConfigError(f"input.path: {cfg.input.path!r} does not exist ({root})")
+    kind = input_kind(fs, root, cfg.input.format, "records" in modality.input_kinds)
+    if kind == "files" and not fs.is_dir(root):
+        raise ConfigError(f"input.path: {cfg.input.path!r} is not a folder ({root})")
+    if cfg.input.labels_csv and not fs.exists(to_url(cfg.input.labels_csv)):
+        raise ConfigError(f"input.labels_csv: {cfg.input.labels_csv!r} does not exist")
+    top = fs.list_dir_names(root) if kind == "files" else []
+    if cfg.input.split_mode == "folders" and not set(top) & set(layout.SPLITS):
+        raise ConfigError(f"input.split_mode=folders but {root} has no {'/'.join(layout.SPLITS)} folders (has {top})")
+    from_folders = cfg.input.split_mode == "folders" or (
+        cfg.input.split_mode == "auto" and bool(set(top) & set(layout.SPLITS))
+    )
+    carve = cfg.input.val_from_train if from_folders and "val" not in top else 0.0
+    return root, kind, from_folders, carve
+
+
+def _layout(spark: "SparkSession", cfg: EtlConfig, root: str, from_folders: bool) -> layout.Layout:
+    csv_labels = None
+    if cfg.input.labels_csv:
+        labels = spark.read.option("header", "true").csv(to_url(cfg.input.labels_csv))
+        missing = {"path", "label"} - set(labels.columns)
+        if missing:
+            raise ConfigError(f"input.labels_csv: {cfg.input.labels_csv!r} lacks columns {sorted(missing)}")
+        csv_labels = {row["path"]: row["label"] for row in labels.select("path", "label").collect()}
+    return layout.Layout(root, from_folders, csv_labels)
+
+
+def _label_vocabulary(cfg: EtlConfig, inputs: RawInputs, layout_: layout.Layout | None) -> list[str]:
+    """Label names: fixed by config, else every name the layout or the label column holds."""
+    if cfg.input.labels:
+        return list(cfg.input.labels)
+    if layout_ is not None:
+        found = layout_.vocabulary(path for path, _ in inputs.listing)
+    else:
+        from pyspark.sql import functions as F
+
+        found = sorted(r[0] for r in inputs.frame.select(LABEL_NAME).where(F.col(LABEL_NAME).isNotNull())
+                       .distinct().collect())
+    if not found:
+        raise ConfigError(f"input.path: no labelled {cfg.modality} inputs under {cfg.input.path!r}")
+    return found
+
+
+def _fit(spark: "SparkSession", modality: Modality, rules: Any, inputs: RawInputs,
+         labeller: "Broadcast[layout.RowLabeller]") -> dict:
+    """The modality's state, fitted on the train split only (valid labels, parseable records)."""
+    if type(modality).fit is Modality.fit:
+        return {}
+
+    def train_payloads(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
+        import pandas as pd
+
+        label_of = labeller.value
+        for batch in batches:
+            keep = []
+            for path, payload, given_label, given_split, malformed in zip(
+                    batch["path"], batch["payload"], batch["label_name"], batch["split"], batch["malformed"]):
+                if malformed is None and payload is not None:
+                    split, _, failure = label_of(path, content_hash(payload), given_label, given_split)
+                    if split == "train" and failure is None:
+                        keep.append(payload)
+            yield pd.DataFrame({"payload": keep})
+
+    payload_type = "binary" if inputs.kind == "files" else "string"
+    return modality.fit(spark, inputs.frame.mapInPandas(train_payloads, f"payload {payload_type}"), rules)
+
+
+def _group_stats(processed: "DataFrame") -> list[dict]:
+    """Counts and an order-independent content digest per (split, label, reason)."""
+    from pyspark.sql import functions as F
+
+    key = F.sha2(F.concat_ws("|", F.col(SPLIT), F.col(LABEL_NAME), F.col("content_hash")), 256)
+    part = lambda a, b: F.conv(F.substring(key, a, b), 16, 10).cast("decimal(38,0)")  # noqa: E731
+    rows = (
+        processed.groupBy(SPLIT, LABEL_NAME, "reason")
+        .agg(F.count("*").alias("n"), F.sum(part(1, 15)).alias("h1"), F.sum(part(16, 15)).alias("h2"))
+        .collect()
+    )
+    return [row.asDict() for row in rows]
+
+
+def _build_manifest(cfg: EtlConfig, record: ModalityRecord, stats: list[dict], inputs_in: int, version: int,
+                    source: str) -> dict:
+    good = sorted((r for r in stats if r["reason"] is None), key=lambda r: (r[SPLIT], r[LABEL_NAME]))
+    counts: dict[str, dict[str, int]] = {}
+    for r in good:
+        counts.setdefault(r[SPLIT], {})[r[LABEL_NAME]] = int(r["n"])
+    by_reason: dict[str, int] = {}
+    for r in stats:
+        if r["reason"] is not None:
+            by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + int(r["n"])
+    digest_input = json.dumps(
+        {"modality": record.modality, "spec": record.spec.to_dict(), "state": record.state, "labels": record.labels,
+         "groups": [[r[SPLIT], r[LABEL_NAME], int(r["n"]), str(r["h1"]), str(r["h2"])] for r in good]},
+        sort_keys=True,
+    )
+    return {
+        "dataset": cfg.output.name,
+        "version": version,
+        "dataset_id": hashlib.sha256(digest_input.encode()).hexdigest()[:16],
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        **record.to_dict(),
+        "splits": {s: f"{DATA_DIR}/{s}" for s in sorted(counts)},
+        "counts": counts,
+        "totals": {
+            "inputs_in": inputs_in,
+            "rows_written": sum(int(r["n"]) for r in good),
+            "quarantined": sum(by_reason.values()),
+            "quarantine_by_reason": dict(sorted(by_reason.items())),
+        },
+        "schema": {"columns": record.spec.row_ddl(),
+                   "petastorm_unischema": unischema(record.spec, record.modality)._name},
+        "row_group_size_mb": cfg.output.row_group_size_mb,
+        "quarantine": QUARANTINE_DIR,
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def _write_split(spark: "SparkSession", rows: "DataFrame", url: str, record: ModalityRecord, n_rows: int,
+                 cfg: EtlConfig, seed: int) -> None:
+    """One split as a Petastorm dataset, rows in a seeded hash order so row groups mix classes."""
+    from petastorm.etl.dataset_metadata import materialize_dataset
+    from pyspark.sql import functions as F
+
+    spec = record.spec
+    n_files = max(1, -(-n_rows * spec.row_bytes // (cfg.output.file_size_mb * 1024 * 1024)))
+    order = F.sha2(F.concat_ws("|", F.lit(str(seed)), F.col(PATH)), 256)
+    ordered = rows.select(*spec.data_columns).repartitionByRange(n_files, order).sortWithinPartitions(order)
+    with materialize_dataset(spark, url, unischema(spec, record.modality)):  # restores the Hadoop conf on exit
+        block_bytes = max(1024, int(cfg.output.row_group_size_mb * 1024 * 1024))
+        spark.sparkContext._jsc.hadoopConfiguration().setInt("parquet.block.size", block_bytes)
+        ordered.write.mode("error").parquet(url)
+
+
+def _write_manifest(fs: HadoopFS, staging: str, manifest: dict, cfg: EtlConfig) -> None:
+    fs.write_text(join(staging, MANIFEST), json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    fs.write_text(join(staging, CONFIG_FILE), config_to_yaml(cfg))
+
+
+def run_etl(spark: "SparkSession", cfg: EtlConfig) -> EtlResult:
+    """Run the whole ETL and publish a new dataset version; raises before publishing on any mismatch."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    started = time.perf_counter()
+    fs = HadoopFS(spark)
+    modality = get_modality(cfg.modality)
+    rules = cfg.rules()
+    root, kind, from_folders, val_from_train = _check_inputs(cfg, fs, modality)
+    location = VersionedLocation(fs, fs.qualify(to_url(cfg.output.root)), cfg.output.name)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
+
+    inputs = open_inputs(spark, fs, cfg.input.path, "input.path", kind, cfg.input.glob or modality.default_glob,
+                         cfg.files_per_task,
+                         RecordColumns(cfg.input.text_column, cfg.input.label_column, cfg.input.split_column))
+    layout_ = _layout(spark, cfg, root, from_folders) if kind == "files" else None
+    labels = _label_vocabulary(cfg, inputs, layout_)
+    labeller = spark.sparkContext.broadcast(layout.RowLabeller(
+        tuple(labels), cfg.input.seed, dict(cfg.input.split_fractions), val_from_train, layout_))
+    log.info("%s inputs (%s), %d labels in %.1f s", cfg.modality, kind, len(labels), time.perf_counter() - started)
+    state = _fit(spark, modality, rules, inputs, labeller)
+    record = ModalityRecord(cfg.modality, modality.spec(rules, state), rules_to_dict(rules), state, tuple(labels))
+    processor = make_processor(modality, rules, state, record.spec, labeller)
+    processed = inputs.frame.mapInPandas(processor, processed_ddl(record.spec)).persist(StorageLevel.MEMORY_AND_DISK)
+    removed = location.clean_staging(cfg.output.stale_staging_hours * 3600)
+    if removed:
+        log.info("removed %d staging folder(s) left by killed runs: %s", len(removed), removed)
+    staging = location.new_staging()
+    try:
+        stats = _group_stats(processed)
+        inputs_in = sum(int(r["n"]) for r in stats)
+        if kind == "files" and inputs_in != len(inputs.listing):
+            raise RuntimeError(f"ETL does not reconcile: {len(inputs.listing)} files listed, {inputs_in} read")
+        log.info("preprocessed and validated in %.1f s", time.perf_counter() - started)
+        version = (location.versions() or [0])[-1] + 1
+        manifest = _build_manifest(cfg, record, stats, inputs_in, version, root)
+        good = processed.where(F.col("reason").isNull())
+        for split, per_class in manifest["counts"].items():
+            _write_split(spark, good.where(F.col(SPLIT) == split), join(staging, DATA_DIR, split), record,
+                         sum(per_class.values()), cfg, cfg.input.seed)
+        (processed.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS)
+         .coalesce(1).write.mode("error").parquet(join(staging, QUARANTINE_DIR)))
+        log.info("wrote splits and quarantine in %.1f s", time.perf_counter() - started)
+        _reconcile(spark, staging, manifest)
+        _write_manifest(fs, staging, manifest, cfg)
+        published_version, url = location.publish(staging)
+        if published_version != version:
+            raise RuntimeError(f"version race: expected v={version}, published v={published_version}")
+    except BaseException:
+        fs.delete(staging)
+        raise
+    finally:
+        processed.unpersist()
+    return EtlResult(version, url, inputs_in, manifest["totals"]["rows_written"],
+                     manifest["totals"]["quarantined"], time.perf_counter() - started, manifest)
+
+
+def _reconcile(spark: "SparkSession", staging: str, manifest: dict) -> None:
+    """Count what actually landed on disk; inputs in must equal rows written + rows quarantined."""
+    totals = manifest["totals"]
+    written = {s: spark.read.parquet(join(staging, rel)).count() for s, rel in manifest["splits"].items()}
+    quarantined = spark.read.parquet(join(staging, QUARANTINE_DIR)).count()
+    expected = {s: sum(c.values()) for s, c in manifest["counts"].items()}
+    if written != expected or quarantined != totals["quarantined"] or \
+            totals["inputs_in"] != sum(written.values()) + quarantined:
+        raise RuntimeError(
+            f"ETL does not reconcile: inputs in {totals['inputs_in']}, written {written} (expected {expected}), "
+            f"quarantined {quarantined} (expected {totals['quarantined']}); nothing was published"
+        )
+
+
+def run_job(spark: "SparkSession", cfg: EtlConfig) -> EtlResult:
+    """The job: one MLflow run around the ETL, with counts, throughput and the manifest logged."""
+    from deepspark.tracking import job_run
+
+    with job_run(cfg.tracking, f"etl-{cfg.modality}:{cfg.output.name}", cfg,
+                 tags={"deepspark.job": "etl", "deepspark.modality": cfg.modality}) as run:
+        result = run_etl(spark, cfg)
+        if run is not None:
+            import mlflow
+
+            mlflow.log_metrics({"inputs_in": result.inputs_in, "rows_written": result.rows_written,
+                                "quarantined": result.quarantined, "seconds": result.seconds,
+                                "inputs_per_second": result.inputs_per_second})
+            mlflow.set_tags({"dataset.name": cfg.output.name, "dataset.version": str(result.version),
+                             "dataset.id": result.manifest["dataset_id"], "dataset.url": result.url})
+            mlflow.log_dict(result.manifest, "dataset/manifest.json")
+    return result

@@ -1,0 +1,66 @@
+"""The image plug-in: files of any common format -> a (height, width, channels) uint8 tensor,
+stored raw (default) or as PNG; models normalise pixels inside the graph."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from deepspark.modality import Modality, Preprocess, TensorSpec
+from pipelines.images import transforms
+
+COLUMN = "image"
+GLOB = "*.{png,PNG,jpg,JPG,jpeg,JPEG,bmp,BMP,gif,GIF,tif,TIF,tiff,TIFF,webp,WEBP}"
+
+
+class ImageModality(Modality):
+    name = "image"
+    rules_type = transforms.ImageRules
+    default_glob = GLOB
+    reasons = transforms.REASONS
+    default_model = "convnet"
+
+    def spec(self, rules: transforms.ImageRules, state: Mapping[str, Any]) -> TensorSpec:
+        return TensorSpec(COLUMN, (rules.height, rules.width, rules.channels), "uint8", rules.encoding)
+
+    def preprocessor(self, rules: transforms.ImageRules, state: Mapping[str, Any]) -> Preprocess:
+        return lambda payload: transforms.decode_or_reason(payload, rules)
+
+    def encode(self, tensor: np.ndarray, spec: TensorSpec) -> bytes:
+        if spec.encoding == "raw":
+            return super().encode(tensor, spec)
+        import cv2
+
+        if tensor.shape != spec.shape or tensor.dtype != np.uint8:
+            raise ValueError(f"expected uint8 {spec.shape}, got {tensor.dtype} {tensor.shape}")
+        ok, buf = cv2.imencode(".png", tensor if spec.shape[2] == 1 else tensor[:, :, ::-1])
+        if not ok:
+            raise ValueError("PNG encoding failed")
+        return buf.tobytes()
+
+    def decode(self, values: Sequence[bytes], spec: TensorSpec) -> np.ndarray:
+        if spec.encoding == "raw":
+            return super().decode(values, spec)
+        import cv2
+
+        out = np.empty((len(values), *spec.shape), dtype=np.uint8)
+        gray = spec.shape[2] == 1
+        for i, value in enumerate(values):
+            img = cv2.imdecode(np.frombuffer(value, dtype=np.uint8), cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
+            out[i] = img.reshape(spec.shape) if gray else img[:, :, ::-1]
+        return out
+
+    @property
+    def models(self) -> Mapping[str, str]:
+        from pipelines.images.models import CATALOGUE
+
+        return CATALOGUE
+
+    def build_model(self, name: str, spec: TensorSpec, num_classes: int, state: Mapping[str, Any]) -> Any:
+        from pipelines.images.models import build_model
+
+        return build_model(name, spec.shape, num_classes)  # type: ignore[arg-type]
+
+
+IMAGE = ImageModality()

@@ -1,0 +1,159 @@
+"""Raw inputs of any modality as one Spark DataFrame, for the ETL and for batch inference alike.
+
+Two kinds of input:
+- files (images, audio, one-document-per-file text): the driver lists every matching file
+  itself (Spark's file index silently skips 0-byte files) and Spark's `binaryFile` source reads
+  the bytes; labels and splits come from the folder layout (`pipelines.layout`).
+- records (text): CSV or JSON Lines files (one file or a folder of them, optionally bz2/gzip
+  compressed) read by Spark's own readers; the text, label and optional split come from columns.
+
+Either way every input becomes one row `path, size, payload, label_name, split, malformed` (the
+last three null for files), so "inputs in = rows written + rows quarantined" holds for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from deepspark.config import ConfigError
+from deepspark.modality import InputKind
+from deepspark.storage import HadoopFS, to_url
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+RECORD_GLOB = "*.{csv,CSV,jsonl,JSONL,ndjson,json,JSON}{,.bz2,.gz}"
+FILES_DDL = "path string, size long, payload binary, label_name string, split string, malformed string"
+MALFORMED = "malformed_record"  # quarantine reason of a record line Spark's reader cannot parse
+
+
+@dataclass(frozen=True)
+class RawInputs:
+    """Every input as a row, and how many there are (known before any task for files)."""
+
+    frame: "DataFrame"
+    kind: InputKind
+    root: str  # the qualified input root (a folder, or the single record file)
+    listing: tuple[tuple[str, int], ...]  # (path, size) of every input file
+    has_labels: bool = True  # records without a label column (batch inference) have none
+    has_splits: bool = False  # records with a split column
+
+    @property
+    def record_format(self) -> str | None:
+        return None if self.kind == "files" else record_format(self.listing[0][0])
+
+
+def record_format(path: str) -> str:
+    name = path.lower().removesuffix(".bz2").removesuffix(".gz")
+    return "csv" if name.endswith(".csv") else "jsonl"
+
+
+def input_kind(fs: HadoopFS, root: str, fmt: str, accepts_records: bool) -> InputKind:
+    """`input.format` resolved: records for CSV/JSONL (a file or a folder holding such files)."""
+    if fmt in ("csv", "jsonl"):
+        return "records"
+    if fmt == "files" or not accepts_records:
+        return "files"
+    if not fs.is_dir(root):
+        return "records"
+    return "records" if fs.list_files(root, RECORD_GLOB) else "files"
+
+
+def read_files(spark: "SparkSession", root: str, glob: str, files_per_task: int) -> "DataFrame":
+    """(path, length, content) of every matching file below `root`, about `files_per_task`
+    small files per task (Spark's default open cost would make one task per ~32 files)."""
+    max_bytes = 128 * 1024 * 1024
+    spark.conf.set("spark.sql.files.maxPartitionBytes", str(max_bytes))
+    spark.conf.set("spark.sql.files.openCostInBytes", str(max(1, max_bytes // files_per_task)))
+    return (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .option("pathGlobFilter", glob)
+        .load(root)
+        .select("path", "length", "content")
+    )
+
+
+def open_inputs(spark: "SparkSession", fs: HadoopFS, path: str, key: str, kind: InputKind, glob: str,
+                files_per_task: int, columns: "RecordColumns | None" = None) -> RawInputs:
+    """Check `path` on the driver (errors name `key`), then the rows of every input under it."""
+    root = fs.qualify(to_url(path))
+    if not fs.exists(root):
+        raise ConfigError(f"{key}: {path!r} does not exist ({root})")
+    if kind == "files":
+        if not fs.is_dir(root):
+            raise ConfigError(f"{key}: {path!r} is not a folder ({root})")
+        return _files(spark, fs, root, glob, files_per_task)
+    return _records(spark, fs, root, key, columns or RecordColumns())
+
+
+def _files(spark: "SparkSession", fs: HadoopFS, root: str, glob: str, files_per_task: int) -> RawInputs:
+    from pyspark.sql import functions as F
+
+    listing = tuple(fs.list_files(root, glob))
+    files = read_files(spark, root, glob, files_per_task).select(
+        "path", F.col("length").alias("size"), F.col("content").alias("payload"),
+        *(F.lit(None).cast("string").alias(c) for c in ("label_name", "split", "malformed")))
+    empty = [(path, 0, bytearray(), None, None, None) for path, size in listing if size == 0]
+    if empty:  # Spark's file index skips 0-byte files; they must still come out as quarantine rows
+        files = files.unionByName(spark.createDataFrame(empty, FILES_DDL))
+    return RawInputs(files, "files", root, listing)
+
+
+@dataclass(frozen=True)
+class RecordColumns:
+    text: str = "text"
+    label: str | None = "label"
+    split: str | None = None
+    label_required: bool = True  # inference scores records without a label column too
+    text_key: str = "input.text_column"
+    label_key: str = "input.label_column"
+    split_key: str = "input.split_column"
+
+
+def _records(spark: "SparkSession", fs: HadoopFS, root: str, key: str, columns: RecordColumns) -> RawInputs:
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    if fs.is_dir(root):
+        listing = tuple(fs.list_files(root, RECORD_GLOB))
+        if not listing:
+            raise ConfigError(f"{key}: no CSV or JSON Lines files under {root} (looked for {RECORD_GLOB})")
+    else:
+        listing = ((root, 0),)
+    formats = {record_format(p) for p, _ in listing}
+    if len(formats) > 1:
+        raise ConfigError(f"{key}: {root} mixes CSV and JSON Lines files; point it at one kind")
+    paths = [p for p, _ in listing]
+    if formats == {"csv"}:
+        raw = (spark.read.option("header", "true").option("multiLine", "true").option("escape", '"')
+               .option("mode", "PERMISSIVE").csv(paths))
+    else:
+        raw = spark.read.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", "_corrupt_record").json(paths)
+    label = columns.label
+    for config_key, column, required in ((columns.text_key, columns.text, True),
+                                         (columns.label_key, columns.label, columns.label_required),
+                                         (columns.split_key, columns.split, True)):
+        if column is not None and column not in raw.columns:
+            if not required:  # inference: records without labels are scored, not checked
+                label = None
+                continue
+            raise ConfigError(f"{config_key}: column {column!r} is not in {root} (columns: {sorted(raw.columns)})")
+    null = F.lit(None).cast("string")
+    malformed = (F.when(F.col("_corrupt_record").isNotNull(), F.lit(MALFORMED)).otherwise(null)
+                 if "_corrupt_record" in raw.columns else null)  # an unparseable JSON line
+    file = F.input_file_name()
+    # Position within its file: Spark reads a file's splits in offset order, so the monotonic id
+    # orders rows as they stand in the file; the path `<file>#<row>` names a record stably.
+    row = F.row_number().over(Window.partitionBy("_file").orderBy("_order")) - 1
+    frame = (raw.select(F.col(columns.text).cast("string").alias("payload"),
+                        (F.col(label).cast("string") if label else null).alias("label_name"),
+                        (F.col(columns.split).cast("string") if columns.split else null).alias("split"),
+                        malformed.alias("malformed"),
+                        file.alias("_file"), F.monotonically_increasing_id().alias("_order"))
+             .withColumn("path", F.concat(F.col("_file"), F.lit("#"), row.cast("string")))
+             .select("path", F.coalesce(F.octet_length("payload"), F.lit(0)).cast("long").alias("size"),
+                     "payload", "label_name", "split", "malformed"))
+    return RawInputs(frame, "records", root, listing, has_labels=label is not None,
+                     has_splits=columns.split is not None)
