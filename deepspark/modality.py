@@ -217,8 +217,9 @@ class Modality(ABC):
         """Model name -> one-line description; `build_model` builds any of them."""
 
     @abstractmethod
-    def build_model(self, name: str, spec: TensorSpec, num_classes: int, state: Mapping[str, Any]) -> Any:
-        """A fresh, uncompiled Keras model that takes the stored tensor as it is."""
+    def build_model(self, name: str, record: "ModalityRecord") -> Any:
+        """A fresh, uncompiled Keras model that takes the stored tensor as it is and outputs
+        probabilities over `record.labels`."""
 
     def custom_objects(self) -> dict[str, Any]:
         """Keras layers the saved model needs to load."""

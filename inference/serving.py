@@ -116,7 +116,9 @@ def log_classifier(keras_model: Any, record: ModalityRecord, registered_name: st
         json.dump(record.to_dict(), fh)
     column = input_column(record.modality)
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string" if column == "text" else "binary", column)]),
+        # One unnamed column: a plain list of strings (or of file bytes) is a valid input, and so
+        # is a one-column DataFrame whatever its column is called.
+        inputs=Schema([ColSpec("string" if column == "text" else "binary")]),
         outputs=Schema([ColSpec("string", "predicted_label"), ColSpec("double", "probability"),
                         ColSpec("string", "reason", required=False)]),
     )

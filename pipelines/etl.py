@@ -183,7 +183,7 @@ def _fit(spark: "SparkSession", modality: Modality, rules: Any, inputs: RawInput
                     split, _, failure = label_of(path, content_hash(payload), given_label, given_split)
                     if split == "train" and failure is None:
                         keep.append(payload)
-            yield pd.DataFrame({"payload": keep})
+            yield pd.DataFrame({"payload": pd.Series(keep, dtype=object)})
 
     payload_type = "binary" if inputs.kind == "files" else "string"
     return modality.fit(spark, inputs.frame.mapInPandas(train_payloads, f"payload {payload_type}"), rules)
@@ -253,7 +253,11 @@ def _write_split(spark: "SparkSession", rows: "DataFrame", url: str, record: Mod
     ordered = rows.select(*spec.data_columns).repartitionByRange(n_files, order).sortWithinPartitions(order)
     with materialize_dataset(spark, url, unischema(spec, record.modality)):  # restores the Hadoop conf on exit
         block_bytes = max(1024, int(cfg.output.row_group_size_mb * 1024 * 1024))
-        spark.sparkContext._jsc.hadoopConfiguration().setInt("parquet.block.size", block_bytes)
+        hadoop = spark.sparkContext._jsc.hadoopConfiguration()
+        hadoop.setInt("parquet.block.size", block_bytes)
+        # Parquet checks the size only every 100 rows by default: small rows (token ids) would
+        # never make a small dataset more than one row group per file.
+        hadoop.setInt("parquet.page.size.row.check.min", 10)  # also paces the row-group check
         ordered.write.mode("error").parquet(url)
 
 

@@ -183,3 +183,57 @@ def mlflow_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+# ---- text: synthetic reviews with a learnable signal, in every input shape the ETL reads -------
+
+POSITIVE = ("great", "superb", "moving", "witty", "fine")
+NEGATIVE = ("dull", "awful", "tedious", "flat", "bad")
+FILLER = ("the", "film", "plot", "cast", "story", "a", "is", "and")
+
+
+def review(i: int, label: str) -> str:
+    """A review whose sentiment words give its label away, plus a marker token unique to it."""
+    rng = np.random.default_rng(i)
+    words = list(rng.choice(POSITIVE if label == "fresh" else NEGATIVE, 2)) + list(rng.choice(FILLER, 5))
+    rng.shuffle(words)
+    return " ".join(words) + " " + marker(i)
+
+
+def marker(i: int) -> str:
+    """A token unique to review i, made of letters only (the tokeniser splits digits off)."""
+    return "xq" + "".join("abcdefghij"[int(d)] for d in str(i))
+
+
+@dataclass(frozen=True)
+class TextCorpus:
+    csv: Path  # text,category CSV: good rows plus the bad-record zoo
+    good: dict[str, str]  # text -> label of every row that must be written
+    bad: dict[str, str]  # a snippet of the row -> expected quarantine reason
+    rows: int  # records in the CSV
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> TextCorpus:
+    """120 labelled reviews in a CSV (one multi-line, quoted, with commas) plus bad records."""
+    import csv
+
+    root = tmp_path_factory.mktemp("text")
+    good = {review(i, label): label for i, label in enumerate(["fresh", "rotten"] * 60)}
+    good['"Great", she said,\nthen left: superb ' + marker(999)] = "fresh"
+    bad = {"": "empty_text", "   ": "empty_text", "no label here m500": "no_label",
+           "the plot is a plot m501": "no_label",  # category plot: not in the fixed vocabulary
+           "word " * 100: "too_long"}
+    labels = {"no label here m500": "", "the plot is a plot m501": "plot"}
+    path = root / "reviews.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "category", "movie_name"])
+        for text, label in good.items():
+            writer.writerow([text, label, "Some Movie"])
+        for text in bad:
+            writer.writerow([text, labels.get(text, "fresh"), "Other"])
+    with open(path, "ab") as fh:  # one record that is not UTF-8 (latin-1 bytes)
+        fh.write("caf\xe9 cr\xe8me m502,rotten,X\n".encode("latin-1"))
+    bad["caf"] = "undecodable"
+    return TextCorpus(path, good, bad, len(good) + len(bad))

@@ -71,17 +71,25 @@ def test_per_epoch_metrics_dataset_and_artifacts(trained):
 
 
 def test_registered_model_has_signature_and_predicts(trained, fashion_small):
+    """The registered model takes raw file bytes (its signature says so), carries its modality
+    record, and predicts a label per file; a bad file gets its quarantine reason."""
     import mlflow
-    import numpy as np
+    import pandas as pd
 
     result, _ = trained
     version = client().get_model_version_by_alias("fashion-mnist-classifier", "candidate")
     assert int(version.version) == result.model_version
     model_uri = "models:/fashion-mnist-classifier@champion"
     info = mlflow.models.get_model_info(model_uri)
-    assert info.signature is not None and tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 28, 28, 1)
-    probs = mlflow.pyfunc.load_model(model_uri).predict(np.zeros((3, 28, 28, 1), np.uint8))
-    assert np.asarray(probs).shape == (3, 10)
+    assert info.signature.inputs.to_dict() == [{"type": "binary", "required": True}]
+    model = mlflow.pyfunc.load_model(model_uri)
+    record = model.unwrap_python_model().record
+    assert (record.modality, record.spec.shape, record.spec.dtype) == ("image", (28, 28, 1), "uint8")
+    files = sorted((fashion_small.root.parent / "raw" / "test" / "Bag").iterdir())[:3]
+    out = model.predict(pd.DataFrame({"content": [f.read_bytes() for f in files] + [b""]}))
+    assert list(out.columns) == ["predicted_label", "probability", "reason"]
+    assert set(out["predicted_label"][:3]) <= set(record.labels) and out["reason"][:3].isna().all()
+    assert out["predicted_label"][3] is None and out["reason"][3] == "empty_file"
 
 
 def test_champion_gate_both_ways(trained, spark, fashion_small):

@@ -149,7 +149,7 @@ def _log_model(cfg: TrainConfig, dataset: DatasetRef, model_name: str, weights: 
     from inference.serving import log_classifier
 
     record = dataset.record
-    model = record.plugin.build_model(model_name, record.spec, len(record.labels), record.state)
+    model = record.plugin.build_model(model_name, record)
     model.set_weights(weights)
     with tempfile.TemporaryDirectory() as tmp:
         info = log_classifier(model, record, cfg.registry.model_name if cfg.registry.enabled else None, tmp)

@@ -89,7 +89,7 @@ class RankTask:
         from training.data import ShardSpec, StallMeter, strided_rows, training_batches
 
         spec = self.record.spec
-        model = self.record.plugin.build_model(self.model_name, spec, self.num_classes, self.record.state)
+        model = self.record.plugin.build_model(self.model_name, self.record)
         from training.schedules import WarmupThenDecay
 
         schedule = WarmupThenDecay(cfg.optimizer.learning_rate * size, cfg.optimizer.warmup_epochs * self.steps_per_epoch,

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from deepspark.modality import Modality, Preprocess, TensorSpec
+from deepspark.modality import Modality, ModalityRecord, Preprocess, TensorSpec
 from pipelines.images import transforms
 
 COLUMN = "image"
@@ -57,10 +57,10 @@ class ImageModality(Modality):
 
         return CATALOGUE
 
-    def build_model(self, name: str, spec: TensorSpec, num_classes: int, state: Mapping[str, Any]) -> Any:
+    def build_model(self, name: str, record: ModalityRecord) -> Any:
         from pipelines.images.models import build_model
 
-        return build_model(name, spec.shape, num_classes)  # type: ignore[arg-type]
+        return build_model(name, record.spec.shape, len(record.labels))  # type: ignore[arg-type]
 
 
 IMAGE = ImageModality()

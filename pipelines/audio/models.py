@@ -1,0 +1,60 @@
+"""Audio models over int16 waveforms. The log-mel spectrogram is a layer (`tf.signal`), so the
+registered model takes the stored waveform and nothing outside the graph computes features."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import tensorflow as tf
+
+L = tf.keras.layers
+
+CATALOGUE: dict[str, str] = {
+    "cnn": "log-mel spectrogram (in graph) + 4 conv blocks + global pooling",
+}
+
+
+@tf.keras.utils.register_keras_serializable(package="deepspark")
+class LogMelSpectrogram(L.Layer):
+    """int16 waveform (N, samples) -> log-mel spectrogram (N, frames, mel_bins, 1)."""
+
+    def __init__(self, sample_rate: int = 16_000, frame_length: int = 400, frame_step: int = 160,
+                 fft_length: int = 512, mel_bins: int = 64, fmin: float = 60.0, fmax: float = 7_600.0,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sample_rate, self.frame_length, self.frame_step = int(sample_rate), int(frame_length), int(frame_step)
+        self.fft_length, self.mel_bins, self.fmin, self.fmax = int(fft_length), int(mel_bins), float(fmin), float(fmax)
+        self.mel = tf.signal.linear_to_mel_weight_matrix(self.mel_bins, self.fft_length // 2 + 1, self.sample_rate,
+                                                         self.fmin, min(self.fmax, self.sample_rate / 2))
+
+    def call(self, waveform):  # type: ignore[no-untyped-def]
+        x = tf.cast(waveform, tf.float32) / 32768.0
+        spectrum = tf.abs(tf.signal.stft(x, self.frame_length, self.frame_step, self.fft_length))
+        mel = tf.tensordot(tf.square(spectrum), self.mel, 1)
+        return tf.math.log(mel + 1e-6)[..., None]
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "sample_rate": self.sample_rate, "frame_length": self.frame_length,
+                "frame_step": self.frame_step, "fft_length": self.fft_length, "mel_bins": self.mel_bins,
+                "fmin": self.fmin, "fmax": self.fmax}
+
+
+CUSTOM_OBJECTS = {"LogMelSpectrogram": LogMelSpectrogram}
+
+
+def cnn(samples: int, num_classes: int, sample_rate: int = 16_000) -> tf.keras.Model:
+    waveform = tf.keras.Input(shape=(samples,), dtype="int16", name="waveform")
+    x = LogMelSpectrogram(sample_rate, name="log_mel")(waveform)
+    x = L.BatchNormalization(name="feature_norm")(x)
+    for filters in (32, 64, 96, 128):
+        x = L.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = L.BatchNormalization()(x)
+        x = L.ReLU()(x)
+        x = L.MaxPooling2D(2, padding="same")(x)
+    x = L.Concatenate()([L.GlobalAveragePooling2D()(x), L.GlobalMaxPooling2D()(x)])
+    x = L.Dropout(0.3)(x)
+    outputs = L.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    return tf.keras.Model(waveform, outputs, name="audio_cnn")
+
+
+BUILDERS: dict[str, Callable[..., tf.keras.Model]] = {"cnn": cnn}

@@ -1,0 +1,71 @@
+"""The text plug-in: documents -> (sequence_length,) int32 token ids over a vocabulary that a
+Spark job fits on the train split only. The vocabulary travels in the dataset's manifest and in
+the registered model, so serving tokenises exactly as the ETL did."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+from deepspark.modality import Modality, ModalityRecord, Preprocess, TensorSpec
+from pipelines.text import transforms
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from pyspark.sql import DataFrame, SparkSession
+
+COLUMN = "tokens"
+GLOB = "*.{txt,TXT,text}"
+
+
+class TextModality(Modality):
+    name = "text"
+    rules_type = transforms.TextRules
+    input_kinds = ("files", "records")
+    default_glob = GLOB
+    reasons = transforms.REASONS
+    default_model = "cnn"
+
+    def spec(self, rules: transforms.TextRules, state: Mapping[str, Any]) -> TensorSpec:
+        return TensorSpec(COLUMN, (rules.sequence_length,), "int32")
+
+    def fit(self, spark: "SparkSession", train_payloads: "DataFrame", rules: transforms.TextRules) -> dict[str, Any]:
+        """Word counts over the train split's valid documents; the `vocabulary_size` most frequent
+        tokens seen at least `min_count` times, ties broken alphabetically (deterministic)."""
+        from pyspark.sql import functions as F
+
+        def tokenised(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
+            import pandas as pd
+
+            for batch in batches:
+                found = [t for t, _ in (transforms.tokens_or_reason(p, rules) for p in batch["payload"]) if t]
+                yield pd.DataFrame({"tokens": pd.Series(found, dtype=object)})  # object even when empty
+
+        docs = train_payloads.mapInPandas(tokenised, "tokens array<string>")
+        counts = (docs.select(F.explode("tokens").alias("token")).groupBy("token").count()
+                  .where(F.col("count") >= rules.min_count)
+                  .orderBy(F.desc("count"), F.asc("token")).limit(rules.vocabulary_size).collect())
+        return {"vocabulary": [row["token"] for row in counts], "pad_id": transforms.PAD, "oov_id": transforms.OOV}
+
+    def preprocessor(self, rules: transforms.TextRules, state: Mapping[str, Any]) -> Preprocess:
+        index = transforms.token_index(state["vocabulary"])
+        return lambda payload: transforms.ids_or_reason(payload, rules, index)
+
+    @property
+    def models(self) -> Mapping[str, str]:
+        from pipelines.text.models import CATALOGUE
+
+        return CATALOGUE
+
+    def build_model(self, name: str, record: ModalityRecord) -> Any:
+        from pipelines.text.models import BUILDERS
+
+        vocab_size = len(record.state["vocabulary"]) + transforms.FIRST_ID
+        return BUILDERS[name](record.spec.shape[0], vocab_size, len(record.labels))
+
+    def custom_objects(self) -> dict[str, Any]:
+        from pipelines.text.models import CUSTOM_OBJECTS
+
+        return dict(CUSTOM_OBJECTS)
+
+
+TEXT = TextModality()
