@@ -237,3 +237,45 @@ def text_corpus(tmp_path_factory) -> TextCorpus:
         fh.write("caf\xe9 cr\xe8me m502,rotten,X\n".encode("latin-1"))
     bad["caf"] = "undecodable"
     return TextCorpus(path, good, bad, len(good) + len(bad))
+
+
+# ---- audio: a few spoken digits from espeak-ng plus the bad-file zoo ---------------------------
+
+@dataclass(frozen=True)
+class DigitsFolder:
+    root: Path
+    good: int  # files that must become rows
+    bad: dict[str, str]  # relative path -> expected quarantine reason
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> DigitsFolder:
+    """Three digits x 3 train voices (+ 1 unseen test voice) x 2 speeds x 2 pitches, then odd but
+    valid files (24-bit, 8 kHz, stereo FLAC) and bad ones dropped into train/one/."""
+    import soundfile as sf
+
+    from pipelines.audio.demo_data import write_digits_folder
+
+    root = tmp_path_factory.mktemp("audio") / "digits"
+    counts = write_digits_folder(root, train_voices=("en-us+m1", "en+f3", "en-gb-x-rp+m8"),
+                                 test_voices=("en-us-nyc+f2",), speeds=(140, 180), pitches=(40, 60),
+                                 digits=("zero", "one", "two"))
+    source = next((root / "train" / "one").iterdir())
+    voice, rate = sf.read(source, dtype="float32")
+    target = root / "train" / "one"
+    sf.write(target / "as-24bit.wav", voice, rate, subtype="PCM_24")
+    sf.write(target / "as-8khz.wav", voice[::int(rate // 8000)], 8000)
+    sf.write(target / "as-stereo.flac", np.stack([voice, voice], 1), rate)
+    whole = source.read_bytes()
+    bad = {"train/one/empty.wav": b"", "train/one/truncated.wav": whole[: len(whole) // 3],
+           "train/one/notes.wav": b"this is not audio\n" * 8, "train/one/song.mp3": b"ID3\x04" + bytes(200)}
+    for rel, data in bad.items():
+        (root / rel).write_bytes(data)
+    sf.write(target / "silent.wav", np.zeros(16000, np.float32), 16000)
+    short = np.zeros(16000, np.float32)
+    short[8000:8160] = 0.5  # 10 ms of sound
+    sf.write(target / "short.wav", short, 16000)
+    reasons = {"train/one/empty.wav": "empty_file", "train/one/truncated.wav": "truncated",
+               "train/one/notes.wav": "not_audio", "train/one/song.mp3": "unsupported_format",
+               "train/one/silent.wav": "silent", "train/one/short.wav": "too_short"}
+    return DigitsFolder(root, sum(counts.values()) + 3, reasons)
