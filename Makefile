@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 UI_PORT ?= 5000
 SUBMIT := $(VENV)/bin/spark-submit --master local[2] --driver-java-options "-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties)"
 
-.PHONY: setup demo infer test test-fast ui bench dist clean
+.PHONY: setup demo demo-text demo-audio infer test test-fast ui bench dist clean
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,14 @@ demo: setup
 	$(SUBMIT) jobs/train.py
 	$(SUBMIT) jobs/batch_inference.py
 	@$(PY) -m deepspark.demo
+
+# The same four jobs for text and audio: a profile switches the modality, data and model keys.
+demo-text demo-audio: demo-%: setup
+	$(PY) jobs/demo_data.py --profile $*
+	$(SUBMIT) jobs/etl.py --profile $*
+	$(SUBMIT) jobs/train.py --profile $*
+	$(SUBMIT) jobs/batch_inference.py --profile $*
+	@$(PY) -m deepspark.demo $*
 
 infer: setup
 	$(SUBMIT) jobs/batch_inference.py
@@ -37,6 +45,7 @@ bench: setup
 	$(PY) benchmarks/etl_images.py --quick
 	$(PY) benchmarks/training.py --quick
 	$(PY) benchmarks/inference.py --quick
+	$(PY) benchmarks/modalities.py --quick
 
 dist: setup    ## dist/deepspark.zip for --py-files, dist/conf.zip for --archives (README: Run on a cluster)
 	$(PY) -m deepspark.packaging dist

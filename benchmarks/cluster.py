@@ -28,7 +28,7 @@ def run_all(master: str, tracking: str, raw: Path, out: Path, pyfiles: Path | No
     common = [f"tracking.uri={tracking}", f"tracking.experiment=bench-{'local' if master.startswith('local') else 'cluster'}"]
     conf = {"spark.executor.cores": "1", "spark.executor.memory": "2g"} if not master.startswith("local") else {}
     times = {}
-    _, times["etl_images"] = spark_submit(master, JOBS / "etl_images.py", [
+    _, times["etl"] = spark_submit(master, JOBS / "etl.py", [
         f"input.path={raw}", f"output.root={out}", "output.name=fm", "output.row_group_size_mb=0.5", *common],
         conf, pyfiles, out)
     _, times["train"] = spark_submit(master, JOBS / "train.py", [

@@ -1,6 +1,6 @@
 """ETL images/s against its limit, side by side in one run.
 
-- etl:   `pipelines.images.etl.run_etl` on a real local[2] SparkSession (warm: one session for all runs).
+- etl:   `pipelines.etl.run_etl` (modality=image) on a real local[2] SparkSession (warm: one session for all runs).
 - limit: the same decode + validate + resize + encode + hash (pipelines.images.transforms) in a
          multiprocessing pool over the same 2 cores, reading files with open() and writing Parquet
          with pyarrow: no Spark, no JVM.
@@ -30,10 +30,11 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 from deepspark.config import load_config  # noqa: E402
-from deepspark.schemas.images import ImageSpec, decode_pixels, encode_pixels  # noqa: E402
-from pipelines.images.config import EtlImagesConfig  # noqa: E402
+from deepspark.modality import TensorSpec, content_hash  # noqa: E402
+from pipelines.config import EtlConfig  # noqa: E402
 from pipelines.images.demo_data import CLASS_NAMES, folder_name, load_split  # noqa: E402
-from pipelines.images.transforms import ImageRules, content_hash, decode_image  # noqa: E402
+from pipelines.images.modality import IMAGE  # noqa: E402
+from pipelines.images.transforms import ImageRules, decode_image  # noqa: E402
 
 CORES = 2
 
@@ -57,7 +58,7 @@ def make_folder(root: Path, n: int, fmt: str, side: int) -> None:
         (root / folder_name(CLASS_NAMES[labels[i % len(labels)]]) / f"{i:06d}{ext}").write_bytes(data.tobytes())
 
 
-def _limit_chunk(args: tuple[list[str], ImageRules, ImageSpec, str]) -> int:
+def _limit_chunk(args: tuple[list[str], ImageRules, TensorSpec, str]) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -66,13 +67,13 @@ def _limit_chunk(args: tuple[list[str], ImageRules, ImageSpec, str]) -> int:
     for path in paths:
         with open(path, "rb") as fh:
             data = fh.read()
-        images.append(encode_pixels(decode_image(data, rules), spec))
+        images.append(IMAGE.encode(decode_image(data, rules), spec))
         hashes.append(content_hash(data))
     pq.write_table(pa.table({"image": images, "path": paths, "content_hash": hashes}), out)
     return len(paths)
 
 
-def run_limit(root: Path, rules: ImageRules, spec: ImageSpec, out: Path) -> float:
+def run_limit(root: Path, rules: ImageRules, spec: TensorSpec, out: Path) -> float:
     started = time.perf_counter()
     paths = sorted(str(p) for p in root.rglob("*") if p.is_file())
     chunks = [paths[i : i + 2048] for i in range(0, len(paths), 2048)]
@@ -84,19 +85,19 @@ def run_limit(root: Path, rules: ImageRules, spec: ImageSpec, out: Path) -> floa
 
 
 def run_etl(spark, root: Path, out: Path, height: int, channels: int, encoding: str = "raw"):
-    from pipelines.images.etl import run_etl as etl
+    from pipelines.etl import run_etl as etl
 
-    cfg = load_config(EtlImagesConfig, "etl_images", [
+    cfg = load_config(EtlConfig, "etl", [
         f"input.path={root}", f"output.root={out}", "output.name=bench", "tracking.enabled=false",
         f"image.height={height}", f"image.width={height}", f"image.channels={channels}", f"image.encoding={encoding}",
     ])
     started = time.perf_counter()
     result = etl(spark, cfg)
-    assert result.files_in == result.rows_written, result.summary()
+    assert result.inputs_in == result.rows_written, result.summary()
     return time.perf_counter() - started, result
 
 
-def loader_rate(url: str, spec: ImageSpec, repeats: int = 2) -> float:
+def loader_rate(url: str, spec: TensorSpec, repeats: int = 2) -> float:
     """Samples/s of make_batch_reader + decode of the train split into (N, H, W, C) batches."""
     from petastorm import make_batch_reader
 
@@ -106,7 +107,7 @@ def loader_rate(url: str, spec: ImageSpec, repeats: int = 2) -> float:
         with make_batch_reader(f"{url}/data/train", num_epochs=1, reader_pool_type="thread", workers_count=2,
                                schema_fields=["image", "label"]) as reader:
             for batch in reader:
-                pixels = decode_pixels(list(batch.image), spec)
+                pixels = IMAGE.decode(list(batch.image), spec)
                 n += len(pixels)
         best = max(best, n / (time.perf_counter() - started))
     return best
@@ -140,7 +141,7 @@ def main() -> None:
         for name, fmt, side, target, channels, n in scenarios:
             root = work / name
             make_folder(root, n, fmt, side)
-            rules, spec = ImageRules(target, target, channels), ImageSpec(target, target, channels)
+            rules, spec = ImageRules(target, target, channels), TensorSpec("image", (target, target, channels), "uint8")
             limit_s = run_limit(root, rules, spec, work / f"{name}-limit")
             etl_s, _ = run_etl(spark, root, work / f"{name}-out", target, channels)
             ratio = limit_s / etl_s
@@ -159,7 +160,7 @@ def main() -> None:
         storage = []
         for encoding in ("raw", "png"):
             _, result = run_etl(spark, big, work / f"enc-{encoding}", 28, 1, encoding)
-            rate = loader_rate(result.url, ImageSpec(28, 28, 1, encoding))
+            rate = loader_rate(result.url, TensorSpec("image", (28, 28, 1), "uint8", encoding))
             storage.append((encoding, rate, disk_bytes(result.url) / result.rows_written))
             figures.append({"name": f"loader_samples_per_s_{encoding}", "value": round(rate), "goal": None, "unit": "samples/s"})
             figures.append({"name": f"bytes_per_row_{encoding}", "value": round(storage[-1][2], 1), "goal": None, "unit": "bytes"})

@@ -5,7 +5,8 @@ the raw Fashion-MNIST folders and a champion in the registry):
   split, 10,000 rows), 2 intra-op threads: one process using both cores, no Spark;
 - ours: the batch inference job (`inference.job.run_inference`) over the same dataset split, on
   local[2], rows/s of the whole job (resolve, ship, score, commit);
-- peer: `mlflow.pyfunc.spark_udf` with default settings over the same rows;
+- peer: `mlflow.pyfunc.spark_udf` of the same registered model (a pyfunc over raw file bytes) over
+  the same images' PNG files read with `binaryFile`;
 - model loads per job (ours);
 - scaling: the job over 10,000 and 40,000 raw PNG files (decode included): time(4x) / time(1x).
 
@@ -48,7 +49,7 @@ def in_process_predict(x: np.ndarray, repeats: int) -> float:
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(2)
-    model = mlflow.tensorflow.load_model(MODEL_URI)
+    model = mlflow.pyfunc.load_model(MODEL_URI).unwrap_python_model().keras_model
     model.predict(x[:1024], batch_size=1024, verbose=0)  # trace once
     best = 0.0
     for _ in range(repeats):
@@ -59,20 +60,20 @@ def in_process_predict(x: np.ndarray, repeats: int) -> float:
 
 
 def mlflow_spark_udf(spark, rows) -> tuple[float, str]:
-    """mlflow.pyfunc.spark_udf with its defaults; if the default result type cannot hold the
-    model's (-1, 10) output, retry with result_type='array<float>' and say so."""
+    """mlflow.pyfunc.spark_udf with its defaults over a `content` column of file bytes; if the
+    default result type cannot hold the model's output, retry with its struct and say so."""
     import mlflow.pyfunc
-    from pyspark.sql import functions as F
 
-    frame = rows.select(F.transform(F.col("pixels"), lambda v: v.cast("float")).alias("image"))
-    for result_type, note in ((None, "defaults"), ("array<float>", "result_type=array<float> (default crashed)")):
+    frame = rows.select("content")
+    struct = "predicted_label string, probability double, reason string"
+    for result_type, note in ((None, "defaults"), (struct, "result_type=struct (default crashed)")):
         try:
             kwargs = {} if result_type is None else {"result_type": result_type}
             udf = mlflow.pyfunc.spark_udf(spark, MODEL_URI, env_manager="local", **kwargs)
             rates = []
             for _ in range(2):  # cold, then warm (its workers keep the model)
                 started = time.perf_counter()
-                frame.select(udf("image").alias("p")).write.format("noop").mode("overwrite").save()
+                frame.select(udf("content").alias("p")).write.format("noop").mode("overwrite").save()
                 rates.append(rows.count() / (time.perf_counter() - started))
             return rates[0], rates[1], note
         except Exception as exc:  # the known default result-type crash
@@ -87,7 +88,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from deepspark.datasets import open_dataset
-    from deepspark.schemas.images import decode_pixels
     from deepspark.spark import SparkSettings, build_session
     from deepspark.tracking import TrackingSettings, ensure_experiment
 
@@ -98,7 +98,7 @@ def main() -> None:
         dataset = open_dataset(spark, "data/datasets", "fashion-mnist")
         test = spark.read.parquet(dataset.split_url("test"))
         images = [r.image for r in test.select("image").collect()]
-        x = decode_pixels(images, dataset.spec)
+        x = dataset.record.plugin.decode(images, dataset.spec)
         limit = in_process_predict(x, 2 if args.quick else 3)
         with tempfile.TemporaryDirectory() as tmp:
             split = ("input.path=null", "input.dataset=fashion-mnist", "input.split=test")
@@ -107,8 +107,11 @@ def main() -> None:
             warm = job(spark, Path(tmp) / "ds", *split)  # warm: the same job again in the same SparkContext
             warm_rate = warm.scored / warm.seconds
 
-            pixel_rows = spark.createDataFrame([(p.ravel().tolist(),) for p in x], "pixels array<int>").repartition(2)
-            peer_rate, peer_warm, peer_note = mlflow_spark_udf(spark, pixel_rows)
+            from pipelines.inputs import read_files
+
+            files = read_files(spark, "file://" + os.path.abspath("data/raw/fashion-mnist/test"), "*.png", 4096).cache()
+            files.count()
+            peer_rate, peer_warm, peer_note = mlflow_spark_udf(spark, files)
             raw = "input.path=data/raw/fashion-mnist/train"
             one = job(spark, Path(tmp) / "x1", raw, "input.glob=0[0-9]*.png")
             four = job(spark, Path(tmp) / "x4", raw, "input.glob=[0-3][0-9]*.png")

@@ -34,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from deepspark.config import load_config  # noqa: E402
 from deepspark.datasets import DatasetRef, open_dataset  # noqa: E402
-from deepspark.schemas.images import decode_arrow_column  # noqa: E402
+from deepspark.modality import decode_raw_arrow  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import ShardSpec, StallMeter, training_batches  # noqa: E402
 
@@ -42,7 +42,7 @@ BATCH = 64
 
 
 def loader_ours(dataset: DatasetRef, batches: int) -> float:
-    shard = ShardSpec(dataset.split_url("train"), dataset.spec)
+    shard = ShardSpec(dataset.split_url("train"), dataset.spec, dataset.record.modality)
     started = time.perf_counter()
     n = sum(len(y) for _, y in training_batches(shard, BATCH, 10_000, 1, 0, batches, 8, StallMeter()))
     return n / (time.perf_counter() - started)
@@ -64,7 +64,7 @@ def loader_limit(dataset: DatasetRef, batches: int) -> float:
                 pf = pq.ParquetFile(f)
                 for i in range(pf.num_row_groups):
                     t = pf.read_row_group(i, columns=["image", "label"])
-                    yield decode_arrow_column(t.column("image"), dataset.spec), t.column("label").to_numpy()
+                    yield decode_raw_arrow(t.column("image"), dataset.spec), t.column("label").to_numpy()
 
     started, n = time.perf_counter(), 0
     for count, (_, y) in enumerate(shuffled_batches(groups(), BATCH, 10_000, 1)):

@@ -36,6 +36,7 @@ class InferenceResult:
     seconds: float
     accuracy: float | None
     output: str
+    modality: str = "image"
 
     def summary(self) -> str:
         lines = [
@@ -46,7 +47,7 @@ class InferenceResult:
             f"model loaded {self.model_loads} time(s)",
         ]
         if self.accuracy is not None:
-            lines.append(f"accuracy against the folder labels: {self.accuracy:.4f}")
+            lines.append(f"accuracy against the input's labels: {self.accuracy:.4f}")
         return "\n".join(lines)
 
 
@@ -164,7 +165,7 @@ def _score(spark, cfg, model, rows, source, root, predictions: Table, quarantine
         scored.unpersist()
     already = inputs - n_good - n_bad
     return InferenceResult(job_id, model.uri, inputs, already, n_good, n_bad, loads.value,
-                           time.perf_counter() - started, accuracy, predictions.url)
+                           time.perf_counter() - started, accuracy, predictions.url, model.record.modality)
 
 
 def run_job(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult:
@@ -176,7 +177,8 @@ def run_job(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult
         if run is not None:
             import mlflow
 
-            mlflow.set_tags({"model.uri": result.model, "inference.job_id": result.job_id})
+            mlflow.set_tags({"model.uri": result.model, "inference.job_id": result.job_id,
+                             "deepspark.modality": result.modality})
             metrics = {"inputs": result.inputs, "scored": result.scored, "quarantined": result.quarantined,
                        "already_scored": result.already_scored, "model_loads": result.model_loads,
                        "seconds": result.seconds}

@@ -108,10 +108,14 @@ class RankTask:
         batch = cfg.optimizer.batch_size
         meter = StallMeter()
 
+        # A buffer larger than a rank's epoch only delays the first batch (it fills before any
+        # batch leaves), which costs whole epochs of reading on small datasets of large rows.
+        buffer_rows = max(batch, min(cfg.loader.shuffle_buffer, self.steps_per_epoch * batch))
+
         def all_epochs():  # type: ignore[no-untyped-def]
             """One generator for the whole fit: no per-epoch iterator teardown (which stalled ~20 s)."""
             for epoch in range(self.start_epoch, cfg.epochs):
-                yield from training_batches(shard, batch, cfg.loader.shuffle_buffer, cfg.seed, epoch,
+                yield from training_batches(shard, batch, buffer_rows, cfg.seed, epoch,
                                             self.steps_per_epoch, cfg.loader.queue_batches, meter)
 
         dataset = tf.data.Dataset.from_generator(all_epochs, output_signature=(

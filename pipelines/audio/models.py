@@ -10,7 +10,8 @@ import tensorflow as tf
 L = tf.keras.layers
 
 CATALOGUE: dict[str, str] = {
-    "cnn": "log-mel spectrogram (in graph) + 4 conv blocks + global pooling",
+    "cnn": "log-mel spectrogram (in graph, standardised per clip) + 4 conv blocks + global pooling; "
+           "random time shifts and frequency masks while training",
 }
 
 
@@ -30,8 +31,11 @@ class LogMelSpectrogram(L.Layer):
     def call(self, waveform):  # type: ignore[no-untyped-def]
         x = tf.cast(waveform, tf.float32) / 32768.0
         spectrum = tf.abs(tf.signal.stft(x, self.frame_length, self.frame_step, self.fft_length))
-        mel = tf.tensordot(tf.square(spectrum), self.mel, 1)
-        return tf.math.log(mel + 1e-6)[..., None]
+        mel = tf.math.log(tf.tensordot(tf.square(spectrum), self.mel, 1) + 1e-6)
+        # Per-clip standardisation: no statistics to learn (a batch-norm on raw log-mel values,
+        # around -10, needs thousands of steps before its moving averages are usable).
+        mean, variance = tf.nn.moments(mel, axes=[1, 2], keepdims=True)
+        return ((mel - mean) / tf.sqrt(variance + 1e-6))[..., None]
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "sample_rate": self.sample_rate, "frame_length": self.frame_length,
@@ -39,16 +43,60 @@ class LogMelSpectrogram(L.Layer):
                 "fmin": self.fmin, "fmax": self.fmax}
 
 
-CUSTOM_OBJECTS = {"LogMelSpectrogram": LogMelSpectrogram}
+@tf.keras.utils.register_keras_serializable(package="deepspark")
+class RandomTimeShift(L.Layer):
+    """While training, roll each waveform by up to `max_shift` samples; the identity at inference."""
+
+    def __init__(self, max_shift: int = 1_600, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_shift = int(max_shift)
+
+    def call(self, waveform, training=None):  # type: ignore[no-untyped-def]
+        if not training:
+            return waveform
+        shifts = tf.random.uniform((tf.shape(waveform)[0],), -self.max_shift, self.max_shift + 1, tf.int32)
+        return tf.map_fn(lambda pair: tf.roll(pair[0], pair[1], axis=0), (waveform, shifts),
+                         fn_output_signature=waveform.dtype)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "max_shift": self.max_shift}
+
+
+@tf.keras.utils.register_keras_serializable(package="deepspark")
+class FrequencyMask(L.Layer):
+    """While training, zero a random band of up to `max_bins` mel bins per clip (SpecAugment)."""
+
+    def __init__(self, max_bins: int = 8, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_bins = int(max_bins)
+
+    def call(self, features, training=None):  # type: ignore[no-untyped-def]
+        if not training:
+            return features
+        batch, bins = tf.shape(features)[0], tf.shape(features)[2]
+        width = tf.random.uniform((batch, 1), 0, self.max_bins + 1, tf.int32)
+        start = tf.random.uniform((batch, 1), 0, 1) * tf.cast(bins - width, tf.float32)
+        index = tf.range(bins)[None, :]
+        start = tf.cast(start, tf.int32)
+        keep = tf.cast((index < start) | (index >= start + width), features.dtype)
+        return features * keep[:, None, :, None]
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "max_bins": self.max_bins}
+
+
+CUSTOM_OBJECTS = {"LogMelSpectrogram": LogMelSpectrogram, "RandomTimeShift": RandomTimeShift,
+                  "FrequencyMask": FrequencyMask}
 
 
 def cnn(samples: int, num_classes: int, sample_rate: int = 16_000) -> tf.keras.Model:
     waveform = tf.keras.Input(shape=(samples,), dtype="int16", name="waveform")
-    x = LogMelSpectrogram(sample_rate, name="log_mel")(waveform)
-    x = L.BatchNormalization(name="feature_norm")(x)
+    x = RandomTimeShift(sample_rate // 10, name="time_shift")(waveform)
+    x = LogMelSpectrogram(sample_rate, name="log_mel")(x)
+    x = FrequencyMask(8, name="frequency_mask")(x)
     for filters in (32, 64, 96, 128):
         x = L.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = L.BatchNormalization()(x)
+        x = L.BatchNormalization(momentum=0.9)(x)  # few steps per epoch on small datasets
         x = L.ReLU()(x)
         x = L.MaxPooling2D(2, padding="same")(x)
     x = L.Concatenate()([L.GlobalAveragePooling2D()(x), L.GlobalMaxPooling2D()(x)])
