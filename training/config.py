@@ -60,6 +60,16 @@ class RegistrySettings(FrozenModel):
     gate_min_delta: float = 0.0  # champion moves when new >= champion + delta
 
 
+class EarlyStoppingSettings(FrozenModel):
+    """Keras' EarlyStopping, on the exact validation metrics all ranks share (so every rank stops
+    at the same epoch). Without `patience` every epoch runs; the best epoch's weights are still
+    the ones evaluated and registered when `restore_best` is on."""
+
+    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    patience: PositiveInt | None = None  # epochs without improvement before stopping; None: never stop early
+    restore_best: bool = False  # evaluate and register the best epoch's weights, not the last
+
+
 class FaultSettings(FrozenModel):
     """Deliberate failure for resilience tests: rank `exit_rank` exits after epoch `exit_after_epoch`."""
 
@@ -76,6 +86,7 @@ class TrainConfig(FrozenModel):
     optimizer: OptimizerSettings = OptimizerSettings()
     horovod: HorovodSettings = HorovodSettings()
     registry: RegistrySettings = RegistrySettings()
+    early_stopping: EarlyStoppingSettings = EarlyStoppingSettings()
     fault: FaultSettings = FaultSettings()
     epochs: PositiveInt = 12
     steps_per_epoch: PositiveInt | None = None  # default: train rows // global batch

@@ -141,20 +141,26 @@ class RankTask:
                 metrics["epoch_seconds"] = slowest
                 metrics["learning_rate"] = schedule(self.model.optimizer.iterations)
                 metrics = {k: float(v) for k, v in metrics.items()}
+                logs.update(metrics)  # the exact, rank-shared validation metrics, for KeepBest
                 if rank == 0:
                     task._log_epoch(client, epoch, metrics, self.model)
                 if cfg.fault.exit_rank == rank and cfg.fault.exit_after_epoch == epoch:
                     os._exit(17)  # deliberate, for resilience tests: a rank dying mid-training
 
+        from training.callbacks import KeepBest
+
+        keep_best = KeepBest(cfg.early_stopping.monitor, cfg.early_stopping.patience, cfg.early_stopping.restore_best)
         if self.start_epoch < cfg.epochs:
             model.fit(dataset, initial_epoch=self.start_epoch, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
                       verbose=0, callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-                                            hvd.callbacks.MetricAverageCallback(), EpochEnd()])
+                                            hvd.callbacks.MetricAverageCallback(), EpochEnd(), keep_best])
 
         test_metrics, confusion = self._evaluate(model, *strided_rows(
             ShardSpec(self.test_url, spec, self.record.modality, rank, size, *pool), cfg.max_eval_rows), prefix="test_")
         if rank != 0:
             return None
+        if keep_best.best_epoch is not None:
+            test_metrics["best_epoch"] = float(keep_best.best_epoch)
         return {"weights": model.get_weights(), "test": test_metrics, "confusion": confusion.tolist()}
 
     def _pin_device(self, tf: Any, hvd: Any) -> None:
