@@ -211,10 +211,16 @@ class Modality(ABC):
         since a transient failure must not become a permanent quarantine row."""
 
     # --- models ------------------------------------------------------------------------------
+    models_module: ClassVar[str]  # holds CATALOGUE (name -> description), BUILDERS, CUSTOM_OBJECTS
+
+    def _models(self) -> Any:
+        """The Keras models module, imported only when a model is built or loaded (TensorFlow)."""
+        return importlib.import_module(self.models_module)
+
     @property
-    @abstractmethod
     def models(self) -> Mapping[str, str]:
         """Model name -> one-line description; `build_model` builds any of them."""
+        return self._models().CATALOGUE
 
     @abstractmethod
     def build_model(self, name: str, record: "ModalityRecord") -> Any:
@@ -223,7 +229,7 @@ class Modality(ABC):
 
     def custom_objects(self) -> dict[str, Any]:
         """Keras layers the saved model needs to load."""
-        return {}
+        return dict(getattr(self._models(), "CUSTOM_OBJECTS", {}))
 
 
 def get_modality(name: str) -> Modality:

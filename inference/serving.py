@@ -19,7 +19,7 @@ import numpy as np
 from deepspark.modality import Failure, ModalityRecord
 
 if TYPE_CHECKING:
-    import pandas as pd
+    pass
 
 KERAS_ARTIFACT = "keras_model"
 RECORD_ARTIFACT = "modality"

@@ -76,7 +76,7 @@ def test_etl_train_and_inference_through_spark_submit(submit, mlflow_server, fas
     times = {}
     out, times["etl"] = submit(PROJECT / "jobs" / "etl_images.py", f"input.path={raw}", f"output.root={tmp_path}",
                                "output.name=fm", "output.row_group_size_mb=0.05", *tracking)
-    assert "files in 800 = rows written 800 + quarantined 0" in out
+    assert "inputs in 800 = rows written 800 + quarantined 0" in out
 
     out, times["train"] = submit(PROJECT / "jobs" / "train.py", f"data.root={tmp_path}", "data.name=fm", "epochs=2",
                                  "steps_per_epoch=5", "optimizer.batch_size=16", "max_eval_rows=200",

@@ -21,6 +21,7 @@ class AudioModality(Modality):
     default_glob = GLOB
     reasons = transforms.REASONS
     default_model = "cnn"
+    models_module = "pipelines.audio.models"
 
     def spec(self, rules: transforms.AudioRules, state: Mapping[str, Any]) -> TensorSpec:
         return TensorSpec(COLUMN, (rules.samples,), "int16")
@@ -28,21 +29,8 @@ class AudioModality(Modality):
     def preprocessor(self, rules: transforms.AudioRules, state: Mapping[str, Any]) -> Preprocess:
         return lambda payload: transforms.decode_or_reason(payload, rules)
 
-    @property
-    def models(self) -> Mapping[str, str]:
-        from pipelines.audio.models import CATALOGUE
-
-        return CATALOGUE
-
     def build_model(self, name: str, record: ModalityRecord) -> Any:
-        from pipelines.audio.models import BUILDERS
-
-        return BUILDERS[name](record.spec.shape[0], len(record.labels), int(record.rules["sample_rate"]))
-
-    def custom_objects(self) -> dict[str, Any]:
-        from pipelines.audio.models import CUSTOM_OBJECTS
-
-        return dict(CUSTOM_OBJECTS)
+        return self._models().BUILDERS[name](record.spec.shape[0], len(record.labels), int(record.rules["sample_rate"]))
 
 
 AUDIO = AudioModality()

@@ -20,6 +20,7 @@ class ImageModality(Modality):
     default_glob = GLOB
     reasons = transforms.REASONS
     default_model = "convnet"
+    models_module = "pipelines.images.models"
 
     def spec(self, rules: transforms.ImageRules, state: Mapping[str, Any]) -> TensorSpec:
         return TensorSpec(COLUMN, (rules.height, rules.width, rules.channels), "uint8", rules.encoding)
@@ -51,16 +52,8 @@ class ImageModality(Modality):
             out[i] = img.reshape(spec.shape) if gray else img[:, :, ::-1]
         return out
 
-    @property
-    def models(self) -> Mapping[str, str]:
-        from pipelines.images.models import CATALOGUE
-
-        return CATALOGUE
-
     def build_model(self, name: str, record: ModalityRecord) -> Any:
-        from pipelines.images.models import build_model
-
-        return build_model(name, record.spec.shape, len(record.labels))  # type: ignore[arg-type]
+        return self._models().BUILDERS[name](record.spec.shape, len(record.labels))
 
 
 IMAGE = ImageModality()

@@ -64,8 +64,3 @@ def resnet_small(input_shape: tuple[int, int, int], num_classes: int):  # type: 
 
 
 BUILDERS: dict[str, Callable] = {"convnet": convnet, "resnet_small": resnet_small}
-
-
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int):  # type: ignore[no-untyped-def]
-    """A fresh, uncompiled model from the catalogue."""
-    return BUILDERS[name](input_shape, num_classes)

@@ -22,7 +22,6 @@ TRUNCATED = "truncated"
 UNSUPPORTED_MODE = "unsupported_mode"
 TOO_MANY_PIXELS = "too_many_pixels"
 TOO_SMALL = "too_small"
-NO_LABEL = "no_label"
 REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, UNREADABLE, UNSUPPORTED_MODE, TOO_MANY_PIXELS, TOO_SMALL, NO_LABEL)
 
 # Magic numbers of the formats we accept; anything else is not an image.

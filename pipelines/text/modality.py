@@ -24,6 +24,7 @@ class TextModality(Modality):
     default_glob = GLOB
     reasons = transforms.REASONS
     default_model = "cnn"
+    models_module = "pipelines.text.models"
 
     def spec(self, rules: transforms.TextRules, state: Mapping[str, Any]) -> TensorSpec:
         return TensorSpec(COLUMN, (rules.sequence_length,), "int32")
@@ -50,22 +51,9 @@ class TextModality(Modality):
         index = transforms.token_index(state["vocabulary"])
         return lambda payload: transforms.ids_or_reason(payload, rules, index)
 
-    @property
-    def models(self) -> Mapping[str, str]:
-        from pipelines.text.models import CATALOGUE
-
-        return CATALOGUE
-
     def build_model(self, name: str, record: ModalityRecord) -> Any:
-        from pipelines.text.models import BUILDERS
-
         vocab_size = len(record.state["vocabulary"]) + transforms.FIRST_ID
-        return BUILDERS[name](record.spec.shape[0], vocab_size, len(record.labels))
-
-    def custom_objects(self) -> dict[str, Any]:
-        from pipelines.text.models import CUSTOM_OBJECTS
-
-        return dict(CUSTOM_OBJECTS)
+        return self._models().BUILDERS[name](record.spec.shape[0], vocab_size, len(record.labels))
 
 
 TEXT = TextModality()
