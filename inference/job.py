@@ -36,7 +36,7 @@ class InferenceResult:
     seconds: float
     accuracy: float | None
     output: str
-    modality: str = "image"
+    modality: str
 
     def summary(self) -> str:
         lines = [
@@ -129,7 +129,8 @@ def _score(spark, cfg, model, rows, source, root, predictions: Table, quarantine
     if done is not None:
         raw = source != "dataset"
         if raw:  # the content hash is computed on executors; only skip unchanged inputs
-            keyed = rows.withColumn("content_hash", F.sha2(F.col("payload"), 256))
+            payload = F.coalesce("payload", F.lit("")) if source == "records" else F.col("payload")
+            keyed = rows.withColumn("content_hash", F.sha2(payload, 256))
         keyed = keyed.join(F.broadcast(done.distinct()), KEY, "left_anti")
         if raw:
             keyed = keyed.drop("content_hash")

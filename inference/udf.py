@@ -37,6 +37,7 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
 
         from deepspark.modality import content_hash
         from inference.model import load_on_worker, task_gpu
+        from pipelines.inputs import MALFORMED_DETAIL
         from pipelines.layout import Layout
 
         def loaded():  # type: ignore[no-untyped-def]  # only when there is something to score
@@ -59,7 +60,7 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
                 truth = list(batch["label_name"])
             else:
                 payloads = list(batch["payload"])
-                hashes = [content_hash(p) if p is not None else None for p in payloads]
+                hashes = [content_hash(p if p is not None else "") for p in payloads]  # a null text: as ""
                 results = [preprocess(p) for p in payloads]
                 tensors, failures = [t for t, _ in results], [f for _, f in results]
                 truth = [layout.parse(p)[2] for p in batch["path"]] if layout else (
@@ -67,7 +68,7 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
             malformed = list(batch["malformed"]) if "malformed" in batch else [None] * n
             for i, flag in enumerate(malformed):
                 if flag is not None:
-                    tensors[i], failures[i] = None, (flag, "Spark's reader could not parse this record")
+                    tensors[i], failures[i] = None, (flag, MALFORMED_DETAIL)
             good = [i for i, t in enumerate(tensors) if t is not None]
             probs = loaded().probabilities(np.stack([tensors[i] for i in good]), batch_size) if good else None
             index = np.full(n, -1, np.int64)

@@ -27,7 +27,7 @@ from deepspark.modality import (LABEL, LABEL_NAME, PATH, QUARANTINE_COLUMNS, Mod
 from deepspark.storage import HadoopFS, VersionedLocation, join, to_url
 from pipelines import layout
 from pipelines.config import EtlConfig
-from pipelines.inputs import RawInputs, RecordColumns, input_kind, open_inputs
+from pipelines.inputs import MALFORMED_DETAIL, RawInputs, RecordColumns, input_kind, open_inputs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -98,11 +98,11 @@ def make_processor(modality: Modality, rules: Any, state: dict, spec: TensorSpec
             for path, size, payload, given_label, given_split, malformed in zip(
                     batch["path"], batch["size"], batch["payload"], batch["label_name"], batch["split"],
                     batch["malformed"]):
-                digest = content_hash(payload) if payload is not None else None
-                split, label_name, failure = label_of(path, digest or path, given_label, given_split)
+                digest = content_hash(payload if payload is not None else "")  # a null text hashes as ""
+                split, label_name, failure = label_of(path, digest, given_label, given_split)
                 stored = label = None
                 if malformed is not None:
-                    failure = (malformed, "Spark's reader could not parse this record")
+                    failure = (malformed, MALFORMED_DETAIL)
                 elif failure is None:
                     tensor, failure = preprocess(payload)
                     if tensor is not None:

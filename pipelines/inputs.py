@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 RECORD_GLOB = "*.{csv,CSV,jsonl,JSONL,ndjson,json,JSON}{,.bz2,.gz}"
 FILES_DDL = "path string, size long, payload binary, label_name string, split string, malformed string"
 MALFORMED = "malformed_record"  # quarantine reason of a record line Spark's reader cannot parse
+MALFORMED_DETAIL = "Spark's reader could not parse this record"
 
 
 @dataclass(frozen=True)

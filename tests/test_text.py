@@ -176,6 +176,10 @@ def test_trained_model_scores_raw_text_as_the_batch_job_does(spark, csv_dataset,
     batch = {r.content_hash: r.predicted_label for r in rows}
     quarantined = spark.read.parquet(str(tmp_path / "predictions") + "_quarantine").collect()
     assert sorted(r.reason for r in quarantined) == ["empty_text", "empty_text", "too_long", "undecodable"]
+    again = run_inference(spark, load_config(BatchInferenceConfig, "batch_inference", [  # nothing new: no rescoring,
+        *store, "model_uri=models:/reviews-classifier@champion", f"input.path={text_corpus.csv}",  # null texts too
+        "input.label_column=category", f"output.path={tmp_path / 'predictions'}"]))
+    assert (again.scored, again.quarantined, again.already_scored) == (0, 0, text_corpus.rows)
 
     mlflow.set_tracking_uri(store[0].split("=", 1)[1])
     model = mlflow.pyfunc.load_model("models:/reviews-classifier@champion")
@@ -185,3 +189,12 @@ def test_trained_model_scores_raw_text_as_the_batch_job_does(spark, csv_dataset,
 
     assert list(served["predicted_label"]) == [batch[content_hash(t)] for t in texts]
     assert list(model.predict(["", "word " * 100])["reason"]) == ["empty_text", "too_long"]
+
+    jsonl = tmp_path / "incoming.jsonl"  # JSON Lines without labels, one line broken
+    jsonl.write_text(json.dumps({"text": texts[0]}) + "\n{broken\n" + json.dumps({"text": texts[1]}) + "\n")
+    lines = run_inference(spark, load_config(BatchInferenceConfig, "batch_inference", [
+        *store, "model_uri=models:/reviews-classifier@champion", f"input.path={jsonl}",
+        f"output.path={tmp_path / 'from-jsonl'}"]))
+    assert (lines.inputs, lines.scored, lines.quarantined, lines.accuracy) == (3, 2, 1, None)
+    broken = spark.read.parquet(str(tmp_path / "from-jsonl") + "_quarantine").collect()
+    assert [(r.reason, r.path.rsplit("#", 1)[1]) for r in broken] == [("malformed_record", "1")]
