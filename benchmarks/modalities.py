@@ -39,7 +39,7 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from deepspark.config import load_config  # noqa: E402
-from deepspark.modality import content_hash, get_modality  # noqa: E402
+from deepspark.modality import content_hash, get_modality, rules_to_dict  # noqa: E402
 from pipelines.config import EtlConfig  # noqa: E402
 
 CORES = 2
@@ -161,7 +161,7 @@ def run_limit(pool, modality: str, path: Path, out: Path) -> tuple[float, int]: 
     if cfg.input.labels:  # ours quarantines other labels before any preprocessing
         rows = [r for r in rows if r[2] in cfg.input.labels]
     out.mkdir(parents=True, exist_ok=True)
-    rules_dict = {k: getattr(rules, k) for k in rules.__dataclass_fields__}
+    rules_dict = rules_to_dict(rules)
     state: dict = {}
     if modality == "text":  # the vocabulary, counted on the train split only, as ours does
         train = [r for r in rows if r[1] is not None and
