@@ -37,19 +37,28 @@ def tracking_uri(settings: TrackingSettings) -> str:
     return f"sqlite:///{db}"
 
 
+# MLflow 3's UI opens an experiment on its GenAI traces overview unless it is tagged as model
+# training; DeepSpark's experiments hold training, ETL and inference runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(settings: TrackingSettings) -> str:
-    """Point MLflow at the store and return the experiment id, creating it if needed."""
+    """Point MLflow at the store and return the experiment id, creating it if needed (tagged as a
+    model-development experiment, so the MLflow UI opens on its runs)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(settings))
     experiment = mlflow.get_experiment_by_name(settings.experiment)
     if experiment is not None:
+        if not EXPERIMENT_KIND.items() <= experiment.tags.items():  # made before the tag existed
+            for key, value in EXPERIMENT_KIND.items():
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = settings.artifact_root
     if "://" not in location:
         os.makedirs(location, exist_ok=True)
         location = "file://" + os.path.abspath(location)
-    return mlflow.create_experiment(settings.experiment, artifact_location=location)
+    return mlflow.create_experiment(settings.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 @contextmanager
