@@ -35,16 +35,35 @@ class SparkSettings(FrozenModel):
     conf: dict[str, str] = Field(default_factory=dict)
 
 
-def loopback_environment() -> None:
-    """Keep Spark and its Python workers on loopback and on this interpreter."""
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+def submitted_master() -> str | None:
+    """The master spark-submit was given, when it launched this driver (its JVM is then already
+    up, so reading its conf starts nothing); None for a plain `python` run."""
+    if not os.environ.get("PYSPARK_GATEWAY_PORT"):
+        return None
+    from pyspark import SparkConf
+
+    submitted = SparkConf()
+    return submitted.get("spark.master") if submitted.contains("spark.master") else None
+
+
+def is_local(master: str) -> bool:
+    return master.startswith("local")
+
+
+def python_environment(local: bool) -> None:
+    """Spark's Python workers run this interpreter; a local driver also stays on loopback. A driver
+    for a remote master binds as Spark would by default, where executors can reach it."""
+    if local:
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 
 def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = None) -> "SparkSession":
-    """Get or create the SparkSession; spark-submit's master and --conf take precedence."""
-    loopback_environment()
+    """Get or create the SparkSession; spark-submit's master and --conf take precedence, and the
+    loopback defaults apply only when the effective master is local."""
+    master = submitted_master() or settings.master
+    python_environment(is_local(master))
     from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
@@ -52,7 +71,7 @@ def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = N
     builder = SparkSession.builder.appName(settings.app_name)
     if not submitted.contains("spark.master"):
         builder = builder.master(settings.master)
-    wanted = dict(LOCAL_DEFAULTS) if settings.master.startswith("local") else {}
+    wanted = dict(LOCAL_DEFAULTS) if is_local(master) else {}
     wanted.update(settings.conf)
     wanted.update(extra_conf or {})
     for key, value in wanted.items():
