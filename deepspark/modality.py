@@ -74,8 +74,12 @@ def or_reason(convert: Callable[[Any], np.ndarray], payload: Any) -> tuple[np.nd
         return None, (UNREADABLE, f"{type(exc).__name__}: {exc}")
 
 
-def content_hash(data: bytes | str) -> str:
-    """sha256 of an input's bytes (a text record hashes its UTF-8 encoding)."""
+def content_hash(data: bytes | str | None) -> str:
+    """sha256 of an input's bytes; a text record hashes its UTF-8 encoding, and a null text hashes
+    as the empty string (batch inference's Spark-side key, `sha2(coalesce(payload, ''))`, agrees,
+    so a null record is scored once, not on every run)."""
+    if data is None:
+        data = ""
     return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
 
 
@@ -173,7 +177,6 @@ class Modality(ABC):
     rules_type: ClassVar[type]
     input_kinds: ClassVar[tuple[InputKind, ...]] = ("files",)
     default_glob: ClassVar[str]
-    reasons: ClassVar[tuple[str, ...]]
     default_model: ClassVar[str]
 
     def __reduce__(self) -> tuple[Callable[[str], "Modality"], tuple[str]]:
@@ -211,16 +214,12 @@ class Modality(ABC):
         since a transient failure must not become a permanent quarantine row."""
 
     # --- models ------------------------------------------------------------------------------
-    models_module: ClassVar[str]  # holds CATALOGUE (name -> description), BUILDERS, CUSTOM_OBJECTS
+    models: ClassVar[Mapping[str, str]]  # model name -> one-line description (no TensorFlow needed)
+    models_module: ClassVar[str]  # holds BUILDERS and CUSTOM_OBJECTS; imports TensorFlow
 
     def _models(self) -> Any:
-        """The Keras models module, imported only when a model is built or loaded (TensorFlow)."""
+        """The Keras models module, imported only when a model is built or loaded."""
         return importlib.import_module(self.models_module)
-
-    @property
-    def models(self) -> Mapping[str, str]:
-        """Model name -> one-line description; `build_model` builds any of them."""
-        return self._models().CATALOGUE
 
     @abstractmethod
     def build_model(self, name: str, record: "ModalityRecord") -> Any:

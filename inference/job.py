@@ -76,9 +76,10 @@ def _inputs(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, mode
         raise ConfigError(f"input.dataset: {dataset.name} v={dataset.version} holds {held.modality} "
                           f"{held.spec.dtype} {held.spec.shape} tensors but {model.uri} expects {wanted.modality} "
                           f"{wanted.spec.dtype} {wanted.spec.shape}")
-    if held.state != wanted.state:
-        raise ConfigError(f"input.dataset: {dataset.name} v={dataset.version} was preprocessed with another fitted "
-                          f"state (e.g. vocabulary) than {model.uri}; score its raw inputs with input.path instead")
+    if (held.state, dict(held.rules)) != (wanted.state, dict(wanted.rules)):
+        raise ConfigError(f"input.dataset: {dataset.name} v={dataset.version} was preprocessed with other rules or "
+                          f"fitted state (e.g. resize mode, vocabulary) than {model.uri}; score its raw inputs with "
+                          "input.path instead")
     try:
         url = dataset.split_url(cfg.input.split)
     except KeyError as exc:

@@ -11,15 +11,12 @@ the preprocessing to drift from the first.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import mlflow.pyfunc
 import numpy as np
 
 from deepspark.modality import Failure, ModalityRecord
-
-if TYPE_CHECKING:
-    pass
 
 KERAS_ARTIFACT = "keras_model"
 RECORD_ARTIFACT = "modality"

@@ -60,7 +60,7 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
                 truth = list(batch["label_name"])
             else:
                 payloads = list(batch["payload"])
-                hashes = [content_hash(p if p is not None else "") for p in payloads]  # a null text: as ""
+                hashes = [content_hash(p) for p in payloads]
                 results = [preprocess(p) for p in payloads]
                 tensors, failures = [t for t, _ in results], [f for _, f in results]
                 truth = [layout.parse(p)[2] for p in batch["path"]] if layout else (

@@ -12,6 +12,7 @@ against what landed on disk before publishing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from deepspark.config import ConfigError, config_to_yaml
 from deepspark.datasets import MANIFEST
 from deepspark.modality import (LABEL, LABEL_NAME, PATH, QUARANTINE_COLUMNS, Modality, ModalityRecord, TensorSpec,
-                                content_hash, get_modality, rules_to_dict, unischema)
+                                content_hash, get_modality, or_reason, rules_to_dict, unischema)
 from deepspark.storage import HadoopFS, VersionedLocation, join, to_url
 from pipelines import layout
 from pipelines.config import EtlConfig
@@ -98,15 +99,17 @@ def make_processor(modality: Modality, rules: Any, state: dict, spec: TensorSpec
             for path, size, payload, given_label, given_split, malformed in zip(
                     batch["path"], batch["size"], batch["payload"], batch["label_name"], batch["split"],
                     batch["malformed"]):
-                digest = content_hash(payload if payload is not None else "")  # a null text hashes as ""
+                digest = content_hash(payload)
                 split, label_name, failure = label_of(path, digest, given_label, given_split)
                 stored = label = None
                 if malformed is not None:
                     failure = (malformed, MALFORMED_DETAIL)
                 elif failure is None:
                     tensor, failure = preprocess(payload)
-                    if tensor is not None:
-                        stored, label = modality.encode(tensor, spec), index[label_name]
+                    if tensor is not None:  # a plug-in's tensor off its spec is a row's failure too
+                        stored, failure = or_reason(lambda t: modality.encode(t, spec), tensor)
+                    if stored is not None:
+                        label = index[label_name]
                 reason, detail = failure if failure else (None, None)
                 for column, value in zip(columns, (stored, label, label_name, path, digest, split, size, reason, detail)):
                     out[column].append(value)
@@ -251,14 +254,17 @@ def _write_split(spark: "SparkSession", rows: "DataFrame", url: str, record: Mod
     n_files = max(1, -(-n_rows * spec.row_bytes // (cfg.output.file_size_mb * 1024 * 1024)))
     order = F.sha2(F.concat_ws("|", F.lit(str(seed)), F.col(PATH)), 256)
     ordered = rows.select(*spec.data_columns).repartitionByRange(n_files, order).sortWithinPartitions(order)
-    with materialize_dataset(spark, url, unischema(spec, record.modality)):  # restores the Hadoop conf on exit
-        block_bytes = max(1024, int(cfg.output.row_group_size_mb * 1024 * 1024))
-        hadoop = spark.sparkContext._jsc.hadoopConfiguration()
-        hadoop.setInt("parquet.block.size", block_bytes)
-        # Parquet checks the size only every 100 rows by default: small rows (token ids) would
-        # never make a small dataset more than one row group per file.
-        hadoop.setInt("parquet.page.size.row.check.min", 10)  # also paces the row-group check
-        ordered.write.mode("error").parquet(url)
+    hadoop = spark.sparkContext._jsc.hadoopConfiguration()
+    # Parquet checks the size only every 100 rows by default (this also paces the row-group
+    # check): small rows (token ids) would never make a small dataset more than one row group.
+    check, previous = "parquet.page.size.row.check.min", hadoop.get("parquet.page.size.row.check.min")
+    with materialize_dataset(spark, url, unischema(spec, record.modality)):  # restores its own keys on exit
+        hadoop.setInt("parquet.block.size", max(1024, int(cfg.output.row_group_size_mb * 1024 * 1024)))
+        hadoop.setInt(check, 10)
+        try:
+            ordered.write.mode("error").parquet(url)
+        finally:
+            hadoop.unset(check) if previous is None else hadoop.set(check, previous)
 
 
 def _write_manifest(fs: HadoopFS, staging: str, manifest: dict, cfg: EtlConfig) -> None:
@@ -282,6 +288,10 @@ def run_etl(spark: "SparkSession", cfg: EtlConfig) -> EtlResult:
     inputs = open_inputs(spark, fs, cfg.input.path, "input.path", kind, cfg.input.glob or modality.default_glob,
                          cfg.files_per_task,
                          RecordColumns(cfg.input.text_column, cfg.input.label_column, cfg.input.split_column))
+    if kind == "records":  # read, numbered and shuffled once, not again by each job below
+        from pyspark import StorageLevel
+
+        inputs = dataclasses.replace(inputs, frame=inputs.frame.persist(StorageLevel.MEMORY_AND_DISK))
     layout_ = _layout(spark, cfg, root, from_folders) if kind == "files" else None
     labels = _label_vocabulary(cfg, inputs, layout_)
     labeller = spark.sparkContext.broadcast(layout.RowLabeller(
@@ -298,8 +308,9 @@ def run_etl(spark: "SparkSession", cfg: EtlConfig) -> EtlResult:
     try:
         stats = _group_stats(processed)
         inputs_in = sum(int(r["n"]) for r in stats)
-        if kind == "files" and inputs_in != len(inputs.listing):
-            raise RuntimeError(f"ETL does not reconcile: {len(inputs.listing)} files listed, {inputs_in} read")
+        read = len(inputs.listing) if kind == "files" else inputs.frame.count()  # counted apart from the UDF
+        if inputs_in != read:
+            raise RuntimeError(f"ETL does not reconcile: {read} inputs read, {inputs_in} processed")
         log.info("preprocessed and validated in %.1f s", time.perf_counter() - started)
         version = (location.versions() or [0])[-1] + 1
         manifest = _build_manifest(cfg, record, stats, inputs_in, version, root)
@@ -320,6 +331,7 @@ def run_etl(spark: "SparkSession", cfg: EtlConfig) -> EtlResult:
         raise
     finally:
         processed.unpersist()
+        inputs.frame.unpersist()
     return EtlResult(version, url, inputs_in, manifest["totals"]["rows_written"],
                      manifest["totals"]["quarantined"], time.perf_counter() - started, manifest)
 

@@ -58,7 +58,10 @@ def input_kind(fs: HadoopFS, root: str, fmt: str, accepts_records: bool) -> Inpu
         return "files"
     if not fs.is_dir(root):
         return "records"
-    return "records" if fs.list_files(root, RECORD_GLOB) else "files"
+    # Only files directly in the folder: a CSV of labels beside class folders of .txt files, or a
+    # JSON somewhere below, does not turn a document folder into records.
+    top = [path for path, _ in fs.list_files(root, RECORD_GLOB) if "/" not in path[len(root.rstrip("/")) + 1:]]
+    return "records" if top else "files"
 
 
 def read_files(spark: "SparkSession", root: str, glob: str, files_per_task: int) -> "DataFrame":

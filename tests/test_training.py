@@ -156,3 +156,12 @@ def test_driver_side_errors_name_the_key(spark, fashion_small, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         plan(spark, cfg)
 
+
+
+def test_early_stopping_without_a_validation_split_is_refused(spark, fashion_small):
+    from training.job import plan
+
+    cfg = config(fashion_small, ["tracking.enabled=false"], "early_stopping.patience=2", "data.val_split=holdout")
+    with pytest.raises(ConfigError, match="early_stopping: needs a validation split.*'holdout'"):
+        plan(spark, cfg)
+    assert plan(spark, config(fashion_small, ["tracking.enabled=false"], "data.val_split=holdout")).num_proc == 2

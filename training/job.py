@@ -82,6 +82,10 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
         raise ConfigError(f"model.name: {model_name!r} is not a {plugin.name} model (have {sorted(plugin.models)})")
     if len(dataset.labels) < 2:
         raise ConfigError(f"data.name: dataset {dataset.name} has {len(dataset.labels)} label(s); need >= 2")
+    stopping = cfg.early_stopping
+    if (stopping.patience or stopping.restore_best) and cfg.data.val_split not in dataset.manifest["splits"]:
+        raise ConfigError(f"early_stopping: needs a validation split, and dataset {dataset.name} v={dataset.version} "
+                          f"has no {cfg.data.val_split!r} split (data.val_split)")
     slots = task_slots(spark)
     num_proc = cfg.horovod.num_proc or slots
     if num_proc > slots:

@@ -159,7 +159,7 @@ class RankTask:
             ShardSpec(self.test_url, spec, self.record.modality, rank, size, *pool), cfg.max_eval_rows), prefix="test_")
         if rank != 0:
             return None
-        if keep_best.best_epoch is not None:
+        if cfg.early_stopping.restore_best and keep_best.best_epoch is not None:  # the weights tested
             test_metrics["best_epoch"] = float(keep_best.best_epoch)
         return {"weights": model.get_weights(), "test": test_metrics, "confusion": confusion.tolist()}
 

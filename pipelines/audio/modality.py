@@ -19,8 +19,11 @@ class AudioModality(Modality):
     name = "audio"
     rules_type = transforms.AudioRules
     default_glob = GLOB
-    reasons = transforms.REASONS
     default_model = "cnn"
+    models = {
+        "cnn": "log-mel spectrogram (in graph, standardised per clip) + 4 conv blocks + global pooling; "
+               "random time shifts and frequency masks while training",
+    }
     models_module = "pipelines.audio.models"
 
     def spec(self, rules: transforms.AudioRules, state: Mapping[str, Any]) -> TensorSpec:

@@ -9,12 +9,6 @@ import tensorflow as tf
 
 L = tf.keras.layers
 
-CATALOGUE: dict[str, str] = {
-    "cnn": "log-mel spectrogram (in graph, standardised per clip) + 4 conv blocks + global pooling; "
-           "random time shifts and frequency masks while training",
-}
-
-
 @tf.keras.utils.register_keras_serializable(package="deepspark")
 class LogMelSpectrogram(L.Layer):
     """int16 waveform (N, samples) -> log-mel spectrogram (N, frames, mel_bins, 1)."""

@@ -18,8 +18,11 @@ class ImageModality(Modality):
     name = "image"
     rules_type = transforms.ImageRules
     default_glob = GLOB
-    reasons = transforms.REASONS
     default_model = "convnet"
+    models = {
+        "convnet": "the classic Keras convnet (Keras' mnist_cnn: 2 conv, max-pool, dropout, dense 128)",
+        "resnet_small": "a small ResNet: 3 stages of 2 residual blocks (16/32/64 filters), global pooling",
+    }
     models_module = "pipelines.images.models"
 
     def spec(self, rules: transforms.ImageRules, state: Mapping[str, Any]) -> TensorSpec:

@@ -5,12 +5,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-CATALOGUE: dict[str, str] = {
-    "convnet": "the classic Keras convnet (Keras' mnist_cnn: 2 conv, max-pool, dropout, dense 128)",
-    "resnet_small": "a small ResNet: 3 stages of 2 residual blocks (16/32/64 filters), global pooling",
-}
-
-
 def _normalise(inputs):  # type: ignore[no-untyped-def]
     import tensorflow as tf
 

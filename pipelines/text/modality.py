@@ -22,8 +22,11 @@ class TextModality(Modality):
     rules_type = transforms.TextRules
     input_kinds = ("files", "records")
     default_glob = GLOB
-    reasons = transforms.REASONS
     default_model = "cnn"
+    models = {
+        "cnn": "embedding + 1-D convolutions (widths 3/4/5, 100 filters, global max-pool; Kim 2014) + fastText branch",
+        "bilstm": "embedding + bidirectional LSTM (64), global max-pool + fastText branch",
+    }
     models_module = "pipelines.text.models"
 
     def spec(self, rules: transforms.TextRules, state: Mapping[str, Any]) -> TensorSpec:

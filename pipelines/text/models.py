@@ -13,12 +13,6 @@ import tensorflow as tf
 
 L = tf.keras.layers
 
-CATALOGUE: dict[str, str] = {
-    "cnn": "embedding + 1-D convolutions (widths 3/4/5, 100 filters, global max-pool; Kim 2014) + fastText branch",
-    "bilstm": "embedding + bidirectional LSTM (64), global max-pool + fastText branch",
-}
-
-
 @tf.keras.utils.register_keras_serializable(package="deepspark")
 class HashedBigrams(L.Layer):
     """(N, L) ids -> (N, L-1) ids of adjacent pairs, hashed into 1..buckets; 0 where either side
