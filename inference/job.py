@@ -56,12 +56,11 @@ def _inputs(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, mode
     """The input rows: raw inputs of the model's modality (files or text records), or a dataset
     split whose stored tensors match the model's; checked on the driver, errors name the key."""
     if cfg.input.path is not None:
-        from pipelines.inputs import RecordColumns, input_kind, open_inputs
+        from pipelines.inputs import RecordColumns, open_inputs, resolve_input
 
         plugin = model.record.plugin
-        root = fs.qualify(to_url(cfg.input.path))
-        kind = input_kind(fs, root, cfg.input.format, "records" in plugin.input_kinds)
-        inputs = open_inputs(spark, fs, cfg.input.path, "input.path", kind, cfg.input.glob or plugin.default_glob,
+        root, kind = resolve_input(fs, cfg.input.path, "input.path", cfg.input.format, "records" in plugin.input_kinds)
+        inputs = open_inputs(spark, fs, root, "input.path", kind, cfg.input.glob or plugin.default_glob,
                              cfg.files_per_task, RecordColumns(cfg.input.text_column, cfg.input.label_column,
                                                                label_required=False))
         return inputs.frame, inputs.kind, inputs.root

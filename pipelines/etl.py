@@ -28,7 +28,7 @@ from deepspark.modality import (LABEL, LABEL_NAME, PATH, QUARANTINE_COLUMNS, Mod
 from deepspark.storage import HadoopFS, VersionedLocation, join, to_url
 from pipelines import layout
 from pipelines.config import EtlConfig
-from pipelines.inputs import MALFORMED_DETAIL, RawInputs, RecordColumns, input_kind, open_inputs
+from pipelines.inputs import MALFORMED_DETAIL, RawInputs, RecordColumns, open_inputs, resolve_input
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -123,12 +123,7 @@ def make_processor(modality: Modality, rules: Any, state: dict, spec: TensorSpec
 
 def _check_inputs(cfg: EtlConfig, fs: HadoopFS, modality: Modality) -> tuple[str, str, bool, float]:
     """Driver-side checks before any task: the input exists, its kind and layout are understood."""
-    root = fs.qualify(to_url(cfg.input.path))
-    if not fs.exists(root):
-        raise ConfigError(f"input.path: {cfg.input.path!r} does not exist ({root})")
-    kind = input_kind(fs, root, cfg.input.format, "records" in modality.input_kinds)
-    if kind == "files" and not fs.is_dir(root):
-        raise ConfigError(f"input.path: {cfg.input.path!r} is not a folder ({root})")
+    root, kind = resolve_input(fs, cfg.input.path, "input.path", cfg.input.format, "records" in modality.input_kinds)
     if cfg.input.labels_csv and not fs.exists(to_url(cfg.input.labels_csv)):
         raise ConfigError(f"input.labels_csv: {cfg.input.labels_csv!r} does not exist")
     top = fs.list_dir_names(root) if kind == "files" else []
@@ -285,7 +280,7 @@ def run_etl(spark: "SparkSession", cfg: EtlConfig) -> EtlResult:
     location = VersionedLocation(fs, fs.qualify(to_url(cfg.output.root)), cfg.output.name)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
 
-    inputs = open_inputs(spark, fs, cfg.input.path, "input.path", kind, cfg.input.glob or modality.default_glob,
+    inputs = open_inputs(spark, fs, root, "input.path", kind, cfg.input.glob or modality.default_glob,
                          cfg.files_per_task,
                          RecordColumns(cfg.input.text_column, cfg.input.label_column, cfg.input.split_column))
     if kind == "records":  # read, numbered and shuffled once, not again by each job below

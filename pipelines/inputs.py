@@ -37,17 +37,23 @@ class RawInputs:
     kind: InputKind
     root: str  # the qualified input root (a folder, or the single record file)
     listing: tuple[tuple[str, int], ...]  # (path, size) of every input file
-    has_labels: bool = True  # records without a label column (batch inference) have none
-    has_splits: bool = False  # records with a split column
-
-    @property
-    def record_format(self) -> str | None:
-        return None if self.kind == "files" else record_format(self.listing[0][0])
 
 
 def record_format(path: str) -> str:
     name = path.lower().removesuffix(".bz2").removesuffix(".gz")
     return "csv" if name.endswith(".csv") else "jsonl"
+
+
+def resolve_input(fs: HadoopFS, path: str, key: str, fmt: str, accepts_records: bool) -> tuple[str, InputKind]:
+    """The qualified root and the kind of input under `path`, checked on the driver before any
+    task (errors name `key`): it exists, and a files input is a folder."""
+    root = fs.qualify(to_url(path))
+    if not fs.exists(root):
+        raise ConfigError(f"{key}: {path!r} does not exist ({root})")
+    kind = input_kind(fs, root, fmt, accepts_records)
+    if kind == "files" and not fs.is_dir(root):
+        raise ConfigError(f"{key}: {path!r} is not a folder ({root})")
+    return root, kind
 
 
 def input_kind(fs: HadoopFS, root: str, fmt: str, accepts_records: bool) -> InputKind:
@@ -79,15 +85,10 @@ def read_files(spark: "SparkSession", root: str, glob: str, files_per_task: int)
     )
 
 
-def open_inputs(spark: "SparkSession", fs: HadoopFS, path: str, key: str, kind: InputKind, glob: str,
+def open_inputs(spark: "SparkSession", fs: HadoopFS, root: str, key: str, kind: InputKind, glob: str,
                 files_per_task: int, columns: "RecordColumns | None" = None) -> RawInputs:
-    """Check `path` on the driver (errors name `key`), then the rows of every input under it."""
-    root = fs.qualify(to_url(path))
-    if not fs.exists(root):
-        raise ConfigError(f"{key}: {path!r} does not exist ({root})")
+    """The rows of every input under a root from `resolve_input` (errors name `key`)."""
     if kind == "files":
-        if not fs.is_dir(root):
-            raise ConfigError(f"{key}: {path!r} is not a folder ({root})")
         return _files(spark, fs, root, glob, files_per_task)
     return _records(spark, fs, root, key, columns or RecordColumns())
 
@@ -159,5 +160,4 @@ def _records(spark: "SparkSession", fs: HadoopFS, root: str, key: str, columns: 
              .withColumn("path", F.concat(F.col("_file"), F.lit("#"), row.cast("string")))
              .select("path", F.coalesce(F.octet_length("payload"), F.lit(0)).cast("long").alias("size"),
                      "payload", "label_name", "split", "malformed"))
-    return RawInputs(frame, "records", root, listing, has_labels=label is not None,
-                     has_splits=columns.split is not None)
+    return RawInputs(frame, "records", root, listing)
