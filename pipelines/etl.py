@@ -82,6 +82,15 @@ def _state_line(state: dict) -> str:
     return f", vocabulary of {len(state['vocabulary'])} tokens fitted on train" if "vocabulary" in state else ""
 
 
+def _label_row(label_of: layout.RowLabeller, path: str, payload: Any, given_label: str | None,
+               given_split: str | None, malformed: str | None) -> tuple[str, str | None, str | None, tuple | None]:
+    """(content hash, split, label name, failure) of one raw row, the same for the vocabulary job
+    and the processor: a record Spark could not parse fails before its label is looked at."""
+    digest = content_hash(payload)
+    split, label_name, failure = label_of(path, digest, given_label, given_split)
+    return digest, split, label_name, (malformed, MALFORMED_DETAIL) if malformed is not None else failure
+
+
 def make_processor(modality: Modality, rules: Any, state: dict, spec: TensorSpec,
                    labeller: "Broadcast[layout.RowLabeller]") -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     """Build, on the driver, the picklable pandas function the executors run: label and split,
@@ -99,12 +108,10 @@ def make_processor(modality: Modality, rules: Any, state: dict, spec: TensorSpec
             for path, size, payload, given_label, given_split, malformed in zip(
                     batch["path"], batch["size"], batch["payload"], batch["label_name"], batch["split"],
                     batch["malformed"]):
-                digest = content_hash(payload)
-                split, label_name, failure = label_of(path, digest, given_label, given_split)
+                digest, split, label_name, failure = _label_row(label_of, path, payload, given_label, given_split,
+                                                                malformed)
                 stored = label = None
-                if malformed is not None:
-                    failure = (malformed, MALFORMED_DETAIL)
-                elif failure is None:
+                if failure is None:
                     tensor, failure = preprocess(payload)
                     if tensor is not None:  # a plug-in's tensor off its spec is a row's failure too
                         stored, failure = or_reason(lambda t: modality.encode(t, spec), tensor)
@@ -175,12 +182,10 @@ def _fit(spark: "SparkSession", modality: Modality, rules: Any, inputs: RawInput
         label_of = labeller.value
         for batch in batches:
             keep = []
-            for path, payload, given_label, given_split, malformed in zip(
-                    batch["path"], batch["payload"], batch["label_name"], batch["split"], batch["malformed"]):
-                if malformed is None and payload is not None:
-                    split, _, failure = label_of(path, content_hash(payload), given_label, given_split)
-                    if split == "train" and failure is None:
-                        keep.append(payload)
+            for row in zip(batch["path"], batch["payload"], batch["label_name"], batch["split"], batch["malformed"]):
+                _, split, _, failure = _label_row(label_of, *row)
+                if split == "train" and failure is None:
+                    keep.append(row[1])
             yield pd.DataFrame({"payload": pd.Series(keep, dtype=object)})
 
     payload_type = "binary" if inputs.kind == "files" else "string"
