@@ -74,6 +74,14 @@ def or_reason(convert: Callable[[Any], np.ndarray], payload: Any) -> tuple[np.nd
         return None, (UNREADABLE, f"{type(exc).__name__}: {exc}")
 
 
+def preprocess_all(preprocess: Preprocess, payloads: Sequence[Any]
+                   ) -> tuple[list[np.ndarray | None], list[Failure | None]]:
+    """A batch through one preprocessor: tensors (None where it failed) and failures (None where
+    it did not), position by position."""
+    results = [preprocess(payload) for payload in payloads]
+    return [tensor for tensor, _ in results], [failure for _, failure in results]
+
+
 def content_hash(data: bytes | str | None) -> str:
     """sha256 of an input's bytes; a text record hashes its UTF-8 encoding, and a null text hashes
     as the empty string (batch inference's Spark-side key, `sha2(coalesce(payload, ''))`, agrees,

@@ -65,24 +65,27 @@ def resolve(model_uri: str) -> tuple[str, int, str]:
 
 
 def resolve_and_ship(spark: "SparkSession", model_uri: str, workdir: str) -> ResolvedModel:
-    """Resolve once, download once, ship to executors once."""
+    """Resolve once; read the model's modality record (one small file); download the whole model
+    and ship it to executors only when this SparkContext has not shipped that version yet."""
     import mlflow
 
     from inference.serving import RECORD_FILE
 
     name, version, run_id = resolve(model_uri)
-    shipped = f"deepspark-model-{name}-v{version}"
-    target = os.path.join(workdir, shipped)
-    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=os.path.join(workdir, "model"))
-    os.rename(local, target)
-    record_path = os.path.join(target, "artifacts", RECORD_FILE)
-    if not os.path.isfile(record_path):
+    try:
+        record_path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}/artifacts/{RECORD_FILE}", dst_path=os.path.join(workdir, "record"))
+    except Exception:
         raise ConfigError(f"model_uri: {model_uri!r} ({name} v{version}) was not logged by DeepSpark's training job "
-                          "(it has no modality record)")
+                          "(it has no modality record)") from None
     with open(record_path) as fh:
         record = ModalityRecord.from_dict(json.load(fh))
+    shipped = f"deepspark-model-{name}-v{version}"
     already = {os.path.basename(f.rstrip("/")) for f in spark.sparkContext.listFiles}
     if shipped not in already:  # a long-lived SparkContext ships each model version once
+        local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=os.path.join(workdir, "model"))
+        target = os.path.join(workdir, shipped)
+        os.rename(local, target)
         spark.sparkContext.addFile(target, recursive=True)
     return ResolvedModel(name, version, run_id, record, shipped)
 

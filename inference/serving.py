@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import mlflow.pyfunc
 import numpy as np
 
-from deepspark.modality import Failure, ModalityRecord
+from deepspark.modality import Failure, ModalityRecord, preprocess_all
 
 KERAS_ARTIFACT = "keras_model"
 RECORD_ARTIFACT = "modality"
@@ -52,8 +52,7 @@ class ModalityClassifier(mlflow.pyfunc.PythonModel):
 
     def preprocess(self, payloads: Sequence[Any]) -> tuple[list[np.ndarray | None], list[Failure | None]]:
         """Raw inputs -> tensors exactly as the ETL made them; failures as (reason, detail)."""
-        results = [self._preprocess(payload) for payload in payloads]
-        return [tensor for tensor, _ in results], [failure for _, failure in results]
+        return preprocess_all(self._preprocess, payloads)
 
     def probabilities(self, tensors: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Class probabilities of stored-form tensors, in fixed-size chunks (one compiled graph)."""

@@ -35,7 +35,7 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
     def score(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
-        from deepspark.modality import content_hash
+        from deepspark.modality import content_hash, preprocess_all
         from inference.model import load_on_worker, task_gpu
         from pipelines.inputs import MALFORMED_DETAIL
         from pipelines.layout import Layout
@@ -61,8 +61,7 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
             else:
                 payloads = list(batch["payload"])
                 hashes = [content_hash(p) for p in payloads]
-                results = [preprocess(p) for p in payloads]
-                tensors, failures = [t for t, _ in results], [f for _, f in results]
+                tensors, failures = preprocess_all(preprocess, payloads)
                 truth = [layout.parse(p)[2] for p in batch["path"]] if layout else (
                     list(batch["label_name"]) if "label_name" in batch else [None] * n)
             malformed = list(batch["malformed"]) if "malformed" in batch else [None] * n
