@@ -90,9 +90,21 @@ class HadoopFS:
             return []
         return sorted(str(status.getPath().getName()) for status in fs.listStatus(path) if status.isDirectory())
 
+    def list_file_names(self, url: str) -> list[str]:
+        """Names of the files directly in a folder."""
+        fs, path = self._fs(url)
+        if not fs.exists(path):
+            return []
+        return sorted(str(status.getPath().getName()) for status in fs.listStatus(path) if status.isFile())
+
     def list_files(self, url: str, name_glob: str) -> list[tuple[str, int]]:
         """Every file below `url` whose name matches the Hadoop-style glob, with its size,
         in Spark's `path` format. Unlike Spark's file index this keeps 0-byte files."""
+        return [(path, size) for path, size, _ in self.list_file_status(url, name_glob)]
+
+    def list_file_status(self, url: str, name_glob: str) -> list[tuple[str, int, int]]:
+        """`list_files` with each file's modification time (ms since the epoch): the metadata an
+        incremental run compares before it reads any content."""
         root = self.qualify(url)
         matches = glob_matcher(name_glob)
         local = local_path(to_url(root))
@@ -103,7 +115,8 @@ class HadoopFS:
                 for name in filenames:
                     if matches(name) and not name.startswith(("_", ".")):
                         full = os.path.join(dirpath, name)
-                        found.append(("file:" + full, os.path.getsize(full)))
+                        st = os.stat(full)
+                        found.append(("file:" + full, st.st_size, st.st_mtime_ns // 1_000_000))
             return sorted(found)
         fs, path = self._fs(root)
         it = fs.listFiles(path, True)
@@ -112,7 +125,8 @@ class HadoopFS:
             status = it.next()
             name = str(status.getPath().getName())
             if matches(name) and not name.startswith(("_", ".")):
-                found.append((str(status.getPath().toString()), int(status.getLen())))
+                found.append((str(status.getPath().toString()), int(status.getLen()),
+                              int(status.getModificationTime())))
         return sorted(found)
 
     def dir_ages(self, url: str) -> dict[str, float]:
@@ -166,6 +180,80 @@ class HadoopFS:
         finally:
             stream.close()
         return True
+
+    def file_status(self, url: str) -> tuple[str, int, int]:
+        """(qualified path, size, modification ms) of one file."""
+        fs, path = self._fs(url)
+        status = fs.getFileStatus(path)
+        return str(status.getPath().toString()), int(status.getLen()), int(status.getModificationTime())
+
+    def modified_ms(self, url: str) -> int | None:
+        """A file's modification time (ms since the epoch, the file system's clock), None if absent."""
+        local = local_path(url)
+        if local is not None:
+            try:
+                return os.stat(local).st_mtime_ns // 1_000_000
+            except FileNotFoundError:
+                return None
+        fs, path = self._fs(url)
+        return int(fs.getFileStatus(path).getModificationTime()) if fs.exists(path) else None
+
+    def touch(self, url: str) -> None:
+        """Set a file's modification time to now (a lease's heartbeat)."""
+        local = local_path(url)
+        if local is not None:
+            os.utime(local)
+            return
+        fs, path = self._fs(url)
+        fs.setTimes(path, int(time.time() * 1000), -1)
+
+    def create_exclusive(self, url: str, text: str) -> bool:
+        """Create a small file with its whole content only if no file of that name exists; False
+        when one does. Atomic where the project claims it: on a local disk the content is written
+        to a temporary file and hard-linked to the name (link fails if the name exists); on HDFS
+        a file renamed onto an existing name fails. (s3a: a rename is copy + delete, so two writers
+        can both win there; keep locks and logs on HDFS or a local/NFS disk.)"""
+        local = local_path(url)
+        tmp = f"{url}.{uuid.uuid4().hex}.tmp"
+        if local is not None:
+            tmp_local = local_path(tmp)
+            assert tmp_local is not None
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp_local.write_text(text, encoding="utf-8")
+            try:
+                os.link(tmp_local, local)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                tmp_local.unlink(missing_ok=True)
+        self.write_text(tmp, text)
+        fs, path = self._fs(url)
+        _, tmp_path = self._fs(tmp)
+        try:
+            return bool(fs.rename(tmp_path, path))  # HDFS: false when `url` exists
+        finally:
+            if fs.exists(tmp_path):
+                fs.delete(tmp_path, False)
+
+    def move_file(self, src: str, dst: str) -> bool:
+        """Rename a file to a name that does not exist yet; False if `src` is gone (someone else
+        moved it first) or `dst` exists."""
+        local, dst_local = local_path(src), local_path(dst)
+        if local is not None and dst_local is not None:
+            try:
+                os.link(local, dst_local)
+            except (FileNotFoundError, FileExistsError):
+                return False
+            try:
+                os.unlink(local)
+            except FileNotFoundError:  # moved by another at the same instant: theirs
+                os.unlink(dst_local)
+                return False
+            return True
+        fs, src_path = self._fs(src)
+        _, dst_path = self._fs(dst)
+        return bool(fs.rename(src_path, dst_path))
 
     def rename(self, src: str, dst: str) -> None:
         """Rename `src` to `dst`; refuses to move into an existing destination."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import PositiveInt, model_validator
+from pydantic import PositiveFloat, PositiveInt, model_validator
 
 from deepspark.config import FrozenModel
 from deepspark.spark import SparkSettings
@@ -50,3 +50,4 @@ class BatchInferenceConfig(FrozenModel):
     intra_op_threads: PositiveInt = 1
     full_refresh: bool = False
     force_unlock: bool = False  # take over a lock left by a crashed run (the lock names its owner)
+    lock_ttl_s: PositiveFloat = 120.0  # a lock not heartbeated for this long belongs to a dead run

@@ -12,10 +12,11 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from deepspark.config import ConfigError
-from deepspark.storage import HadoopFS, to_url
+from deepspark.locks import Lease
+from deepspark.storage import HadoopFS
 from inference.config import BatchInferenceConfig
 from inference.model import ResolvedModel, resolve_and_ship
-from inference.state import KEY, Lock, Table
+from inference.state import KEY, SOURCE, PredictionStore
 from inference.udf import SCORED_DDL, make_scorer
 
 if TYPE_CHECKING:
@@ -25,25 +26,51 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Counts:
+    """Where each input went. Files: listed = skipped by metadata + hashed; hashed = unchanged +
+    scored + quarantined. Text records are listed and skipped per file, hashed per record."""
+
+    listed: int = 0  # input files found (a dataset split: its rows)
+    skipped: int = 0  # files whose (path, size, mtime) is committed: not read at all
+    hashed: int = 0  # inputs read and hashed
+    unchanged: int = 0  # hashed, but (path, content hash) is committed: not scored again
+    scored: int = 0
+    quarantined: int = 0
+
+    def as_metrics(self) -> dict[str, int]:
+        return {"inputs_listed": self.listed, "skipped_by_metadata": self.skipped, "inputs_hashed": self.hashed,
+                "unchanged_content": self.unchanged, "scored": self.scored, "quarantined": self.quarantined}
+
+
+@dataclass(frozen=True)
 class InferenceResult:
     job_id: str
     model: str
-    inputs: int
-    already_scored: int
-    scored: int
-    quarantined: int
+    counts: Counts
     model_loads: int
     seconds: float
     accuracy: float | None
     output: str
     modality: str
+    commit: int | None  # the log entry that made this run visible; None when there was nothing new
+
+    @property
+    def scored(self) -> int:
+        return self.counts.scored
+
+    @property
+    def quarantined(self) -> int:
+        return self.counts.quarantined
 
     def summary(self) -> str:
+        c = self.counts
         lines = [
-            f"batch inference {self.job_id} with {self.model} -> {self.output}",
-            f"inputs {self.inputs} = already scored {self.already_scored} + scored now {self.scored}"
-            f" + quarantined {self.quarantined}",
-            f"{self.seconds:.1f} s, {self.scored / self.seconds if self.seconds else 0:,.0f} rows/s, "
+            f"batch inference {self.job_id} with {self.model} -> {self.output}"
+            + (f" (commit {self.commit})" if self.commit is not None else " (nothing new: no commit)"),
+            f"listed {c.listed}: skipped by metadata {c.skipped} (unchanged since committed, not read), "
+            f"read and hashed {c.hashed}",
+            f"hashed {c.hashed} = scored now {c.scored} + quarantined {c.quarantined} + already scored {c.unchanged}",
+            f"{self.seconds:.1f} s, {c.scored / self.seconds if self.seconds else 0:,.0f} rows/s, "
             f"model loaded {self.model_loads} time(s)",
         ]
         if self.accuracy is not None:
@@ -51,19 +78,57 @@ class InferenceResult:
         return "\n".join(lines)
 
 
-def _inputs(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel
-            ) -> tuple["DataFrame", str, str | None]:
-    """The input rows: raw inputs of the model's modality (files or text records), or a dataset
-    split whose stored tensors match the model's; checked on the driver, errors name the key."""
-    if cfg.input.path is not None:
-        from pipelines.inputs import RecordColumns, open_inputs, resolve_input
+@dataclass(frozen=True)
+class Candidates:
+    """The rows to hash and maybe score, with the counts known before scoring."""
 
-        plugin = model.record.plugin
-        root, kind = resolve_input(fs, cfg.input.path, "input.path", cfg.input.format, "records" in plugin.input_kinds)
-        inputs = open_inputs(spark, fs, root, "input.path", kind, cfg.input.glob or plugin.default_glob,
-                             cfg.files_per_task, RecordColumns(cfg.input.text_column, cfg.input.label_column,
-                                                               label_required=False))
-        return inputs.frame, inputs.kind, inputs.root
+    rows: "DataFrame | None"  # path, content_hash, payload or tensor, label_name, malformed, source metadata
+    source: str  # files | records | dataset
+    root: str | None
+    listed: int
+    skipped: int
+
+
+def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
+                committed: "DataFrame | None") -> Candidates:
+    """What this run must read: raw input files whose (path, size, mtime) is not committed for the
+    model version (the listing's metadata decides, no content is read), or a dataset split's
+    rows. Driver-side checks first; errors name the config key."""
+    from pyspark.sql import functions as F
+
+    if cfg.input.path is None:
+        return Candidates(_dataset_rows(spark, cfg, model), "dataset", None, 0, 0)
+    from pipelines.inputs import RecordColumns, list_inputs, open_inputs, resolve_input
+
+    plugin = model.record.plugin
+    glob = cfg.input.glob or plugin.default_glob
+    root, kind = resolve_input(fs, cfg.input.path, "input.path", cfg.input.format, "records" in plugin.input_kinds)
+    listing = list_inputs(fs, root, "input.path", kind, glob)
+    fresh = listing
+    if committed is not None and listing:
+        import pandas as pd
+
+        listed_df = spark.createDataFrame(pd.DataFrame(listing, columns=SOURCE))
+        seen = committed.select(*SOURCE).where(F.col("source_size").isNotNull())
+        fresh = tuple((r[0], int(r[1]), int(r[2])) for r in listed_df.join(seen, SOURCE, "left_anti").collect())
+    if not fresh:
+        return Candidates(None, kind, root, len(listing), len(listing))
+    inputs = open_inputs(spark, fs, root, "input.path", kind, glob, cfg.files_per_task,
+                         RecordColumns(cfg.input.text_column, cfg.input.label_column, label_required=False),
+                         only=None if len(fresh) == len(listing) else fresh)
+    import pandas as pd
+
+    meta = spark.createDataFrame(pd.DataFrame(fresh, columns=SOURCE))
+    payload = F.coalesce("payload", F.lit("")) if kind == "records" else F.col("payload")
+    rows = (inputs.frame.join(meta, "source")  # Spark picks the join; the listing side is this run's only
+            .withColumn("content_hash", F.sha2(payload, 256)))  # hashed by the JVM, once
+    return Candidates(rows, kind, root, len(listing), len(listing) - len(fresh))
+
+
+def _dataset_rows(spark: "SparkSession", cfg: BatchInferenceConfig, model: ResolvedModel) -> "DataFrame":
+    """A dataset split whose stored tensors match the model's (checked on the driver)."""
+    from pyspark.sql import functions as F
+
     from deepspark.datasets import open_dataset
 
     try:
@@ -83,90 +148,93 @@ def _inputs(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, mode
         url = dataset.split_url(cfg.input.split)
     except KeyError as exc:
         raise ConfigError(f"input.split: {exc.args[0]}") from None
-    rows = spark.read.parquet(url).select("path", "content_hash", held.spec.column, "label_name")
-    return rows, "dataset", None
+    rows = (spark.read.parquet(url).select("path", "content_hash", held.spec.column, "label_name")
+            .withColumn("source", F.col("path")).withColumn("source_size", F.lit(None).cast("long"))
+            .withColumn("source_modified", F.lit(None).cast("long")))
+    return rows
 
 
 def run_inference(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult:
-
+    """Score what this model version has not scored yet and commit it, holding the output's lease."""
     started = time.perf_counter()
     job_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     fs = HadoopFS(spark)
     from deepspark.tracking import ensure_experiment
 
     ensure_experiment(cfg.tracking)  # the registry lives in the tracking store
-    out_url = fs.qualify(to_url(cfg.output.path))
-    predictions = Table(fs, out_url)
-    quarantine = Table(fs, fs.qualify(to_url(cfg.output.quarantine_path or cfg.output.path.rstrip("/") + "_quarantine")))
+    store = PredictionStore.open(fs, cfg.output.path, cfg.output.quarantine_path)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
     # Shipped files must outlive the job while the SparkContext lives (executors may fetch late).
     workdir = tempfile.mkdtemp(prefix="deepspark-model-")
     model = resolve_and_ship(spark, cfg.model_uri, workdir)  # one concrete version for the whole job
-    rows, source, root = _inputs(spark, cfg, fs, model)
-    lock = Lock(fs, out_url, job_id)
-    lock.acquire(cfg.force_unlock)
+    if cfg.input.path is None:
+        _dataset_rows(spark, cfg, model)  # its checks, before taking the lock
+    fs.mkdirs(store.url)
+    lease = Lease(fs, store.lock_url, job_id, cfg.lock_ttl_s)
+    lease.acquire(cfg.force_unlock)
     try:
-        return _score(spark, cfg, model, rows, source, root, predictions, quarantine, job_id, started)
+        removed = store.vacuum()  # batches of killed runs (no commit lists them); we hold the lock
+        if removed:
+            log.info("removed %d uncommitted or replaced batch folder(s)", len(removed))
+        return _score(spark, cfg, fs, model, store, lease, job_id, started)
     finally:
-        lock.release()
-        for table in (predictions, quarantine):
-            fs.delete(table.staging(job_id))
+        lease.release()
 
 
-def _score(spark, cfg, model, rows, source, root, predictions: Table, quarantine: Table, job_id: str,
-           started: float) -> InferenceResult:
+def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel, store: PredictionStore,
+           lease: Lease, job_id: str, started: float) -> InferenceResult:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    inputs = rows.count()  # files: a listing only (binaryFile reads no content for a count)
-    done = None
-    if not cfg.full_refresh:
-        committed = [t.committed(spark, model.version) for t in (predictions, quarantine)]
-        parts = [c.select(*KEY) for c in committed if c is not None]
-        if parts:
-            done = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
-    keyed = rows
-    if done is not None:
-        raw = source != "dataset"
-        if raw:  # the content hash is computed on executors; only skip unchanged inputs
-            payload = F.coalesce("payload", F.lit("")) if source == "records" else F.col("payload")
-            keyed = rows.withColumn("content_hash", F.sha2(payload, 256))
-        keyed = keyed.join(F.broadcast(done.distinct()), KEY, "left_anti")
-        if raw:
-            keyed = keyed.drop("content_hash")
+    base = store.current()
+    committed = None if cfg.full_refresh else store.committed(spark, model.version, [*KEY, *SOURCE], base)
+    plan = _candidates(spark, cfg, fs, model, committed)
+
+    def result(counts: Counts, loads: int, accuracy: float | None, commit: int | None) -> InferenceResult:
+        return InferenceResult(job_id, model.uri, counts, loads, time.perf_counter() - started, accuracy,
+                               store.url, model.record.modality, commit)
+
+    if plan.rows is None:  # a no-op run: no content read, nothing written, no commit
+        return result(Counts(plan.listed, plan.skipped), 0, None, None)
+    rows = plan.rows
+    # Files: one row per listed candidate (known without a pass); records and dataset rows are counted.
+    hashed = plan.listed - plan.skipped if plan.source == "files" else rows.count()
+    listed = hashed if plan.source == "dataset" else plan.listed
+    todo = rows
+    if committed is not None:  # same path, same content, already committed: not scored again
+        todo = rows.join(committed.select(*KEY), KEY, "left_anti")
     loads = spark.sparkContext.accumulator(0)
-    scorer = make_scorer(model, source, root, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads)
+    scorer = make_scorer(model, plan.source, plan.root, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads)
     stamp = F.lit(datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    scored = (keyed.mapInPandas(scorer, SCORED_DDL)
-              .withColumn("model_name", F.lit(model.name)).withColumn("model_version", F.lit(model.version))
-              .withColumn("model_run_id", F.lit(model.run_id)).withColumn("job_id", F.lit(job_id))
-              .withColumn("scored_at", stamp)
+    scored = (todo.mapInPandas(scorer, SCORED_DDL)
+              .withColumn("model_name", F.lit(model.name)).withColumn("model_run_id", F.lit(model.run_id))
+              .withColumn("job_id", F.lit(job_id)).withColumn("scored_at", stamp)
               .persist(StorageLevel.MEMORY_AND_DISK))
-    try:
-        good = scored.where(F.col("reason").isNull()).drop("reason", "detail")
-        bad = scored.where(F.col("reason").isNotNull()).select("path", "content_hash", "reason", "detail",
-                                                                "model_name", "model_version", "job_id", "scored_at")
-        good.drop("model_version").write.parquet(predictions.staging(job_id))
-        bad.drop("model_version").coalesce(1).write.parquet(quarantine.staging(job_id))
-        ok = F.col("reason").isNull()
-        labelled = ok & F.col("true_label").isNotNull() & F.col("true_label").isin(*model.labels)
-        totals = scored.agg(  # one pass: counts and accuracy against folder/dataset labels
-            F.count(F.when(ok, 1)).alias("good"), F.count(F.when(~ok, 1)).alias("bad"),
-            F.count(F.when(labelled, 1)).alias("labelled"),
-            F.count(F.when(labelled & (F.col("true_label") == F.col("predicted_label")), 1)).alias("hits"),
-        ).collect()[0]
-        n_good, n_bad = totals["good"], totals["bad"]
-        accuracy = totals["hits"] / totals["labelled"] if totals["labelled"] else None
-        if cfg.full_refresh:
-            predictions.drop_version(model.version)
-            quarantine.drop_version(model.version)
-        predictions.commit(job_id, model.version)
-        quarantine.commit(job_id, model.version)
-    finally:
-        scored.unpersist()
-    already = inputs - n_good - n_bad
-    return InferenceResult(job_id, model.uri, inputs, already, n_good, n_bad, loads.value,
-                           time.perf_counter() - started, accuracy, predictions.url, model.record.modality)
+    ok = F.col("reason").isNull()
+    labelled = ok & F.col("true_label").isNotNull() & F.col("true_label").isin(*model.labels)
+    totals = scored.agg(  # one pass: counts and accuracy against folder/dataset labels
+        F.count(F.when(ok, 1)).alias("good"), F.count(F.when(~ok, 1)).alias("bad"),
+        F.count(F.when(labelled, 1)).alias("labelled"),
+        F.count(F.when(labelled & (F.col("true_label") == F.col("predicted_label")), 1)).alias("hits"),
+    ).collect()[0]
+    n_good, n_bad = int(totals["good"]), int(totals["bad"])
+    counts = Counts(listed, plan.skipped, hashed, hashed - n_good - n_bad, n_good, n_bad)
+    accuracy = totals["hits"] / totals["labelled"] if totals["labelled"] else None
+    added: dict[str, list[str]] = {}
+    if n_good:
+        scored.where(ok).drop("reason", "detail").write.parquet(store.batch_url("predictions", model.version, job_id))
+        added["predictions"] = [job_id]
+    if n_bad:
+        (scored.where(~ok).select(*KEY, "reason", "detail", *SOURCE, "model_name", "job_id", "scored_at")
+         .coalesce(1).write.parquet(store.batch_url("quarantine", model.version, job_id)))
+        added["quarantine"] = [job_id]
+    scored.unpersist()
+    if not added and not cfg.full_refresh:  # every hashed input was unchanged: nothing to commit
+        return result(counts, loads.value, accuracy, None)
+    lease.check()  # a run whose lease was taken over must not commit over its successor
+    snap = store.commit(job_id, model.version, added, cfg.full_refresh, base)
+    store.vacuum()
+    return result(counts, loads.value, accuracy, snap.number)
 
 
 def run_job(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult:
@@ -180,9 +248,7 @@ def run_job(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult
 
             mlflow.set_tags({"model.uri": result.model, "inference.job_id": result.job_id,
                              "deepspark.modality": result.modality})
-            metrics = {"inputs": result.inputs, "scored": result.scored, "quarantined": result.quarantined,
-                       "already_scored": result.already_scored, "model_loads": result.model_loads,
-                       "seconds": result.seconds}
+            metrics = {**result.counts.as_metrics(), "model_loads": result.model_loads, "seconds": result.seconds}
             if result.accuracy is not None:
                 metrics["accuracy"] = result.accuracy
             mlflow.log_metrics(metrics)

@@ -1,112 +1,180 @@
-"""The prediction table and its state: incremental, exactly-once, one writer at a time.
+"""The prediction and quarantine tables, their commit log, and how to read them consistently.
 
-Layout under `output.path`:
-  model_version=<v>/batch=<job id>/part-*.parquet   committed predictions (what readers see)
-  _staging/<job id>/...                               a run's output before its commit
-  _LOCK                                               the running job (refuses a second writer)
-The state *is* the committed output: a run scores the inputs whose (path, content_hash) are
-not yet committed for this model version, writes them under `_staging/`, and commits with
-one rename per table. A crash before the rename leaves nothing visible; a rerun scores the
-same inputs again, so there are no duplicates and no gaps. Quarantined inputs are committed
-the same way in the quarantine table, so they are not retried every run.
+Layout:
+  <output>/model_version=<v>/batch=<job id>/part-*.parquet       predictions
+  <quarantine>/model_version=<v>/batch=<job id>/part-*.parquet   inputs that could not be scored
+  <output>/_log/<n>.json                                          commit n: every live batch of both
+  <output>/_LOCK                                                  the running job's lease
+A run writes its batches under their final names, then commits by creating the next log file
+(exclusive create: one commit point for both tables). Readers open the newest log entry and read
+exactly the batches it lists (`read_table`), so a run's predictions and quarantine appear
+together, and a full refresh swaps the old batches for the new ones in one step: readers see the
+old complete output or the new one, never neither. Batches no log entry lists (a killed run's)
+and batches dropped by a full refresh or compaction are deleted once two later commits no
+longer list them, so a reader that opened the previous entry can still finish.
+
+The committed rows are also the incremental state: every row carries its source file's size and
+modification time, so a run skips a listed file whose (path, size, mtime) is committed without
+reading it, and hashes only the rest.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
+import re
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable
 
-from deepspark.storage import HadoopFS, join
+from deepspark.locks import ConcurrentRunError
+from deepspark.storage import HadoopFS, join, to_url
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
+LOG = "_log"
 LOCK = "_LOCK"
-STAGING = "_staging"
 KEY = ["path", "content_hash"]
+SOURCE = ["source", "source_size", "source_modified"]  # the input file a row came from, as listed
+TABLES = ("predictions", "quarantine")
+KEEP_LOG_ENTRIES = 20
+_ENTRY = re.compile(r"^(\d{20})\.json$")
+_BATCH = re.compile(r"^batch=(.+)$")
 
-
-class ConcurrentRunError(RuntimeError):
-    """Another run holds the output's lock."""
-
-
-@dataclass(frozen=True)
-class Table:
-    fs: HadoopFS
-    url: str
-
-    def version_dir(self, version: int) -> str:
-        return join(self.url, f"model_version={version}")
-
-    def staging(self, job_id: str) -> str:
-        return join(self.url, STAGING, job_id)
-
-    def committed(self, spark: "SparkSession", version: int) -> "DataFrame | None":
-        """This model version's committed rows, or None when there are none yet."""
-        path = self.version_dir(version)
-        if not self.fs.exists(path) or not self.fs.list_dir_names(path):
-            return None
-        return spark.read.parquet(path)
-
-    def commit(self, job_id: str, version: int) -> str:
-        """Move a run's staged output into the table: one rename, visible all at once."""
-        target = join(self.version_dir(version), f"batch={job_id}")
-        self.fs.mkdirs(self.version_dir(version))
-        self.fs.rename(self.staging(job_id), target)
-        return target
-
-    def drop_version(self, version: int) -> None:
-        self.fs.delete(self.version_dir(version))
+__all__ = ["ConcurrentRunError", "Snapshot", "PredictionStore", "read_table"]
 
 
 @dataclass(frozen=True)
-class Lock:
-    """`_LOCK` created with overwrite=false: the file system arbitrates between concurrent runs."""
+class Snapshot:
+    """One commit: the live batches of each table per model version."""
 
+    number: int = 0
+    batches: dict[str, dict[str, list[str]]] = field(default_factory=lambda: {t: {} for t in TABLES})
+    job_id: str | None = None
+    committed_at: float | None = None
+
+    def live(self, table: str, version: int | None = None) -> list[tuple[int, str]]:
+        """(model version, batch name) pairs of a table, optionally of one model version."""
+        return [(int(v), b) for v, names in sorted(self.batches.get(table, {}).items(), key=lambda kv: int(kv[0]))
+                if version is None or int(v) == version for b in names]
+
+    def with_batches(self, version: int, added: dict[str, list[str]], replace: bool) -> dict[str, dict[str, list[str]]]:
+        out = {t: {v: list(names) for v, names in self.batches.get(t, {}).items()} for t in TABLES}
+        for table in TABLES:
+            names = [] if replace else out[table].get(str(version), [])
+            names = names + added.get(table, [])
+            if names:
+                out[table][str(version)] = names
+            else:
+                out[table].pop(str(version), None)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({"number": self.number, "batches": self.batches, "job_id": self.job_id,
+                           "committed_at": self.committed_at}, indent=1, sort_keys=True) + "\n"
+
+
+@dataclass(frozen=True)
+class PredictionStore:
     fs: HadoopFS
-    url: str
-    job_id: str
+    url: str  # predictions (holds the log and the lock)
+    quarantine_url: str
+
+    @classmethod
+    def open(cls, fs: HadoopFS, path: str, quarantine_path: str | None = None) -> "PredictionStore":
+        url = fs.qualify(to_url(path))
+        return cls(fs, url, fs.qualify(to_url(quarantine_path or path.rstrip("/") + "_quarantine")))
 
     @property
-    def path(self) -> str:
+    def lock_url(self) -> str:
         return join(self.url, LOCK)
 
-    def acquire(self, force: bool) -> None:
-        owner = {"job_id": self.job_id, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-        self.fs.mkdirs(self.url)
-        if self.fs.exists(self.path):
-            held = self._holder()
-            if not force and not self._stale(held):
-                raise ConcurrentRunError(
-                    f"output {self.url} is locked by job {held.get('job_id')} (pid {held.get('pid')} on "
-                    f"{held.get('host')}); wait for it, or pass force_unlock=true if that job is gone")
-            self.fs.delete(self.path)
-        if not self.fs.write_text(self.path, json.dumps(owner), overwrite=False):
-            raise ConcurrentRunError(f"output {self.url} was locked by another run just now")
+    def table_url(self, table: str) -> str:
+        return self.url if table == "predictions" else self.quarantine_url
 
-    def release(self) -> None:
-        if self._holder().get("job_id") == self.job_id:
-            self.fs.delete(self.path)
+    def batch_url(self, table: str, version: int, job_id: str) -> str:
+        return join(self.table_url(table), f"model_version={version}", f"batch={job_id}")
 
-    def _holder(self) -> dict:
-        try:
-            return json.loads(self.fs.read_text(self.path))
-        except Exception:
-            return {}
+    def _entries(self) -> list[int]:
+        log = join(self.url, LOG)
+        if not self.fs.exists(log):
+            return []
+        names = self.fs.list_file_names(log)
+        return sorted(int(m.group(1)) for m in map(_ENTRY.match, names) if m)
 
-    @staticmethod
-    def _stale(held: dict) -> bool:
-        """A lock whose process is gone from this very host is stale; elsewhere we cannot tell."""
-        if held.get("host") != socket.gethostname():
-            return False
-        try:
-            os.kill(int(held.get("pid", -1)), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError):
-            return False
-        return False
+    def current(self) -> Snapshot:
+        """The newest commit (an empty snapshot before the first)."""
+        entries = self._entries()
+        if not entries:
+            return Snapshot()
+        data = json.loads(self.fs.read_text(self._entry_url(entries[-1])))
+        return Snapshot(data["number"], data["batches"], data.get("job_id"), data.get("committed_at"))
+
+    def _entry_url(self, number: int) -> str:
+        return join(self.url, LOG, f"{number:020d}.json")
+
+    def committed(self, spark: "SparkSession", version: int, columns: Iterable[str],
+                  snapshot: Snapshot | None = None) -> "DataFrame | None":
+        """Columns of both tables' committed rows for one model version (None when there are none)."""
+        snap = snapshot or self.current()
+        frames = [spark.read.parquet(*urls).select(*columns)
+                  for urls in ([self.batch_url(t, v, b) for v, b in snap.live(t, version)] for t in TABLES) if urls]
+        if not frames:
+            return None
+        return frames[0] if len(frames) == 1 else frames[0].unionByName(frames[1])
+
+    def commit(self, job_id: str, version: int, added: dict[str, list[str]], replace: bool,
+               base: Snapshot) -> Snapshot:
+        """Make a run's batches visible (both tables at once): create log entry base+1. Fails if
+        another commit got there first (the lock should make that impossible)."""
+        snap = Snapshot(base.number + 1, base.with_batches(version, added, replace), job_id, time.time())
+        if not self.fs.create_exclusive(self._entry_url(snap.number), snap.to_json()):
+            raise ConcurrentRunError(f"{self.url}: commit {snap.number} was made by another run; nothing of "
+                                     f"job {job_id} was committed")
+        return snap
+
+    def vacuum(self) -> list[str]:
+        """Delete batches that neither the newest nor the previous commit lists (killed runs' and
+        replaced ones), and old log entries. Call only while holding the lock."""
+        entries = self._entries()
+        keep: set[tuple[str, int, str]] = set()
+        for number in entries[-2:]:
+            data = json.loads(self.fs.read_text(self._entry_url(number)))
+            snap = Snapshot(data["number"], data["batches"])
+            keep |= {(t, v, b) for t in TABLES for v, b in snap.live(t)}
+        removed = []
+        for table in TABLES:
+            for version_dir in self.fs.list_dir_names(self.table_url(table)):
+                if not version_dir.startswith("model_version="):
+                    continue
+                version = int(version_dir.split("=", 1)[1])
+                folder = join(self.table_url(table), version_dir)
+                names = self.fs.list_dir_names(folder)
+                for name in names:
+                    match = _BATCH.match(name)
+                    if match and (table, version, match.group(1)) not in keep:
+                        self.fs.delete(join(folder, name))
+                        removed.append(join(folder, name))
+                if not self.fs.list_dir_names(folder):
+                    self.fs.delete(folder)
+        for number in entries[:-KEEP_LOG_ENTRIES]:
+            self.fs.delete(self._entry_url(number))
+        return removed
+
+
+def read_table(spark: "SparkSession", path: str, table: str = "predictions", model_version: int | None = None,
+               quarantine_path: str | None = None) -> "DataFrame":
+    """The current committed predictions (or quarantine) of an output folder, consistently: the
+    batches of its newest commit, never a half-committed run. `model_version` narrows to one."""
+    from deepspark.storage import HadoopFS
+
+    if table not in TABLES:
+        raise ValueError(f"table must be one of {TABLES}, not {table!r}")
+    store = PredictionStore.open(HadoopFS(spark), path, quarantine_path)
+    snap = store.current()
+    urls = [store.batch_url(table, v, b) for v, b in snap.live(table, model_version)]
+    if not urls:
+        raise FileNotFoundError(f"{store.url}: no committed {table}"
+                                + (f" for model version {model_version}" if model_version else ""))
+    # basePath: Spark adds model_version (and batch) from the folder names, as for the whole folder
+    return spark.read.option("basePath", store.table_url(table)).parquet(*urls).drop("batch")

@@ -20,14 +20,16 @@ if TYPE_CHECKING:
 
 SCORED_DDL = (
     "path string, content_hash string, predicted_index int, predicted_label string, "
-    "top_k_labels array<string>, top_k_probabilities array<float>, true_label string, reason string, detail string"
+    "top_k_labels array<string>, top_k_probabilities array<float>, true_label string, reason string, detail string, "
+    "source string, source_size long, source_modified long"
 )
 
 
 def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size: int, top_k: int, threads: int,
                 loads: "Accumulator[int]") -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     """`source` is "files" (path, payload), "records" (path, payload, label_name) or "dataset"
-    (path, content_hash, <tensor column>, label_name)."""
+    (path, <tensor column>, label_name); every row also brings its `content_hash` (computed by
+    Spark) and the metadata of its source file, which pass through to the committed row."""
     labels = np.array(model.labels, dtype=object)
     k = min(top_k, len(labels))
     record = model.record
@@ -35,7 +37,7 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
     def score(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
-        from deepspark.modality import content_hash, preprocess_all
+        from deepspark.modality import preprocess_all
         from inference.model import load_on_worker, task_gpu
         from pipelines.inputs import MALFORMED_DETAIL
         from pipelines.layout import Layout
@@ -54,13 +56,11 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
         for batch in batches:
             n = len(batch)
             if source == "dataset":
-                hashes = list(batch["content_hash"])
                 stacked = record.plugin.decode(list(batch[record.spec.column]), record.spec)
                 tensors, failures = list(stacked), [None] * n
                 truth = list(batch["label_name"])
             else:
                 payloads = list(batch["payload"])
-                hashes = [content_hash(p) for p in payloads]
                 tensors, failures = preprocess_all(preprocess, payloads)
                 truth = [layout.parse(p)[2] for p in batch["path"]] if layout else (
                     list(batch["label_name"]) if "label_name" in batch else [None] * n)
@@ -81,7 +81,7 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
                     top_probs[i] = probs[row, order[row]].astype(np.float32).tolist()
             yield pd.DataFrame({
                 "path": list(batch["path"]),
-                "content_hash": hashes,
+                "content_hash": list(batch["content_hash"]),
                 "predicted_index": pd.array([int(v) if v >= 0 else None for v in index], dtype="Int32"),
                 "predicted_label": [labels[v] if v >= 0 else None for v in index],
                 "top_k_labels": top_labels,
@@ -89,6 +89,9 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
                 "true_label": truth,
                 "reason": [f[0] if f else None for f in failures],
                 "detail": [f[1] if f else None for f in failures],
+                "source": list(batch["source"]),
+                "source_size": pd.array(batch["source_size"], dtype="Int64"),
+                "source_modified": pd.array(batch["source_modified"], dtype="Int64"),
             })
 
     return score

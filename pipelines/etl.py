@@ -159,7 +159,7 @@ def _label_vocabulary(cfg: EtlConfig, inputs: RawInputs, layout_: layout.Layout 
     if cfg.input.labels:
         return list(cfg.input.labels)
     if layout_ is not None:
-        found = layout_.vocabulary(path for path, _ in inputs.listing)
+        found = layout_.vocabulary(path for path, _, _ in inputs.listing)
     else:
         from pyspark.sql import functions as F
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 RECORD_GLOB = "*.{csv,CSV,jsonl,JSONL,ndjson,json,JSON}{,.bz2,.gz}"
-FILES_DDL = "path string, size long, payload binary, label_name string, split string, malformed string"
+FILES_DDL = "path string, size long, payload binary, label_name string, split string, malformed string, source string"
 MALFORMED = "malformed_record"  # quarantine reason of a record line Spark's reader cannot parse
 MALFORMED_DETAIL = "Spark's reader could not parse this record"
 
@@ -36,7 +36,7 @@ class RawInputs:
     frame: "DataFrame"
     kind: InputKind
     root: str  # the qualified input root (a folder, or the single record file)
-    listing: tuple[tuple[str, int], ...]  # (path, size) of every input file
+    listing: tuple[tuple[str, int, int], ...]  # (path, size, modification ms) of every input file read
 
 
 def record_format(path: str) -> str:
@@ -70,37 +70,58 @@ def input_kind(fs: HadoopFS, root: str, fmt: str, accepts_records: bool) -> Inpu
     return "records" if top else "files"
 
 
-def read_files(spark: "SparkSession", root: str, glob: str, files_per_task: int) -> "DataFrame":
-    """(path, length, content) of every matching file below `root`, about `files_per_task`
-    small files per task (Spark's default open cost would make one task per ~32 files)."""
+def read_files(spark: "SparkSession", root: str | list[str], glob: str, files_per_task: int) -> "DataFrame":
+    """(path, length, content) of every matching file below `root` (or of exactly the files in a
+    list), about `files_per_task` small files per task (Spark's default open cost would make one
+    task per ~32 files)."""
     max_bytes = 128 * 1024 * 1024
     spark.conf.set("spark.sql.files.maxPartitionBytes", str(max_bytes))
     spark.conf.set("spark.sql.files.openCostInBytes", str(max(1, max_bytes // files_per_task)))
-    return (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", glob)
-        .load(root)
-        .select("path", "length", "content")
-    )
+    reader = spark.read.format("binaryFile")
+    if isinstance(root, str):
+        reader = reader.option("recursiveFileLookup", "true").option("pathGlobFilter", glob)
+    return reader.load(root).select("path", "length", "content")
+
+
+def list_inputs(fs: HadoopFS, root: str, key: str, kind: InputKind, glob: str) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, modification ms) of every input file under a root from `resolve_input`:
+    the files themselves, or the CSV/JSONL files holding records."""
+    if kind == "files":
+        return tuple(fs.list_file_status(root, glob))
+    if not fs.is_dir(root):
+        return (fs.file_status(root),)
+    listing = tuple(fs.list_file_status(root, RECORD_GLOB))
+    if not listing:
+        raise ConfigError(f"{key}: no CSV or JSON Lines files under {root} (looked for {RECORD_GLOB})")
+    return listing
 
 
 def open_inputs(spark: "SparkSession", fs: HadoopFS, root: str, key: str, kind: InputKind, glob: str,
-                files_per_task: int, columns: "RecordColumns | None" = None) -> RawInputs:
-    """The rows of every input under a root from `resolve_input` (errors name `key`)."""
+                files_per_task: int, columns: "RecordColumns | None" = None,
+                only: tuple[tuple[str, int, int], ...] | None = None) -> RawInputs:
+    """The rows of every input under a root from `resolve_input` (errors name `key`), or only of
+    the input files in `only` (a subset of `list_inputs`: an incremental run's candidates).
+    Every row names the file it came from in `source`."""
+    listing = list_inputs(fs, root, key, kind, glob) if only is None else only
     if kind == "files":
-        return _files(spark, fs, root, glob, files_per_task)
-    return _records(spark, fs, root, key, columns or RecordColumns())
+        return _files(spark, root, glob, files_per_task, listing, whole=only is None)
+    return _records(spark, root, key, columns or RecordColumns(), listing)
 
 
-def _files(spark: "SparkSession", fs: HadoopFS, root: str, glob: str, files_per_task: int) -> RawInputs:
+def _files(spark: "SparkSession", root: str, glob: str, files_per_task: int,
+           listing: tuple[tuple[str, int, int], ...], whole: bool) -> RawInputs:
     from pyspark.sql import functions as F
 
-    listing = tuple(fs.list_files(root, glob))
-    files = read_files(spark, root, glob, files_per_task).select(
-        "path", F.col("length").alias("size"), F.col("content").alias("payload"),
-        *(F.lit(None).cast("string").alias(c) for c in ("label_name", "split", "malformed")))
-    empty = [(path, 0, bytearray(), None, None, None) for path, size in listing if size == 0]
+    # A subset is read by its paths (Spark lists and reads nothing else); the whole folder by its root.
+    wanted = root if whole else [path for path, size, _ in listing if size > 0]
+    if wanted:
+        files = read_files(spark, wanted, glob, files_per_task).select(
+            "path", F.col("length").alias("size"), F.col("content").alias("payload"),
+            *(F.lit(None).cast("string").alias(c) for c in ("label_name", "split", "malformed")),
+            F.col("path").alias("source"))
+    else:
+        files = spark.createDataFrame([], FILES_DDL)
+    empty = [(path, 0, bytearray(), None, None, None, path) for path, size, _ in listing if size == 0]
     if empty:  # Spark's file index skips 0-byte files; they must still come out as quarantine rows
         files = files.unionByName(spark.createDataFrame(empty, FILES_DDL))
     return RawInputs(files, "files", root, listing)
@@ -117,20 +138,15 @@ class RecordColumns:
     split_key: str = "input.split_column"
 
 
-def _records(spark: "SparkSession", fs: HadoopFS, root: str, key: str, columns: RecordColumns) -> RawInputs:
+def _records(spark: "SparkSession", root: str, key: str, columns: RecordColumns,
+             listing: tuple[tuple[str, int, int], ...]) -> RawInputs:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    if fs.is_dir(root):
-        listing = tuple(fs.list_files(root, RECORD_GLOB))
-        if not listing:
-            raise ConfigError(f"{key}: no CSV or JSON Lines files under {root} (looked for {RECORD_GLOB})")
-    else:
-        listing = ((root, 0),)
-    formats = {record_format(p) for p, _ in listing}
+    formats = {record_format(p) for p, _, _ in listing}
     if len(formats) > 1:
         raise ConfigError(f"{key}: {root} mixes CSV and JSON Lines files; point it at one kind")
-    paths = [p for p, _ in listing]
+    paths = [p for p, _, _ in listing]
     if formats == {"csv"}:
         raw = (spark.read.option("header", "true").option("multiLine", "true").option("escape", '"')
                .option("mode", "PERMISSIVE").csv(paths))
@@ -159,5 +175,7 @@ def _records(spark: "SparkSession", fs: HadoopFS, root: str, key: str, columns: 
                         file.alias("_file"), F.monotonically_increasing_id().alias("_order"))
              .withColumn("path", F.concat(F.col("_file"), F.lit("#"), row.cast("string")))
              .select("path", F.coalesce(F.octet_length("payload"), F.lit(0)).cast("long").alias("size"),
-                     "payload", "label_name", "split", "malformed"))
+                     "payload", "label_name", "split", "malformed",
+                     # the file as the listing names it (Spark says file:///x where Hadoop says file:/x)
+                     F.regexp_replace("_file", "^file:///", "file:/").alias("source")))
     return RawInputs(frame, "records", root, listing)

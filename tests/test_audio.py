@@ -61,6 +61,7 @@ def test_trained_model_scores_raw_files_as_the_batch_job_does(spark, audio_datas
 
     from inference.config import BatchInferenceConfig
     from inference.job import run_inference
+    from inference.state import read_table
     from training.config import TrainConfig
     from training.job import run_job
 
@@ -75,7 +76,7 @@ def test_trained_model_scores_raw_files_as_the_batch_job_does(spark, audio_datas
         f"output.path={tmp_path / 'predictions'}"]))
     n_good = len(list((digits_folder.root / "train" / "one").iterdir())) - len(digits_folder.bad)
     assert (scored.scored, scored.quarantined) == (n_good, len(digits_folder.bad))
-    rows = spark.read.parquet(str(tmp_path / "predictions")).select("path", "predicted_label").collect()
+    rows = read_table(spark, str(tmp_path / "predictions")).select("path", "predicted_label").collect()
     batch = {Path(r.path.replace("file:", "", 1)).name: r.predicted_label for r in rows}
 
     mlflow.set_tracking_uri(store[0].split("=", 1)[1])

@@ -50,77 +50,142 @@ def infer(spark, registry, folder: Path, out: Path, *extra: str):
     return run_inference(spark, cfg)
 
 
-def table(spark, out: Path):
-    return spark.read.parquet(str(out))
+def table(spark, out: Path, which: str = "predictions"):
+    from inference.state import read_table
+
+    return read_table(spark, str(out), which)
+
+
+def batch_folders(out: Path) -> set[str]:
+    return {p.name for p in out.glob("model_version=*/batch=*")}
 
 
 def test_end_to_end_from_a_raw_folder(spark, registry, raw_copy, tmp_path):
+    import mlflow.pyfunc
+    import pandas as pd
+
     out = tmp_path / "predictions"
     result = infer(spark, registry, raw_copy, out)
-    assert result.inputs == 403 and result.scored == 400 and result.quarantined == 3 and result.already_scored == 0
-    assert 1 <= result.model_loads <= 2  # once per Python worker, not per batch or task
-    rows = table(spark, out)
-    assert rows.count() == 400
-    first = rows.first()
+    c = result.counts
+    assert (c.listed, c.skipped, c.hashed, c.scored, c.quarantined, c.unchanged) == (403, 0, 403, 400, 3, 0)
+    assert result.commit == 1 and 1 <= result.model_loads <= 2  # once per Python worker, not per batch or task
+    rows = table(spark, out).collect()
+    assert len(rows) == 400
+    first = rows[0]
     assert first.model_name == "fashion-mnist-classifier" and first.model_version == 1 and first.model_run_id
-    assert len(first.top_k_labels) == 3 and first.predicted_label == first.top_k_labels[0]
-    assert abs(sum(first.top_k_probabilities)) <= 1.0 + 1e-5
-    quarantine = spark.read.parquet(str(out) + "_quarantine").collect()
+    assert first.predicted_label == first.top_k_labels[0] and len(first.top_k_labels) == 3
+    assert list(first.top_k_probabilities) == sorted(first.top_k_probabilities, reverse=True)
+    # The labels, probabilities and accuracy are the registered model's own, file by file.
+    mlflow.set_tracking_uri(registry[0].split("=", 1)[1])
+    served = mlflow.pyfunc.load_model("models:/fashion-mnist-classifier/1").predict(
+        pd.DataFrame({"content": [Path(r.path.replace("file:", "", 1)).read_bytes() for r in rows]}))
+    assert [r.predicted_label for r in rows] == list(served["predicted_label"])
+    assert np.allclose([r.top_k_probabilities[0] for r in rows], served["probability"], atol=1e-5)
+    assert all(r.true_label == Path(r.path).parent.name for r in rows)  # the class folder
+    hits = sum(r.true_label == p for r, p in zip(rows, served["predicted_label"]))
+    assert result.accuracy == pytest.approx(hits / 400)
+    quarantine = table(spark, out, "quarantine").collect()
     assert sorted(r.reason for r in quarantine) == ["empty_file", "not_an_image", "truncated"]
-    assert result.accuracy is not None and 0.0 <= result.accuracy <= 1.0
+    assert {r.source_size for r in quarantine if r.reason == "empty_file"} == {0}
 
 
-def test_second_run_scores_only_new_files_and_rerun_after_crash_is_exactly_once(spark, registry, raw_copy, tmp_path, monkeypatch):
+def test_incremental_runs_decide_from_metadata_and_hash_only_candidates(spark, registry, raw_copy, tmp_path):
+    import os
+
+    out = tmp_path / "predictions"
+    infer(spark, registry, raw_copy, out)
+    coat = sorted((raw_copy / "Coat").iterdir())
+    for i in range(5):
+        shutil.copy(coat[0], raw_copy / "Coat" / f"new-{i}.png")
+    second = infer(spark, registry, raw_copy, out)
+    c = second.counts
+    assert (c.listed, c.skipped, c.hashed, c.scored, c.quarantined) == (408, 403, 5, 5, 0)
+    assert second.commit == 2 and len(batch_folders(out)) == 2
+
+    noop = infer(spark, registry, raw_copy, out)  # nothing new: no content read, nothing written
+    assert (noop.counts.skipped, noop.counts.hashed, noop.commit, noop.model_loads) == (408, 0, None, 0)
+    assert len(batch_folders(out)) == 2 and sorted(p.name for p in (out / "_log").iterdir())[-1].startswith("0" * 19 + "2")
+
+    touched = coat[1]  # new mtime, same bytes: hashed, recognised, not scored again
+    os.utime(touched, (touched.stat().st_atime, touched.stat().st_mtime + 100))
+    swapped = coat[2]  # same size and mtime, other bytes: metadata decides, the content is not read
+    st = swapped.stat()
+    swapped.write_bytes(bytes(b ^ 0xFF for b in swapped.read_bytes()))
+    os.utime(swapped, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = coat[3]  # new content and mtime: scored again under its new content hash
+    changed.write_bytes(coat[4].read_bytes())
+    os.utime(changed, (st.st_atime, st.st_mtime + 200))
+    third = infer(spark, registry, raw_copy, out)
+    c = third.counts
+    assert (c.skipped, c.hashed, c.unchanged, c.scored) == (406, 2, 1, 1)
+    rows = table(spark, out)
+    assert rows.count() == rows.select("path", "content_hash").distinct().count() == 406
+    assert rows.where(rows.path == "file:" + str(changed)).count() == 2  # the old and the new content
+
+
+def test_a_crashed_commit_leaves_nothing_visible_and_the_rerun_is_exactly_once(spark, registry, raw_copy, tmp_path,
+                                                                               monkeypatch):
     from inference import state
 
     out = tmp_path / "predictions"
     infer(spark, registry, raw_copy, out)
-    for i in range(5):
-        shutil.copy(raw_copy / "Coat" / sorted(p.name for p in (raw_copy / "Coat").iterdir())[0],
-                    raw_copy / "Coat" / f"new-{i}.png")
-    second = infer(spark, registry, raw_copy, out)
-    assert (second.scored, second.quarantined, second.already_scored) == (5, 0, 403)
-
     for i in range(3):
-        (raw_copy / "Bag" / f"late-{i}.png").write_bytes((raw_copy / "Coat" / "new-0.png").read_bytes())
-    original_commit = state.Table.commit
+        (raw_copy / "Bag" / f"late-{i}.png").write_bytes(next((raw_copy / "Coat").iterdir()).read_bytes())
 
-    def crash(self, job_id, version):
-        raise RuntimeError("executor lost during commit (simulated)")
+    def crash(*args, **kwargs):
+        raise RuntimeError("driver lost before its commit (simulated)")
 
-    monkeypatch.setattr(state.Table, "commit", crash)
-    with pytest.raises(RuntimeError, match="simulated"):
-        infer(spark, registry, raw_copy, out)
-    monkeypatch.setattr(state.Table, "commit", original_commit)
-    assert table(spark, out).count() == 405  # nothing of the crashed run is visible
-    third = infer(spark, registry, raw_copy, out)
-    assert third.scored == 3
-    rows = table(spark, out)
-    assert rows.count() == rows.select("path", "content_hash").distinct().count() == 408  # no duplicates, no gaps
-
-
-def test_full_refresh_rescores_without_duplicates(spark, registry, raw_copy, tmp_path):
-    out = tmp_path / "predictions"
-    infer(spark, registry, raw_copy, out)
-    again = infer(spark, registry, raw_copy, out, "full_refresh=true")
-    assert again.scored == 400 and again.already_scored == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(state.PredictionStore, "commit", crash)
+        with pytest.raises(RuntimeError, match="simulated"):
+            infer(spark, registry, raw_copy, out)
+    assert len(batch_folders(out)) == 2  # the crashed run's batch is on disk, but no commit lists it
     assert table(spark, out).count() == 400
+    third = infer(spark, registry, raw_copy, out)
+    assert (third.scored, third.counts.skipped) == (3, 403)
+    rows = table(spark, out)
+    assert rows.count() == rows.select("path", "content_hash").distinct().count() == 403
+    assert len(batch_folders(out)) == 2  # the orphan was vacuumed by the next run, under its lock
+
+
+def test_full_refresh_swaps_the_output_in_one_commit(spark, registry, raw_copy, tmp_path):
+    out = tmp_path / "predictions"
+    first = infer(spark, registry, raw_copy, out)
+    again = infer(spark, registry, raw_copy, out, "full_refresh=true")
+    assert (again.scored, again.quarantined, again.counts.skipped, again.commit) == (400, 3, 0, 2)
+    assert table(spark, out).count() == 400 and table(spark, out, "quarantine").count() == 3
     assert {r.job_id for r in table(spark, out).select("job_id").distinct().collect()} == {again.job_id}
+    # The replaced batch stays on disk for readers of the previous commit until two commits later.
+    assert batch_folders(out) == {f"batch={first.job_id}", f"batch={again.job_id}"}
+    (raw_copy / "Bag" / "one-more.png").write_bytes(next((raw_copy / "Coat").iterdir()).read_bytes())
+    infer(spark, registry, raw_copy, out)
+    infer(spark, registry, raw_copy, out, "full_refresh=true")
+    assert f"batch={first.job_id}" not in batch_folders(out)
 
 
-def test_concurrent_run_is_refused(spark, registry, raw_copy, tmp_path):
+def test_a_live_lock_is_refused_and_a_dead_one_is_taken_over(spark, registry, raw_copy, tmp_path):
     import json
     import os
     import socket
+    import time
 
-    from inference.state import ConcurrentRunError
+    from deepspark.locks import ConcurrentRunError
 
     out = tmp_path / "predictions"
     out.mkdir()
-    (out / "_LOCK").write_text(json.dumps({"job_id": "other", "host": socket.gethostname(), "pid": os.getpid()}))
-    with pytest.raises(ConcurrentRunError, match="locked by job other"):
+    lock = out / "_LOCK"
+    lock.write_text(json.dumps({"job_id": "other", "host": socket.gethostname(), "pid": os.getpid(), "ttl_s": 60}))
+    with pytest.raises(ConcurrentRunError, match=f"locked by job other \\(pid {os.getpid()} on {socket.gethostname()}"):
         infer(spark, registry, raw_copy, out)
-    assert infer(spark, registry, raw_copy, out, "force_unlock=true").scored == 400
+    lock.write_text(json.dumps({"job_id": "far", "host": "elsewhere", "pid": 1, "ttl_s": 60}))
+    with pytest.raises(ConcurrentRunError, match="locked by job far"):  # another host: only its lease can tell
+        infer(spark, registry, raw_copy, out)
+    os.utime(lock, (time.time() - 61, time.time() - 61))  # its holder stopped heartbeating a minute ago
+    assert infer(spark, registry, raw_copy, out).scored == 400
+    assert not lock.exists()
+    lock.write_text(json.dumps({"job_id": "other", "host": socket.gethostname(), "pid": os.getpid(), "ttl_s": 60}))
+    (raw_copy / "Bag" / "one-more.png").write_bytes(next((raw_copy / "Coat").iterdir()).read_bytes())
+    assert infer(spark, registry, raw_copy, out, "force_unlock=true").scored == 1
 
 
 @pytest.mark.parametrize("uri,message", [
@@ -135,10 +200,28 @@ def test_model_uri_errors_before_any_task(spark, registry, raw_copy, tmp_path, u
     assert not (tmp_path / "out").exists()
 
 
-def test_alias_is_resolved_to_one_concrete_version(spark, registry, raw_copy, tmp_path):
-    result = infer(spark, registry, raw_copy, tmp_path / "out", "model_uri=models:/fashion-mnist-classifier/1")
-    assert result.model == "models:/fashion-mnist-classifier/1"
-    assert {r.model_version for r in table(spark, tmp_path / "out").select("model_version").distinct().collect()} == {1}
+def test_a_moved_alias_is_followed_and_each_version_scores_once(spark, registry, raw_copy, tmp_path):
+    """@champion moved from v1 to v2 and back: each run scores with the version the alias names
+    when it starts; v2's run scores everything again (a new model), v1's second run nothing."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(registry[0].split("=", 1)[1])
+    client = MlflowClient()
+    name = "fashion-mnist-classifier"
+    v1 = client.get_model_version(name, "1")
+    if not client.search_model_versions(f"name='{name}' and version_number=2"):
+        client.create_model_version(name, v1.source, v1.run_id)  # same weights, a new version
+    out = tmp_path / "out"
+    ran = []
+    for version in ("2", "1", "2"):
+        client.set_registered_model_alias(name, "champion", version)
+        ran.append(infer(spark, registry, raw_copy, out))
+    client.set_registered_model_alias(name, "champion", "1")
+    assert [r.model for r in ran] == [f"models:/{name}/2", f"models:/{name}/1", f"models:/{name}/2"]
+    assert [r.scored for r in ran] == [400, 400, 0]
+    counts = {r.model_version: r["count"] for r in table(spark, out).groupBy("model_version").count().collect()}
+    assert counts == {1: 400, 2: 400}
 
 
 def test_dataset_input_and_shape_mismatch(spark, registry, fashion_small, tmp_path):
@@ -147,7 +230,9 @@ def test_dataset_input_and_shape_mismatch(spark, registry, fashion_small, tmp_pa
     base = [*registry, "input.path=null", f"input.dataset_root={fashion_small.root}", f"output.path={tmp_path / 'p'}"]
     result = run_inference(spark, load_config(BatchInferenceConfig, "batch_inference",
                                               [*base, f"input.dataset={fashion_small.name}"]))
-    assert result.scored == result.inputs > 0 and result.accuracy is not None
+    rows = table(spark, tmp_path / "p").collect()
+    assert result.scored == result.counts.hashed == len(rows) == 400  # the small dataset's test split
+    assert result.accuracy == pytest.approx(sum(r.true_label == r.predicted_label for r in rows) / len(rows))
 
     from pipelines.config import EtlConfig
     from pipelines.etl import run_etl

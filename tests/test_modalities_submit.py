@@ -34,7 +34,7 @@ def test_etl_train_and_batch_inference_by_spark_submit(modality, text_corpus, di
         [f"input.path={raw / 'test'}"]
     infer, _ = spark_submit("local[2]", JOBS / "batch_inference.py", [*profile, *source,
                                                                      f"output.path={tmp_path / 'predictions'}", *store])
-    counts = re.search(r"inputs (\d+) = already scored 0 \+ scored now (\d+) \+ quarantined (\d+)", infer)
+    counts = re.search(r"hashed (\d+) = scored now (\d+) \+ quarantined (\d+) \+ already scored 0", infer)
     assert counts, infer[-2000:]
     inputs, scored, quarantined = map(int, counts.groups())
     if modality == "text":

@@ -157,6 +157,7 @@ def test_trained_model_scores_raw_text_as_the_batch_job_does(spark, csv_dataset,
 
     from inference.config import BatchInferenceConfig
     from inference.job import run_inference
+    from inference.state import read_table
     from training.config import TrainConfig
     from training.job import run_job
 
@@ -170,16 +171,17 @@ def test_trained_model_scores_raw_text_as_the_batch_job_does(spark, csv_dataset,
         *store, "model_uri=models:/reviews-classifier@champion", f"input.path={text_corpus.csv}",
         "input.label_column=category", f"output.path={tmp_path / 'predictions'}"]))
     # Labels are not needed to score: the unlabelled and the "plot" review are scored too.
-    assert (scored.inputs, scored.scored, scored.quarantined) == (text_corpus.rows, len(text_corpus.good) + 2, 4)
+    assert (scored.counts.listed, scored.counts.hashed) == (1, text_corpus.rows)  # one CSV file, its records
+    assert (scored.scored, scored.quarantined) == (len(text_corpus.good) + 2, 4)
     assert scored.accuracy is not None and scored.accuracy > 0.9  # the sentiment words give the label away
-    rows = spark.read.parquet(str(tmp_path / "predictions")).select("content_hash", "predicted_label").collect()
+    rows = read_table(spark, str(tmp_path / "predictions")).select("content_hash", "predicted_label").collect()
     batch = {r.content_hash: r.predicted_label for r in rows}
-    quarantined = spark.read.parquet(str(tmp_path / "predictions") + "_quarantine").collect()
+    quarantined = read_table(spark, str(tmp_path / "predictions"), "quarantine").collect()
     assert sorted(r.reason for r in quarantined) == ["empty_text", "empty_text", "too_long", "undecodable"]
     again = run_inference(spark, load_config(BatchInferenceConfig, "batch_inference", [  # nothing new: no rescoring,
         *store, "model_uri=models:/reviews-classifier@champion", f"input.path={text_corpus.csv}",  # null texts too
         "input.label_column=category", f"output.path={tmp_path / 'predictions'}"]))
-    assert (again.scored, again.quarantined, again.already_scored) == (0, 0, text_corpus.rows)
+    assert (again.counts.skipped, again.counts.hashed, again.scored, again.commit) == (1, 0, 0, None)
 
     mlflow.set_tracking_uri(store[0].split("=", 1)[1])
     model = mlflow.pyfunc.load_model("models:/reviews-classifier@champion")
@@ -195,6 +197,6 @@ def test_trained_model_scores_raw_text_as_the_batch_job_does(spark, csv_dataset,
     lines = run_inference(spark, load_config(BatchInferenceConfig, "batch_inference", [
         *store, "model_uri=models:/reviews-classifier@champion", f"input.path={jsonl}",
         f"output.path={tmp_path / 'from-jsonl'}"]))
-    assert (lines.inputs, lines.scored, lines.quarantined, lines.accuracy) == (3, 2, 1, None)
-    broken = spark.read.parquet(str(tmp_path / "from-jsonl") + "_quarantine").collect()
+    assert (lines.counts.hashed, lines.scored, lines.quarantined, lines.accuracy) == (3, 2, 1, None)
+    broken = read_table(spark, str(tmp_path / "from-jsonl"), "quarantine").collect()
     assert [(r.reason, r.path.rsplit("#", 1)[1]) for r in broken] == [("malformed_record", "1")]
