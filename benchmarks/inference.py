@@ -8,7 +8,9 @@ the raw Fashion-MNIST folders and a champion in the registry):
 - peer: `mlflow.pyfunc.spark_udf` of the same registered model (a pyfunc over raw file bytes) over
   the same images' PNG files read with `binaryFile`;
 - model loads per job (ours);
-- scaling: the job over 10,000 and 40,000 raw PNG files (decode included): time(4x) / time(1x).
+- scaling: the job over 10,000 and 40,000 raw PNG files (decode included): time(4x) / time(1x);
+- incremental: 40,000 raw PNGs scored, then a no-op run and a run with 1 % new files, each
+  timed as a whole job (list, decide from metadata, hash candidates, score, commit) vs the full run.
 
 Usage: python benchmarks/inference.py [--quick] [--json PATH]
 """
@@ -42,6 +44,37 @@ def job(spark, out: Path, *overrides: str):
     cfg = load_config(BatchInferenceConfig, "batch_inference", [
         f"output.path={out}", "full_refresh=true", "force_unlock=true", *overrides])
     return run_inference(spark, cfg)
+
+
+def incremental(spark, tmp: Path) -> tuple:
+    """An hourly job over a folder that only grows: 40,000 raw PNGs scored once (full), then a
+    run that finds nothing new (no-op), then one with 1 % new files (400). Same session, warm
+    workers for all three; the folder holds hard links to the demo's files (same bytes)."""
+    from inference.job import run_inference
+
+    src = Path("data/raw/fashion-mnist/train")
+    folder = tmp / "incoming"
+    first = sorted(src.glob("*/[0-3][0-9]*.png"))
+    extra = sorted(src.glob("*/4[0-9]*.png"))[:len(first) // 100]
+
+    def link(files):
+        for f in files:
+            (folder / f.parent.name).mkdir(parents=True, exist_ok=True)
+            os.link(f, folder / f.parent.name / f.name)
+
+    def run():
+        cfg = load_config(BatchInferenceConfig, "batch_inference", [
+            f"input.path={folder}", f"output.path={tmp / 'incremental'}"])
+        return run_inference(spark, cfg)
+
+    link(first)
+    full = run()
+    noop = run()
+    link(extra)
+    plus = run()
+    assert (full.scored, noop.counts.hashed, plus.scored) == (len(first), 0, len(extra)), \
+        (full.summary(), noop.summary(), plus.summary())
+    return full, noop, plus
 
 
 def in_process_predict(x: np.ndarray, repeats: int) -> float:
@@ -116,6 +149,7 @@ def main() -> None:
             one = job(spark, Path(tmp) / "x1", raw, "input.glob=0[0-9]*.png")
             four = job(spark, Path(tmp) / "x4", raw, "input.glob=[0-3][0-9]*.png")
             assert (one.scored, four.scored) == (10_000, 40_000), (one.scored, four.scored)
+            full, noop, plus = incremental(spark, Path(tmp))
     finally:
         spark.stop()
 
@@ -132,7 +166,18 @@ def main() -> None:
           f"= {marginal / limit:.2f} of the limit")
     print(f"raw PNG files, whole job: 10,000 in {one.seconds:.1f} s, 40,000 in {four.seconds:.1f} s: "
           f"time(4x)/time(1x) = {four.seconds / one.seconds:.2f}")
+    print(f"\n{'incremental runs over 40,000 raw PNGs':<52}{'seconds':>10}{'vs full':>10}")
+    for label, r in (("full: all 40,000 new", full), ("no-op: nothing new", noop), ("1 % new (400 files)", plus)):
+        print(f"{label:<52}{r.seconds:>10.2f}{r.seconds / full.seconds:>10.3f}")
+    print(f"no-op: listed {noop.counts.listed}, skipped by metadata {noop.counts.skipped}, hashed {noop.counts.hashed}; "
+          f"1 %: hashed {plus.counts.hashed}, scored {plus.scored}")
     figures += [
+        {"name": "inference_noop_over_full", "value": round(noop.seconds / full.seconds, 3), "goal": 0.15, "unit": "ratio"},
+        {"name": "inference_1pct_new_over_full", "value": round(plus.seconds / full.seconds, 3), "goal": 0.25,
+         "unit": "ratio"},
+        {"name": "inference_noop_seconds_40k", "value": round(noop.seconds, 2), "goal": None, "unit": "s"},
+        {"name": "inference_full_seconds_40k", "value": round(full.seconds, 2), "goal": None, "unit": "s"},
+
         {"name": "udf_over_in_process_predict", "value": round(ours_rate / limit, 3), "goal": 0.8, "unit": "ratio"},
         {"name": "udf_over_mlflow_spark_udf", "value": round(ours_rate / peer_rate, 3), "goal": 2.0, "unit": "ratio"},
         {"name": "udf_warm_over_in_process_predict", "value": round(warm_rate / limit, 3), "goal": 0.8, "unit": "ratio"},

@@ -23,6 +23,7 @@ from typing import Any
 from deepspark.storage import HadoopFS
 
 DEFAULT_TTL_S = 120.0
+LOCK_FILE = "_LOCK"  # the lock's name inside the folder it guards
 
 
 class ConcurrentRunError(RuntimeError):
@@ -141,4 +142,8 @@ def _dead_on_this_host(held: dict[str, Any]) -> bool:
         return True
     except (PermissionError, ValueError, OverflowError):
         return False
-    return False
+    try:  # a killed process nobody has reaped yet (a zombie) still answers kill(pid, 0)
+        with open(f"/proc/{int(held['pid'])}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return False

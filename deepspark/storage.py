@@ -4,7 +4,8 @@ Datasets are published as `<root>/<name>/v=<n>/`: everything is written under
 `<root>/<name>/_staging/` first and appears under its final name by one rename,
 so a killed job leaves the previous version readable and current. The `_LATEST`
 pointer names the newest complete version; readers fall back to the highest
-`v=<n>` folder if the pointer is missing.
+`v=<n>` folder if the pointer is missing. One ETL run at a time holds `<root>/<name>/_LOCK`
+(`deepspark.locks.Lease`) and numbers its version once, under it.
 """
 
 from __future__ import annotations
@@ -335,11 +336,14 @@ class VersionedLocation:
         self.fs.mkdirs(url)
         return url
 
-    def publish(self, staging_url: str) -> tuple[int, str]:
-        """Move a finished staging folder to the next version and point `_LATEST` at it."""
-        versions = self.versions()
-        version = (versions[-1] if versions else 0) + 1
+    def next_version(self) -> int:
+        """The number the next publish takes: ask once, while holding the dataset's lock."""
+        return (self.versions() or [0])[-1] + 1
+
+    def publish(self, staging_url: str, version: int) -> str:
+        """Move a finished staging folder to `v=<version>` (refused if it exists: on HDFS a rename
+        onto a folder would nest inside it) and point `_LATEST` at it. Call holding the lock."""
         final = self.version_url(version)
         self.fs.rename(staging_url, final)
         self.fs.replace_text(join(self.base, LATEST_POINTER), f"{version}\n")
-        return version, final
+        return final

@@ -26,14 +26,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
-from deepspark.locks import ConcurrentRunError
+from deepspark.locks import LOCK_FILE, ConcurrentRunError
 from deepspark.storage import HadoopFS, join, to_url
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 LOG = "_log"
-LOCK = "_LOCK"
 KEY = ["path", "content_hash"]
 SOURCE = ["source", "source_size", "source_modified"]  # the input file a row came from, as listed
 TABLES = ("predictions", "quarantine")
@@ -87,7 +86,7 @@ class PredictionStore:
 
     @property
     def lock_url(self) -> str:
-        return join(self.url, LOCK)
+        return join(self.url, LOCK_FILE)
 
     def table_url(self, table: str) -> str:
         return self.url if table == "predictions" else self.quarantine_url

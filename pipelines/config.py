@@ -83,6 +83,8 @@ class OutputSettings(FrozenModel):
     row_group_size_mb: PositiveFloat = 4.0
     file_size_mb: PositiveInt = 128  # target uncompressed bytes per Parquet file
     stale_staging_hours: PositiveFloat = 24.0  # staging folders of killed runs older than this are deleted
+    force_unlock: bool = False  # take over the dataset's lock left by a run known to be gone
+    lock_ttl_s: PositiveFloat = 120.0  # a lock not heartbeated for this long belongs to a dead run
 
 
 class EtlConfig(FrozenModel):

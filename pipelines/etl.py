@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -25,6 +26,7 @@ from deepspark.config import ConfigError, config_to_yaml
 from deepspark.datasets import MANIFEST
 from deepspark.modality import (LABEL, LABEL_NAME, PATH, QUARANTINE_COLUMNS, Modality, ModalityRecord, TensorSpec,
                                 content_hash, get_modality, or_reason, rules_to_dict, unischema)
+from deepspark.locks import LOCK_FILE, Lease
 from deepspark.storage import HadoopFS, VersionedLocation, join, to_url
 from pipelines import layout
 from pipelines.config import EtlConfig
@@ -273,16 +275,31 @@ def _write_manifest(fs: HadoopFS, staging: str, manifest: dict, cfg: EtlConfig) 
 
 
 def run_etl(spark: "SparkSession", cfg: EtlConfig) -> EtlResult:
-    """Run the whole ETL and publish a new dataset version; raises before publishing on any mismatch."""
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
+    """Run the whole ETL and publish a new dataset version; raises before publishing on any mismatch.
+    Holds the dataset's lease throughout: a second run for the same name fails at once, naming it."""
     started = time.perf_counter()
     fs = HadoopFS(spark)
     modality = get_modality(cfg.modality)
-    rules = cfg.rules()
     root, kind, from_folders, val_from_train = _check_inputs(cfg, fs, modality)
     location = VersionedLocation(fs, fs.qualify(to_url(cfg.output.root)), cfg.output.name)
+    fs.mkdirs(location.base)
+    lease = Lease(fs, join(location.base, LOCK_FILE), uuid.uuid4().hex[:12], cfg.output.lock_ttl_s)
+    lease.acquire(cfg.output.force_unlock)
+    try:
+        return _run_locked(spark, cfg, fs, location, lease, modality, root, kind, from_folders, val_from_train,
+                           started)
+    finally:
+        lease.release()
+
+
+def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: VersionedLocation, lease: Lease,
+                modality: Modality, root: str, kind: Any, from_folders: bool, val_from_train: bool,
+                started: float) -> EtlResult:
+    """The ETL proper, while this run holds the dataset's lease."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    rules = cfg.rules()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
 
     inputs = open_inputs(spark, fs, root, "input.path", kind, cfg.input.glob or modality.default_glob,
@@ -312,7 +329,7 @@ def run_etl(spark: "SparkSession", cfg: EtlConfig) -> EtlResult:
         if inputs_in != read:
             raise RuntimeError(f"ETL does not reconcile: {read} inputs read, {inputs_in} processed")
         log.info("preprocessed and validated in %.1f s", time.perf_counter() - started)
-        version = (location.versions() or [0])[-1] + 1
+        version = location.next_version()  # once, under the lock
         manifest = _build_manifest(cfg, record, stats, inputs_in, version, root)
         good = processed.where(F.col("reason").isNull())
         for split, per_class in manifest["counts"].items():
@@ -323,9 +340,8 @@ def run_etl(spark: "SparkSession", cfg: EtlConfig) -> EtlResult:
         log.info("wrote splits and quarantine in %.1f s", time.perf_counter() - started)
         _reconcile(spark, staging, manifest)
         _write_manifest(fs, staging, manifest, cfg)
-        published_version, url = location.publish(staging)
-        if published_version != version:
-            raise RuntimeError(f"version race: expected v={version}, published v={published_version}")
+        lease.check()  # a run whose lease was taken over must not publish over its successor
+        url = location.publish(staging, version)
     except BaseException:
         fs.delete(staging)
         raise

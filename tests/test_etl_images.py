@@ -193,3 +193,44 @@ def test_killed_job_leaves_the_previous_version_current(spark, raw_folder, tmp_p
     assert after.version == first.version + 1
     assert (base / "_LATEST").read_text().strip() == str(after.version)
     assert not any((base / "_staging").iterdir())  # stale staging removed, this run's own published
+
+
+def test_a_dataset_that_does_not_reconcile_is_never_published(spark, raw_folder, tmp_path, monkeypatch):
+    """One row lost between processing and the written split: the on-disk count check refuses to
+    publish, and the staging folder is removed."""
+    write_split = etl._write_split
+
+    def lossy(spark_, frame, url, *args, **kwargs):
+        if url.endswith("/train"):
+            frame = frame.limit(max(0, frame.count() - 1))
+        return write_split(spark_, frame, url, *args, **kwargs)
+
+    monkeypatch.setattr(etl, "_write_split", lossy)
+    with pytest.raises(RuntimeError, match="does not reconcile"):
+        run(spark, [f"input.path={raw_folder.root}", f"output.root={tmp_path}", "output.name=zoo",
+                    "tracking.enabled=false", "image.max_pixels=1000000", "input.val_from_train=0"])
+    base = tmp_path / "zoo"
+    assert not list(base.glob("v=*")) and not (base / "_LATEST").exists() and not (base / "_LOCK").exists()
+    assert not any((base / "_staging").iterdir())
+
+
+def test_two_etl_processes_race_and_exactly_one_publishes(raw_folder, tmp_path):
+    """Two real spark-submit ETL runs for the same dataset at once: one holds the lease and
+    publishes v=1 (its manifest says 1); the other fails at once, naming the holder."""
+    import subprocess
+    import sys
+
+    overrides = [f"input.path={raw_folder.root}", f"output.root={tmp_path}", "output.name=zoo",
+                 "tracking.enabled=false", "image.max_pixels=1000000", "input.val_from_train=0"]
+    project = Path(__file__).resolve().parent.parent
+    command = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[1]", "--conf",
+               "spark.ui.enabled=false", str(project / "jobs" / "etl.py"), *overrides]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [(p.wait(timeout=600), p.stdout.read() + p.stderr.read()) for p in procs]
+    assert sorted(code == 0 for code, _ in outcomes) == [False, True], [o[-3000:] for _, o in outcomes]
+    loser = next(out for code, out in outcomes if code != 0)
+    assert "is locked by job" in loser and "ConcurrentRunError" in loser
+    base = tmp_path / "zoo"
+    assert sorted(p.name for p in base.glob("v=*")) == ["v=1"]
+    assert json.loads((base / "v=1" / "manifest.json").read_text())["version"] == 1
+    assert (base / "_LATEST").read_text().strip() == "1" and not (base / "_LOCK").exists()
