@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,3 +280,32 @@ def digits_folder(tmp_path_factory) -> DigitsFolder:
                "train/one/notes.wav": "not_audio", "train/one/song.mp3": "unsupported_format",
                "train/one/silent.wav": "silent", "train/one/short.wav": "too_short"}
     return DigitsFolder(root, sum(counts.values()) + 3, reasons)
+
+
+@pytest.fixture(scope="module")
+def registry(spark, fashion_small, tmp_path_factory) -> list[str]:
+    """A sqlite registry holding one briefly trained champion (trained by the real training job);
+    returns the tracking overrides."""
+    from deepspark.config import load_config
+    from training.config import TrainConfig
+    from training.job import run_job
+
+    tmp = tmp_path_factory.mktemp("registry")
+    store = [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"tracking.artifact_root={tmp / 'artifacts'}"]
+    run_job(spark, load_config(TrainConfig, "train", [
+        f"data.root={fashion_small.root}", f"data.name={fashion_small.name}", *store,
+        "epochs=1", "steps_per_epoch=10", "optimizer.batch_size=16", "max_eval_rows=100",
+    ]))
+    return store
+
+
+@pytest.fixture()
+def raw_copy(fashion_small, tmp_path) -> Path:
+    """The small Fashion-MNIST test folder plus three bad files, in a folder this test owns."""
+    folder = tmp_path / "incoming"
+    shutil.copytree(fashion_small.root.parent / "raw" / "test", folder)
+    whole = next((folder / "Bag").iterdir()).read_bytes()
+    (folder / "Bag" / "broken.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "Bag" / "empty-ish.jpg").write_bytes(b"not a jpeg at all")
+    (folder / "Bag" / "zero.png").write_bytes(b"")
+    return folder

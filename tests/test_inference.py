@@ -15,33 +15,6 @@ from inference.config import BatchInferenceConfig
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def registry(spark, fashion_small, tmp_path_factory) -> list[str]:
-    """A registry holding one briefly trained champion; returns the tracking overrides."""
-    from training.config import TrainConfig
-    from training.job import run_job
-
-    tmp = tmp_path_factory.mktemp("registry")
-    store = [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"tracking.artifact_root={tmp / 'artifacts'}"]
-    run_job(spark, load_config(TrainConfig, "train", [
-        f"data.root={fashion_small.root}", f"data.name={fashion_small.name}", *store,
-        "epochs=1", "steps_per_epoch=10", "optimizer.batch_size=16", "max_eval_rows=100",
-    ]))
-    return store
-
-
-@pytest.fixture()
-def raw_copy(fashion_small, tmp_path) -> Path:
-    """The small Fashion-MNIST test folder plus three bad files, in a folder this test owns."""
-    folder = tmp_path / "incoming"
-    shutil.copytree(fashion_small.root.parent / "raw" / "test", folder)
-    whole = next((folder / "Bag").iterdir()).read_bytes()
-    (folder / "Bag" / "broken.png").write_bytes(whole[: len(whole) // 2])
-    (folder / "Bag" / "empty-ish.jpg").write_bytes(b"not a jpeg at all")
-    (folder / "Bag" / "zero.png").write_bytes(b"")
-    return folder
-
-
 def infer(spark, registry, folder: Path, out: Path, *extra: str):
     from inference.job import run_inference
 
