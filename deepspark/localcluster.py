@@ -75,6 +75,12 @@ class Cluster(Processes):
 @dataclass
 class MlflowServer(Processes):
     url: str = ""
+    username: str = "admin"
+    password: str = field(default="", repr=False)
+
+    def client_env(self) -> dict[str, str]:
+        """MLflow's standard variables that let a client (a job, an executor) authenticate."""
+        return {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password}
 
 
 def start_standalone(workdir: Path, workers: int = 2, cores: int = 1, memory: str = "3g",
@@ -118,14 +124,23 @@ def start_standalone(workdir: Path, workers: int = 2, cores: int = 1, memory: st
 
 
 def start_mlflow_server(workdir: Path, timeout_s: float = 120) -> MlflowServer:
-    """`mlflow server` with a sqlite backend and artifact serving, on a free loopback port."""
+    """`mlflow server --app-name basic-auth` (sqlite backend and user store, artifact serving) on a
+    free loopback port, with a random admin password: anonymous requests get 401."""
+    import secrets
+
     port = free_port()
-    server = MlflowServer(url=f"http://127.0.0.1:{port}")
+    server = MlflowServer(url=f"http://127.0.0.1:{port}", password=secrets.token_urlsafe(16))
+    config = workdir / "basic_auth.ini"
+    config.write_text("[mlflow]\ndefault_permission = READ\n"
+                      f"database_uri = sqlite:///{workdir / 'basic_auth.db'}\nadmin_username = {server.username}\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": server.password,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
     server.procs.append(subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--serve-artifacts",
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--serve-artifacts",
          "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
-        start_new_session=True, stdout=open(workdir / "server.log", "w"), stderr=subprocess.STDOUT))
+        env=env, start_new_session=True, stdout=open(workdir / "server.log", "w"), stderr=subprocess.STDOUT))
     try:
         _wait_for(lambda: urllib.request.urlopen(f"{server.url}/health", timeout=2).status == 200,
                   "mlflow server", timeout_s, server.procs)
@@ -139,7 +154,8 @@ def spark_submit(master: str, script: Path, args: Sequence[str] = (), conf: dict
                  py_files: Path | None = None, cwd: Path | None = None, timeout_s: float = 1800) -> tuple[str, float]:
     """Run `spark-submit` of this venv on loopback; returns (output, seconds), raises with the
     output's tail on a non-zero exit."""
-    settings = {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1", **(conf or {})}
+    settings = {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1", "spark.ui.enabled": "false",
+                **(conf or {})}
     cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", master]
     if py_files is not None:
         cmd += ["--py-files", str(py_files)]

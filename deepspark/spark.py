@@ -17,14 +17,21 @@ from deepspark.config import FrozenModel
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+# Local mode: the driver and its UI stay on loopback (SPARK_LOCAL_IP, which the UI binds to); the
+# UI is on, as Spark's default, and the progress bar shows when a person watches a terminal.
+# Tests turn both off through `spark.conf` (tests/conftest.py) or `--conf` (deepspark.localcluster).
 LOCAL_DEFAULTS: dict[str, str] = {
     "spark.driver.host": "127.0.0.1",
     "spark.driver.bindAddress": "127.0.0.1",
-    "spark.ui.enabled": "false",
-    "spark.ui.showConsoleProgress": "false",
+    "spark.ui.enabled": "true",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.driver.memory": "4g",
 }
+
+
+def interactive_defaults() -> dict[str, str]:
+    """Spark's console progress bar only for a terminal (not in logs, CI or schedulers)."""
+    return {"spark.ui.showConsoleProgress": "true" if sys.stderr.isatty() else "false"}
 
 
 class SparkSettings(FrozenModel):
@@ -71,7 +78,7 @@ def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = N
     builder = SparkSession.builder.appName(settings.app_name)
     if not submitted.contains("spark.master"):
         builder = builder.master(settings.master)
-    wanted = dict(LOCAL_DEFAULTS) if is_local(master) else {}
+    wanted = {**LOCAL_DEFAULTS, **interactive_defaults()} if is_local(master) else interactive_defaults()
     wanted.update(settings.conf)
     wanted.update(extra_conf or {})
     for key, value in wanted.items():

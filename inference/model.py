@@ -99,25 +99,48 @@ def task_gpu() -> str | None:
     return resources["gpu"].addresses[0] if "gpu" in resources and resources["gpu"].addresses else None
 
 
-@functools.lru_cache(maxsize=2)
-def load_on_worker(shipped_as: str, intra_op_threads: int, gpu: str | None = None) -> Any:
+@dataclass(frozen=True)
+class OnDevice:
+    """A loaded classifier that predicts on one device (a GPU's name, or None for the default)."""
+
+    classifier: Any
+    device: str | None
+
+    def probabilities(self, x: Any, batch_size: int) -> Any:
+        import contextlib
+
+        import tensorflow as tf
+
+        with tf.device(self.device) if self.device else contextlib.nullcontext():
+            return self.classifier.probabilities(x, batch_size)
+
+
+@functools.lru_cache(maxsize=4)
+def load_on_worker(shipped_as: str, intra_op_threads: int, gpu: str | None = None) -> OnDevice:
     """The registered model (`inference.serving.ModalityClassifier`), loaded once per Python
-    worker (and per model version), on the task's GPU."""
+    worker, model version and GPU. All GPUs stay visible (TensorFlow cannot change visibility once
+    initialised, and Spark may hand a reused worker a task on another GPU); the model is placed on
+    the task's GPU by a device scope instead."""
+    import contextlib
+
     from pyspark import SparkFiles
 
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        chosen = next((g for g in gpus if gpu is not None and g.name.endswith(f":{gpu}")), gpus[0])
-        tf.config.experimental.set_memory_growth(chosen, True)
-        tf.config.set_visible_devices(chosen, "GPU")
-
-    try:
+    try:  # only possible before TensorFlow initialises; a reused worker already did this
+        for found in gpus:
+            tf.config.experimental.set_memory_growth(found, True)
         tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:  # TensorFlow already initialised in this worker
+    except RuntimeError:
         pass
+    device = None
+    if gpus:
+        index = next((i for i, g in enumerate(gpus) if gpu is not None and g.name.endswith(f":{gpu}")), 0)
+        device = f"/GPU:{index}"
     import mlflow.pyfunc
 
-    return mlflow.pyfunc.load_model(SparkFiles.get(shipped_as)).unwrap_python_model()
+    with tf.device(device) if device else contextlib.nullcontext():
+        classifier = mlflow.pyfunc.load_model(SparkFiles.get(shipped_as)).unwrap_python_model()
+    return OnDevice(classifier, device)

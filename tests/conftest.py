@@ -26,7 +26,8 @@ def spark():
 
     session = build_session(
         SparkSettings(master="local[2]", app_name="deepspark-tests",
-                      conf={"spark.sql.shuffle.partitions": "4", "spark.driver.memory": "2g"})
+                      conf={"spark.sql.shuffle.partitions": "4", "spark.driver.memory": "2g",
+                            "spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false"})
     )
     yield session
     session.stop()
@@ -176,14 +177,22 @@ def standalone_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (sqlite backend, artifact serving) on 127.0.0.1."""
+    """A real `mlflow server --app-name basic-auth` (sqlite, artifact serving) on 127.0.0.1; jobs
+    and executors authenticate through MLflow's standard variables, set here for the session."""
     from deepspark.localcluster import start_mlflow_server
 
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    saved = {k: os.environ.get(k) for k in server.client_env()}
+    os.environ.update(server.client_env())
     try:
         yield server
     finally:
         server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # ---- text: synthetic reviews with a learnable signal, in every input shape the ETL reads -------

@@ -93,6 +93,32 @@ def test_etl_train_and_inference_through_spark_submit(submit, mlflow_server, fas
                                      "model_uri=models:/fm-cluster@champion", *tracking)
     assert "scored now 400" in out and "model loaded" in out
     print("standalone wall times (s):", {k: round(v, 1) for k, v in times.items()})
+    # The credentials reached the jobs and the ranks only through the environment: no run holds them.
+    for logged in client.search_runs([client.get_experiment_by_name("cluster").experiment_id]):
+        assert mlflow_server.password not in json.dumps([logged.data.params, logged.data.tags])
+        config = [a.path for a in client.list_artifacts(logged.info.run_id) if a.path.endswith((".yaml", ".json"))]
+        for path in config:
+            assert mlflow_server.password not in Path(client.download_artifacts(logged.info.run_id, path,
+                                                                                str(tmp_path))).read_text()
+
+
+def test_the_tracking_server_refuses_anonymous_and_wrong_credentials(mlflow_server):
+    import base64
+    import urllib.error
+    import urllib.request
+
+    url = f"{mlflow_server.url}/api/2.0/mlflow/experiments/search?max_results=1"
+
+    def status(user: str | None, password: str = "") -> int:
+        headers = {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()} if user else {}
+        try:
+            return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert status(None) == 401
+    assert status(mlflow_server.username, "wrong") == 401
+    assert status(mlflow_server.username, mlflow_server.password) == 200
 
 
 def test_each_task_and_rank_sees_its_own_gpu_address(submit, tmp_path):

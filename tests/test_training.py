@@ -107,21 +107,68 @@ def test_champion_gate_both_ways(trained, spark, fashion_small):
     assert int(c.get_model_version_by_alias("fashion-mnist-classifier", "champion").version) == forced.model_version
 
 
-def test_killed_rank_fails_clearly_then_resumes_in_the_same_run(spark, fashion_small, mlflow_store):
+def rank_pids(rank: int) -> list[int]:
+    """Processes Horovod started for a rank (they carry HOROVOD_RANK in their environment)."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if f"HOROVOD_RANK={rank}".encode() in env and b"HOROVOD_GLOO_TIMEOUT_SECONDS=60" in env:
+            found.append(int(pid))
+    return found
+
+
+def test_sigkilled_rank_fails_clearly_then_resumes_from_its_weights_and_optimizer(spark, fashion_small, mlflow_store):
+    """SIGKILL rank 1 (a real process) once epoch 0 is checkpointed; the job fails naming the run to
+    resume; the resumed run's next epoch has the loss the uninterrupted run had (restored weights and
+    optimizer state), far from a fresh model's."""
+    import os
+    import signal
+    import threading
+    import time
+
     from training.job import TrainingFailed, run_job
 
+    steps = ["epochs=3", "steps_per_epoch=40", "horovod.num_proc=2"]
+    whole = run_job(spark, config(fashion_small, mlflow_store, *steps, "registry.enabled=false"))
+    uninterrupted = [m.value for m in sorted(client().get_metric_history(whole.run_id, "loss"), key=lambda m: m.step)]
+
+    def kill_rank_1_after_epoch_0() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            runs = [r for r in runs_of() if r.info.run_id != whole.run_id]
+            if runs and client().get_metric_history(runs[0].info.run_id, "loss"):
+                for pid in rank_pids(1):
+                    os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_rank_1_after_epoch_0, daemon=True)
+    killer.start()
     with pytest.raises(TrainingFailed, match="resume with resume=") as failure:
-        run_job(spark, config(fashion_small, mlflow_store, "epochs=3", "fault.exit_rank=1", "fault.exit_after_epoch=0"))
+        run_job(spark, config(fashion_small, mlflow_store, *steps, "registry.enabled=false"))
+    killer.join()
     run_id = str(failure.value).split("resume=")[1].split(":")[0]
     c = client()
     assert c.get_run(run_id).info.status == "FAILED"
-    assert [m.step for m in c.get_metric_history(run_id, "loss")] == [0]
+    done = [m.step for m in c.get_metric_history(run_id, "loss")]
+    assert done and done[-1] < 2, "the kill came too late to interrupt training"
 
-    resumed = run_job(spark, config(fashion_small, mlflow_store, "epochs=3", f"resume={run_id}"))
+    resumed = run_job(spark, config(fashion_small, mlflow_store, *steps, "registry.enabled=false", f"resume={run_id}"))
     assert resumed.run_id == run_id
-    assert [r.info.run_id for r in runs_of()] == [run_id]  # still exactly one run for the job
+    assert len(runs_of()) == 2  # the uninterrupted run and this one: the resume made no new run
     assert c.get_run(run_id).info.status == "FINISHED"
-    assert [m.step for m in c.get_metric_history(run_id, "loss")] == [0, 1, 2]
+    history = {m.step: m.value for m in c.get_metric_history(run_id, "loss")}
+    assert sorted(history) == [0, 1, 2]
+    first_resumed = done[-1] + 1
+    fresh = uninterrupted[0]  # a model trained from scratch for one epoch
+    assert history[first_resumed] == pytest.approx(uninterrupted[first_resumed], rel=0.02)
+    assert abs(history[first_resumed] - fresh) > 5 * abs(history[first_resumed] - uninterrupted[first_resumed])
 
 
 def test_uneven_shards_finish(spark, fashion_small):

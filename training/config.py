@@ -70,13 +70,6 @@ class EarlyStoppingSettings(FrozenModel):
     restore_best: bool = False  # evaluate and register the best epoch's weights, not the last
 
 
-class FaultSettings(FrozenModel):
-    """Deliberate failure for resilience tests: rank `exit_rank` exits after epoch `exit_after_epoch`."""
-
-    exit_rank: NonNegativeInt | None = None
-    exit_after_epoch: NonNegativeInt | None = None
-
-
 class TrainConfig(FrozenModel):
     spark: SparkSettings = SparkSettings(app_name="deepspark-train")
     tracking: TrackingSettings = TrackingSettings()
@@ -87,7 +80,6 @@ class TrainConfig(FrozenModel):
     horovod: HorovodSettings = HorovodSettings()
     registry: RegistrySettings = RegistrySettings()
     early_stopping: EarlyStoppingSettings = EarlyStoppingSettings()
-    fault: FaultSettings = FaultSettings()
     epochs: PositiveInt = 12
     steps_per_epoch: PositiveInt | None = None  # default: train rows // global batch
     eval_batch_size: PositiveInt = 1024

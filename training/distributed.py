@@ -7,11 +7,26 @@ Everything Horovod-specific that the driver touches lives here, so another launc
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 
 class RankFailure(RuntimeError):
     """A rank died or raised; the job fails instead of hanging."""
+
+
+# What a rank needs from the driver's environment: interpreters, libraries and paths, Spark/Hadoop/
+# Horovod/TensorFlow/GPU settings, MLflow's tracking settings (credentials included: rank 0 logs
+# metrics and checkpoints) and the artifact store's cloud credentials. Nothing else (other tokens,
+# passwords, the user's shell) is shipped.
+RANK_ENV_NAMES = {"PATH", "HOME", "USER", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHASHSEED", "JAVA_HOME",
+                  "LD_LIBRARY_PATH", "CLASSPATH", "GOOGLE_APPLICATION_CREDENTIALS"}
+RANK_ENV_PREFIXES = ("LC_", "SPARK_", "PYSPARK_", "HADOOP_", "HDFS_", "YARN_", "HOROVOD_", "TF_", "CUDA_", "NVIDIA_",
+                     "NCCL_", "OMP_", "KMP_", "MLFLOW_", "AWS_", "AZURE_STORAGE_", "DEEPSPARK_")
+
+
+def rank_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of the driver's environment the Horovod ranks receive (an allow-list)."""
+    return {k: v for k, v in environ.items() if k in RANK_ENV_NAMES or k.startswith(RANK_ENV_PREFIXES)}
 
 
 def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: Sequence[str] | None,
@@ -19,7 +34,7 @@ def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: 
     """Run `fn` on `num_proc` Horovod ranks over gloo, one per Spark task; results by rank."""
     import horovod.spark
 
-    rank_env = dict(os.environ)
+    rank_env = rank_environment(os.environ)
     rank_env.update({
         "HOROVOD_GLOO_TIMEOUT_SECONDS": "60",  # a dead peer fails collectives within a minute
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),

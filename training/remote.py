@@ -6,9 +6,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tarfile
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +74,19 @@ class RankTask:
     checkpoint: bytes | None = None
 
     def __call__(self) -> dict[str, Any] | None:
+        try:
+            return self._train()
+        except BaseException:
+            # A collective failed (a peer rank died) or training raised: report it and leave now.
+            # Unwinding would destroy TensorFlow's input pipeline while its generator thread waits
+            # for data that never comes: with a SIGKILLed peer that deadlocked this rank, and the
+            # job with it. Exiting fails this Spark task, and the driver reports the run to resume.
+            traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+    def _train(self) -> dict[str, Any] | None:
         import tensorflow as tf
 
         cfg = self.cfg
@@ -123,7 +138,7 @@ class RankTask:
         task, client = self, (self._mlflow_client() if rank == 0 else None)
 
         class EpochEnd(tf.keras.callbacks.Callback):
-            """Per-epoch validation, throughput, stall share, logging, checkpoint (rank 0), fault drill."""
+            """Per-epoch validation, throughput, stall share, logging, checkpoint (rank 0)."""
 
             def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
                 self.started = time.perf_counter()
@@ -144,8 +159,6 @@ class RankTask:
                 logs.update(metrics)  # the exact, rank-shared validation metrics, for KeepBest
                 if rank == 0:
                     task._log_epoch(client, epoch, metrics, self.model)
-                if cfg.fault.exit_rank == rank and cfg.fault.exit_after_epoch == epoch:
-                    os._exit(17)  # deliberate, for resilience tests: a rank dying mid-training
 
         from training.callbacks import KeepBest
 
