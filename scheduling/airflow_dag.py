@@ -1,7 +1,8 @@
 """Airflow DAG: hourly batch inference with the registry's champion.
 
 Copy into your Airflow dags/ folder and set the Airflow Variables `deepspark_home` (the project
-checkout with its .venv) and `deepspark_master` (e.g. spark://host:7077). The job itself is
+checkout with its .venv), `deepspark_master` (e.g. spark://host:7077) and optionally
+`deepspark_args` (the job's key=value overrides, e.g. input.path=... output.path=...). The job itself is
 incremental and idempotent, so Airflow retries and backfills never duplicate predictions, and
 max_active_runs=1 plus the output lock keep one writer at a time.
 """
@@ -30,6 +31,6 @@ with DAG(
             "cd {{ var.value.deepspark_home }} && "
             "PYSPARK_PYTHON={{ var.value.deepspark_home }}/.venv/bin/python "
             ".venv/bin/spark-submit --master {{ var.value.deepspark_master }} jobs/batch_inference.py "
-            "input.path=/data/incoming output.path=/data/predictions/fashion-mnist"
+            "{{ var.value.get('deepspark_args', 'input.path=/data/incoming output.path=/data/predictions/fashion-mnist') }}"
         ),
     )

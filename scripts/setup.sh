@@ -60,7 +60,21 @@ if ! "$VENV/bin/python" -c 'import horovod.tensorflow as h, horovod.spark; asser
     || die "Horovod build failed (needs g++ and cmake; see the pip output above)"
 fi
 
-# 4. Verify the whole stack imports at the pinned versions before declaring success.
+# 4. A real Airflow for the scheduling test, in its own venv (its pins clash with ours: protobuf),
+# outside the checkout so fresh clones reuse it; about 25 s from a warm pip cache.
+AIRFLOW_VERSION=3.3.2
+AIRFLOW_VENV=${DEEPSPARK_AIRFLOW_VENV:-$HOME/.cache/deepspark/airflow-$AIRFLOW_VERSION}
+if [[ "$(cat "$AIRFLOW_VENV/.deepspark-airflow" 2>/dev/null)" != "$AIRFLOW_VERSION" ]]; then
+  say "installing Airflow $AIRFLOW_VERSION in $AIRFLOW_VENV (for the scheduling test)"
+  rm -rf "$AIRFLOW_VENV"
+  "$PYTHON" -m venv "$AIRFLOW_VENV"
+  "$AIRFLOW_VENV/bin/python" -m pip --disable-pip-version-check -q install "apache-airflow==$AIRFLOW_VERSION" \
+    || die "pip install of apache-airflow $AIRFLOW_VERSION failed"
+  "$AIRFLOW_VENV/bin/airflow" version >/dev/null 2>&1 || die "Airflow in $AIRFLOW_VENV does not start"
+  echo "$AIRFLOW_VERSION" > "$AIRFLOW_VENV/.deepspark-airflow"
+fi
+
+# 5. Verify the whole stack imports at the pinned versions before declaring success.
 "$VENV/bin/python" - <<'PY' || die "the venv does not import cleanly; delete .venv and run again"
 import importlib.metadata as md, tomllib
 pins = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] + ["horovod==0.28.1"]
