@@ -50,4 +50,5 @@ class BatchInferenceConfig(FrozenModel):
     intra_op_threads: PositiveInt = 1
     full_refresh: bool = False
     force_unlock: bool = False  # take over a lock left by a crashed run (the lock names its owner)
+    compact: bool = False  # after scoring, rewrite this model version's many small batches as one
     lock_ttl_s: PositiveFloat = 120.0  # a lock not heartbeated for this long belongs to a dead run

@@ -195,7 +195,7 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
                                store.url, model.record.modality, commit)
 
     if plan.rows is None:  # a no-op run: no content read, nothing written, no commit
-        return result(Counts(plan.listed, plan.skipped), 0, None, None)
+        return result(Counts(plan.listed, plan.skipped), 0, None, _compact(spark, cfg, store, model, job_id))
     rows = plan.rows
     # Files: one row per listed candidate (known without a pass); records and dataset rows are counted.
     hashed = plan.listed - plan.skipped if plan.source == "files" else rows.count()
@@ -230,11 +230,23 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
         added["quarantine"] = [job_id]
     scored.unpersist()
     if not added and not cfg.full_refresh:  # every hashed input was unchanged: nothing to commit
-        return result(counts, loads.value, accuracy, None)
+        return result(counts, loads.value, accuracy, _compact(spark, cfg, store, model, job_id))
     lease.check()  # a run whose lease was taken over must not commit over its successor
     snap = store.commit(job_id, model.version, added, cfg.full_refresh, base)
     store.vacuum()
-    return result(counts, loads.value, accuracy, snap.number)
+    return result(counts, loads.value, accuracy, _compact(spark, cfg, store, model, job_id) or snap.number)
+
+
+def _compact(spark: "SparkSession", cfg: BatchInferenceConfig, store: PredictionStore, model: ResolvedModel,
+             job_id: str) -> int | None:
+    """With `compact=true`, rewrite this model version's batches as one (the commit's number)."""
+    if not cfg.compact:
+        return None
+    snap = store.compact(spark, model.version, job_id, store.current())
+    if snap is None:
+        return None
+    store.vacuum()
+    return snap.number
 
 
 def run_job(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult:

@@ -10,7 +10,7 @@ A run writes its batches under their final names, then commits by creating the n
 exactly the batches it lists (`read_table`), so a run's predictions and quarantine appear
 together, and a full refresh swaps the old batches for the new ones in one step: readers see the
 old complete output or the new one, never neither. Batches no log entry lists (a killed run's)
-and batches dropped by a full refresh or compaction are deleted once two later commits no
+and batches dropped by a full refresh or by `compact` (many small batches rewritten as one) are deleted once two later commits no
 longer list them, so a reader that opened the previous entry can still finish.
 
 The committed rows are also the incremental state: every row carries its source file's size and
@@ -131,6 +131,28 @@ class PredictionStore:
             raise ConcurrentRunError(f"{self.url}: commit {snap.number} was made by another run; nothing of "
                                      f"job {job_id} was committed")
         return snap
+
+    def compact(self, spark: "SparkSession", version: int, job_id: str, base: Snapshot,
+                rows_per_file: int = 1_000_000) -> Snapshot | None:
+        """Rewrite one model version's live batches of each table as one batch (`<job_id>-compact`)
+        and swap them in with one commit; readers see the same rows before and after. None when no
+        table has more than one batch. Call only while holding the lock."""
+        added: dict[str, list[str]] = {}
+        for table in TABLES:
+            live = base.live(table, version)
+            if not live:
+                continue
+            if len(live) == 1:
+                added[table] = [live[0][1]]
+                continue
+            name = f"{job_id}-compact"
+            rows = spark.read.parquet(*[self.batch_url(table, v, b) for v, b in live])
+            files = max(1, -(-rows.count() // rows_per_file))
+            rows.coalesce(files).write.parquet(self.batch_url(table, version, name))
+            added[table] = [name]
+        if all(len(base.live(t, version)) <= 1 for t in TABLES):
+            return None
+        return self.commit(job_id, version, added, replace=True, base=base)
 
     def vacuum(self) -> list[str]:
         """Delete batches that neither the newest nor the previous commit lists (killed runs' and

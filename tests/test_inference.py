@@ -3,6 +3,7 @@ registry with a model trained by the real training job."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -241,3 +242,23 @@ def test_inference_preprocessing_matches_the_etl_tensor(spark, registry, fashion
     expected = classifier.probabilities(stored).argmax(axis=1)
     assert list(served["predicted_label"][:20]) == [dataset.labels[i] for i in expected]
     assert served["predicted_label"][20] is None and served["reason"][20] == "not_an_image"
+
+
+def test_compaction_rewrites_many_batches_as_one_without_changing_what_readers_see(spark, registry, raw_copy,
+                                                                                 tmp_path):
+    out = tmp_path / "predictions"
+    infer(spark, registry, raw_copy, out)
+    for i in range(2):
+        (raw_copy / "Coat" / f"extra-{i}.png").write_bytes(next((raw_copy / "Bag").iterdir()).read_bytes())
+        infer(spark, registry, raw_copy, out)
+    assert len(batch_folders(out)) == 3
+    before = sorted(tuple(r) for r in table(spark, out).select("path", "content_hash", "predicted_label").collect())
+    compacted = infer(spark, registry, raw_copy, out, "compact=true")
+    assert compacted.counts.hashed == 0 and compacted.commit == 4
+    live = json.loads(sorted((out / "_log").iterdir())[-1].read_text())["batches"]
+    assert live["predictions"] == {"1": [f"{compacted.job_id}-compact"]}
+    assert live["quarantine"]["1"] == [next(iter(live["quarantine"]["1"]))] and len(live["quarantine"]["1"]) == 1
+    after = sorted(tuple(r) for r in table(spark, out).select("path", "content_hash", "predicted_label").collect())
+    assert after == before and len(after) == 402
+    later = infer(spark, registry, raw_copy, out)  # the metadata survived compaction: nothing is re-read
+    assert (later.counts.skipped, later.counts.hashed) == (405, 0)
