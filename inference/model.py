@@ -80,7 +80,9 @@ def resolve_and_ship(spark: "SparkSession", model_uri: str, workdir: str) -> Res
                           "(it has no modality record)") from None
     with open(record_path) as fh:
         record = ModalityRecord.from_dict(json.load(fh))
-    shipped = f"deepspark-model-{name}-v{version}"
+    # Named by the source run too: a registry recreated (or a second tracking store in the same
+    # SparkContext) can hold another "v1", which must not reuse this one's shipped files or workers.
+    shipped = f"deepspark-model-{name}-v{version}-{run_id}"
     already = {os.path.basename(f.rstrip("/")) for f in spark.sparkContext.listFiles}
     if shipped not in already:  # a long-lived SparkContext ships each model version once
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=os.path.join(workdir, "model"))

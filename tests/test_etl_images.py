@@ -58,7 +58,9 @@ def test_every_bad_file_is_quarantined_with_its_reason(spark, first_run, raw_fol
     rows = spark.read.parquet(f"{result.url}/quarantine").collect()
     got = {r.path.split("/images/", 1)[1]: r.reason for r in rows}
     assert got == raw_folder.bad
-    assert all(r.size >= 0 and r.detail for r in rows)
+    sizes = {r.path: r.size for r in rows}
+    assert sizes == {r.path: Path(r.path.replace("file:", "", 1)).stat().st_size for r in rows}
+    assert all(r.detail for r in rows)
     assert result.manifest["totals"]["quarantine_by_reason"] == {
         reason: list(raw_folder.bad.values()).count(reason) for reason in set(raw_folder.bad.values())
     }
