@@ -40,7 +40,7 @@ KEEP_LOG_ENTRIES = 20
 _ENTRY = re.compile(r"^(\d{20})\.json$")
 _BATCH = re.compile(r"^batch=(.+)$")
 
-__all__ = ["ConcurrentRunError", "Snapshot", "PredictionStore", "read_table"]
+__all__ = ["ConcurrentRunError", "Snapshot", "PredictionStore", "read_table", "read_tables"]
 
 
 @dataclass(frozen=True)
@@ -186,16 +186,33 @@ class PredictionStore:
 def read_table(spark: "SparkSession", path: str, table: str = "predictions", model_version: int | None = None,
                quarantine_path: str | None = None) -> "DataFrame":
     """The current committed predictions (or quarantine) of an output folder, consistently: the
-    batches of its newest commit, never a half-committed run. `model_version` narrows to one."""
-    from deepspark.storage import HadoopFS
-
+    batches of its newest commit, never a half-committed run. `model_version` narrows to one.
+    To read both tables as of the same commit, use `read_tables`."""
     if table not in TABLES:
         raise ValueError(f"table must be one of {TABLES}, not {table!r}")
     store = PredictionStore.open(HadoopFS(spark), path, quarantine_path)
-    snap = store.current()
-    urls = [store.batch_url(table, v, b) for v, b in snap.live(table, model_version)]
-    if not urls:
+    frame = _read(spark, store, store.current(), table, model_version)
+    if frame is None:
         raise FileNotFoundError(f"{store.url}: no committed {table}"
                                 + (f" for model version {model_version}" if model_version else ""))
+    return frame
+
+
+def read_tables(spark: "SparkSession", path: str, model_version: int | None = None,
+                quarantine_path: str | None = None) -> tuple["DataFrame | None", "DataFrame | None", int]:
+    """(predictions, quarantine, commit number), both as of the same newest commit (None for a
+    table that commit holds nothing of). Spark lists a DataFrame's files when it is created, so
+    both stay on that commit's batches while later runs commit."""
+    store = PredictionStore.open(HadoopFS(spark), path, quarantine_path)
+    snap = store.current()
+    return (_read(spark, store, snap, "predictions", model_version),
+            _read(spark, store, snap, "quarantine", model_version), snap.number)
+
+
+def _read(spark: "SparkSession", store: PredictionStore, snap: Snapshot, table: str,
+          model_version: int | None) -> "DataFrame | None":
+    urls = [store.batch_url(table, v, b) for v, b in snap.live(table, model_version)]
+    if not urls:
+        return None
     # basePath: Spark adds model_version (and batch) from the folder names, as for the whole folder
     return spark.read.option("basePath", store.table_url(table)).parquet(*urls).drop("batch")

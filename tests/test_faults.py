@@ -40,9 +40,9 @@ def infer(spark, registry, folder: Path, out: Path, *extra: str):
 
 
 def visible(spark, out: Path) -> tuple[int, int]:
-    from inference.state import read_table
+    from inference.state import read_tables
 
-    pred, quar = (read_table(spark, str(out), t) for t in ("predictions", "quarantine"))
+    pred, quar, _ = read_tables(spark, str(out))  # both as of one commit
     for frame in (pred, quar):  # nothing doubled, whatever the moment
         assert frame.count() == frame.select("path", "content_hash").distinct().count()
     return pred.count(), quar.count()
