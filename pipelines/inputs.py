@@ -80,7 +80,18 @@ def read_files(spark: "SparkSession", root: str | list[str], glob: str, files_pe
     reader = spark.read.format("binaryFile")
     if isinstance(root, str):
         reader = reader.option("recursiveFileLookup", "true").option("pathGlobFilter", glob)
-    return reader.load(root).select("path", "length", "content")
+        return reader.load(root).select("path", "length", "content")
+    # Explicit paths (an incremental run's candidates): Spark would list more than 32 of them with a
+    # distributed job (~1 s here for 400 local files); statting them on the driver takes ~0.15 s.
+    # Local files always, remote ones up to a few thousand (one RPC each), are cheaper that way.
+    key = "spark.sql.sources.parallelPartitionDiscovery.threshold"
+    before = spark.conf.get(key)
+    if all(p.startswith("file:") for p in root) or len(root) <= 2000:
+        spark.conf.set(key, str(max(int(before), len(root) + 1)))
+    try:
+        return reader.load(root).select("path", "length", "content")
+    finally:
+        spark.conf.set(key, before)
 
 
 def list_inputs(fs: HadoopFS, root: str, key: str, kind: InputKind, glob: str) -> tuple[tuple[str, int, int], ...]:
