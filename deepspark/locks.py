@@ -4,9 +4,11 @@ The lock is a small JSON file created with `HadoopFS.create_exclusive` (atomic o
 and on HDFS). Its holder touches it every `ttl/3` seconds from a daemon thread; a lock not
 touched for `ttl` seconds belongs to a dead holder on any host and is taken over by moving it
 aside (a rename: of two takers only one succeeds) and creating a fresh one. A holder on this
-very host whose process is gone is taken over at once. Before it commits, a holder calls
-`check()`, which fails if its lease was lost (expired while it stalled and taken over), so a
-stalled writer cannot commit over its successor.
+very host (same boot, same pid namespace) whose process is gone is taken over at once. Expiry
+compares the lock's modification time (the holder's clock on a local disk, the NameNode's on
+HDFS) with the taker's clock: hosts' clocks must agree to well within `ttl`/3 (NTP does). Before
+it commits, a holder calls `check()`, which fails if its lease was lost (expired while it stalled
+and taken over), so a stalled writer cannot commit over its successor.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Lease:
     _thread: threading.Thread | None = field(default=None, repr=False)
 
     def owner(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "host": socket.gethostname(), "pid": os.getpid(),
+        return {"job_id": self.job_id, "host": socket.gethostname(), "pid": os.getpid(), **_process_space(),
                 "since": time.time(), "ttl_s": self.ttl_s, "token": self.token}
 
     def acquire(self, force: bool = False) -> None:
@@ -68,7 +70,7 @@ class Lease:
 
     def check(self) -> None:
         """Raise LockLostError unless this run still holds the lock (call before committing)."""
-        if self._lost.is_set() or self.holder().get("token") != self.token:
+        if self._lost.is_set() or self._read_strict().get("token") != self.token:
             self._lost.set()
             raise LockLostError(f"{self.url}: job {self.job_id} lost its lock (lease expired, another run took "
                                 "over); nothing of this run was committed")
@@ -81,9 +83,20 @@ class Lease:
             self.fs.delete(self.url)
 
     def holder(self) -> dict[str, Any]:
+        """The lock's content, {} when it is absent or unreadable (for messages and takeovers)."""
+        try:
+            return self._read_strict()
+        except Exception:
+            return {}
+
+    def _read_strict(self) -> dict[str, Any]:
+        """The lock's content, {} when it is absent; other I/O errors propagate (a file system
+        hiccup must not read as a lost lease)."""
+        if not self.fs.exists(self.url):
+            return {}
         try:
             return json.loads(self.fs.read_text(self.url))
-        except Exception:  # absent, or being replaced
+        except json.JSONDecodeError:
             return {}
 
     def _expired(self, held: dict[str, Any]) -> bool:
@@ -106,11 +119,11 @@ class Lease:
         def beat() -> None:
             while not self._stop.wait(self.ttl_s / 3):
                 try:
-                    if self.holder().get("token") != self.token:
+                    if self._read_strict().get("token") != self.token:  # gone, or someone else's
                         self._lost.set()
                         return
                     self.fs.touch(self.url)
-                except Exception:  # a file system hiccup: the next beat retries; check() decides
+                except Exception:  # an I/O hiccup: the next beat retries (the lease has 3 beats)
                     continue
 
         self._thread = threading.Thread(target=beat, name=f"lease-{self.job_id}", daemon=True)
@@ -132,9 +145,21 @@ def _read_json(fs: HadoopFS, url: str) -> dict[str, Any]:
         return {}
 
 
+def _process_space() -> dict[str, Any]:
+    """What makes a pid comparable: the same boot and the same pid namespace (containers sharing a
+    host name have their own)."""
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return {}
+    return {"boot_id": boot, "pid_namespace": namespace}
+
+
 def _dead_on_this_host(held: dict[str, Any]) -> bool:
-    """A holder on this host whose process is gone (elsewhere only the lease can tell)."""
-    if held.get("host") != socket.gethostname():
+    """A holder in this host's pid space whose process is gone (elsewhere only the lease can tell)."""
+    here = _process_space()
+    if held.get("host") != socket.gethostname() or not here or any(held.get(k) != v for k, v in here.items()):
         return False
     try:
         os.kill(int(held.get("pid", -1)), 0)

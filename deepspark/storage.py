@@ -189,7 +189,8 @@ class HadoopFS:
         return str(status.getPath().toString()), int(status.getLen()), int(status.getModificationTime())
 
     def modified_ms(self, url: str) -> int | None:
-        """A file's modification time (ms since the epoch, the file system's clock), None if absent."""
+        """A file's modification time (ms since the epoch, as stamped by whoever last touched it:
+        the writer's clock on a local disk), None if absent."""
         local = local_path(url)
         if local is not None:
             try:
@@ -242,14 +243,11 @@ class HadoopFS:
         moved it first) or `dst` exists."""
         local, dst_local = local_path(src), local_path(dst)
         if local is not None and dst_local is not None:
-            try:
-                os.link(local, dst_local)
-            except (FileNotFoundError, FileExistsError):
+            if dst_local.exists():
                 return False
-            try:
-                os.unlink(local)
-            except FileNotFoundError:  # moved by another at the same instant: theirs
-                os.unlink(dst_local)
+            try:  # one atomic rename: of two movers of the same file only one finds it
+                os.rename(local, dst_local)
+            except FileNotFoundError:
                 return False
             return True
         fs, src_path = self._fs(src)

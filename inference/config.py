@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import PositiveFloat, PositiveInt, model_validator
+from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from deepspark.config import FrozenModel
 from deepspark.spark import SparkSettings
@@ -35,6 +35,7 @@ class InputSettings(FrozenModel):
 class OutputSettings(FrozenModel):
     path: str = "data/predictions/fashion-mnist"
     quarantine_path: str | None = None  # default: <path>_quarantine
+    retain_hours: NonNegativeFloat = 1.0  # replaced batches stay readable this long after the commit that dropped them
 
 
 class BatchInferenceConfig(FrozenModel):

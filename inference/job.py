@@ -94,6 +94,7 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     """What this run must read: raw input files whose (path, size, mtime) is not committed for the
     model version (the listing's metadata decides, no content is read), or a dataset split's
     rows. Driver-side checks first; errors name the config key."""
+    import pandas as pd
     from pyspark.sql import functions as F
 
     if cfg.input.path is None:
@@ -106,8 +107,6 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     listing = list_inputs(fs, root, "input.path", kind, glob)
     fresh = listing
     if committed is not None and listing:
-        import pandas as pd
-
         listed_df = spark.createDataFrame(pd.DataFrame(listing, columns=SOURCE))
         seen = committed.select(*SOURCE).where(F.col("source_size").isNotNull())
         fresh = tuple((r[0], int(r[1]), int(r[2])) for r in listed_df.join(seen, SOURCE, "left_anti").collect())
@@ -116,11 +115,9 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     inputs = open_inputs(spark, fs, root, "input.path", kind, glob, cfg.files_per_task,
                          RecordColumns(cfg.input.text_column, cfg.input.label_column, label_required=False),
                          only=None if len(fresh) == len(listing) else fresh)
-    import pandas as pd
-
     meta = spark.createDataFrame(pd.DataFrame(fresh, columns=SOURCE))
     payload = F.coalesce("payload", F.lit("")) if kind == "records" else F.col("payload")
-    rows = (inputs.frame.join(meta, "source")  # Spark picks the join; the listing side is this run's only
+    rows = (inputs.frame.join(meta, "source", "left")  # left: a row without listed metadata is still scored
             .withColumn("content_hash", F.sha2(payload, 256)))  # hashed by the JVM, once
     return Candidates(rows, kind, root, len(listing), len(listing) - len(fresh))
 
@@ -173,7 +170,8 @@ def run_inference(spark: "SparkSession", cfg: BatchInferenceConfig) -> Inference
     lease = Lease(fs, store.lock_url, job_id, cfg.lock_ttl_s)
     lease.acquire(cfg.force_unlock)
     try:
-        removed = store.vacuum()  # batches of killed runs (no commit lists them); we hold the lock
+        lease.check()
+        removed = store.vacuum(cfg.output.retain_hours * 3600)  # killed runs' batches; we hold the lock
         if removed:
             log.info("removed %d uncommitted or replaced batch folder(s)", len(removed))
         return _score(spark, cfg, fs, model, store, lease, job_id, started)
@@ -195,7 +193,7 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
                                store.url, model.record.modality, commit)
 
     if plan.rows is None:  # a no-op run: no content read, nothing written, no commit
-        return result(Counts(plan.listed, plan.skipped), 0, None, _compact(spark, cfg, store, model, job_id))
+        return result(Counts(plan.listed, plan.skipped), 0, None, _compact(spark, cfg, store, model, lease, job_id))
     rows = plan.rows
     # Files: one row per listed candidate (known without a pass); records and dataset rows are counted.
     hashed = plan.listed - plan.skipped if plan.source == "files" else rows.count()
@@ -230,22 +228,24 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
         added["quarantine"] = [job_id]
     scored.unpersist()
     if not added and not cfg.full_refresh:  # every hashed input was unchanged: nothing to commit
-        return result(counts, loads.value, accuracy, _compact(spark, cfg, store, model, job_id))
+        return result(counts, loads.value, accuracy, _compact(spark, cfg, store, model, lease, job_id))
     lease.check()  # a run whose lease was taken over must not commit over its successor
     snap = store.commit(job_id, model.version, added, cfg.full_refresh, base)
-    store.vacuum()
-    return result(counts, loads.value, accuracy, _compact(spark, cfg, store, model, job_id) or snap.number)
+    lease.check()
+    store.vacuum(cfg.output.retain_hours * 3600)
+    return result(counts, loads.value, accuracy, _compact(spark, cfg, store, model, lease, job_id) or snap.number)
 
 
 def _compact(spark: "SparkSession", cfg: BatchInferenceConfig, store: PredictionStore, model: ResolvedModel,
-             job_id: str) -> int | None:
+             lease: Lease, job_id: str) -> int | None:
     """With `compact=true`, rewrite this model version's batches as one (the commit's number)."""
     if not cfg.compact:
         return None
-    snap = store.compact(spark, model.version, job_id, store.current())
+    snap = store.compact(spark, model.version, job_id, store.current(), lease.check)
     if snap is None:
         return None
-    store.vacuum()
+    lease.check()
+    store.vacuum(cfg.output.retain_hours * 3600)
     return snap.number
 
 

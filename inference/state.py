@@ -10,8 +10,10 @@ A run writes its batches under their final names, then commits by creating the n
 exactly the batches it lists (`read_table`), so a run's predictions and quarantine appear
 together, and a full refresh swaps the old batches for the new ones in one step: readers see the
 old complete output or the new one, never neither. Batches no log entry lists (a killed run's)
-and batches dropped by a full refresh or by `compact` (many small batches rewritten as one) are deleted once two later commits no
-longer list them, so a reader that opened the previous entry can still finish.
+and batches dropped by a full refresh or by `compact` (many small batches rewritten as one) are
+deleted once neither the two newest entries nor any entry younger than `output.retain_hours`
+lists them, so a reader that opened an entry in that window can still finish. An output written
+before the log existed is adopted as it stands (its folders count as committed).
 
 The committed rows are also the incremental state: every row carries its source file's size and
 modification time, so a run skips a listed file whose (path, size, mtime) is committed without
@@ -24,7 +26,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from deepspark.locks import LOCK_FILE, ConcurrentRunError
 from deepspark.storage import HadoopFS, join, to_url
@@ -102,12 +104,28 @@ class PredictionStore:
         return sorted(int(m.group(1)) for m in map(_ENTRY.match, names) if m)
 
     def current(self) -> Snapshot:
-        """The newest commit (an empty snapshot before the first)."""
+        """The newest commit. Before the first: the batch folders an output written before the
+        commit log holds (its runs committed by renaming them into place), else nothing."""
         entries = self._entries()
         if not entries:
-            return Snapshot()
-        data = json.loads(self.fs.read_text(self._entry_url(entries[-1])))
+            return Snapshot(0, self._folders())
+        return self._entry(entries[-1])
+
+    def _entry(self, number: int) -> Snapshot:
+        data = json.loads(self.fs.read_text(self._entry_url(number)))
         return Snapshot(data["number"], data["batches"], data.get("job_id"), data.get("committed_at"))
+
+    def _folders(self) -> dict[str, dict[str, list[str]]]:
+        """Every batch folder on disk, per table and model version."""
+        found: dict[str, dict[str, list[str]]] = {t: {} for t in TABLES}
+        for table in TABLES:
+            for version_dir in self.fs.list_dir_names(self.table_url(table)):
+                if version_dir.startswith("model_version="):
+                    names = self.fs.list_dir_names(join(self.table_url(table), version_dir))
+                    batches = [m.group(1) for m in map(_BATCH.match, names) if m]
+                    if batches:
+                        found[table][version_dir.split("=", 1)[1]] = batches
+        return found
 
     def _entry_url(self, number: int) -> str:
         return join(self.url, LOG, f"{number:020d}.json")
@@ -115,9 +133,18 @@ class PredictionStore:
     def committed(self, spark: "SparkSession", version: int, columns: Iterable[str],
                   snapshot: Snapshot | None = None) -> "DataFrame | None":
         """Columns of both tables' committed rows for one model version (None when there are none)."""
+        from pyspark.sql import functions as F
+
         snap = snapshot or self.current()
-        frames = [spark.read.parquet(*urls).select(*columns)
-                  for urls in ([self.batch_url(t, v, b) for v, b in snap.live(t, version)] for t in TABLES) if urls]
+        frames = []
+        for table in TABLES:
+            urls = [self.batch_url(table, v, b) for v, b in snap.live(table, version)]
+            if urls:
+                rows = spark.read.parquet(*urls)
+                # Rows written before the metadata columns existed: null metadata, never skipped unread.
+                types = {"source": "string", "source_size": "long", "source_modified": "long"}
+                frames.append(rows.select(*[c if c in rows.columns else F.lit(None).cast(types[c]).alias(c)
+                                            for c in columns]))
         if not frames:
             return None
         return frames[0] if len(frames) == 1 else frames[0].unionByName(frames[1])
@@ -133,7 +160,8 @@ class PredictionStore:
         return snap
 
     def compact(self, spark: "SparkSession", version: int, job_id: str, base: Snapshot,
-                rows_per_file: int = 1_000_000) -> Snapshot | None:
+                before_commit: "Callable[[], None]" = lambda: None, rows_per_file: int = 1_000_000
+                ) -> Snapshot | None:
         """Rewrite one model version's live batches of each table as one batch (`<job_id>-compact`)
         and swap them in with one commit; readers see the same rows before and after. None when no
         table has more than one batch. Call only while holding the lock."""
@@ -152,17 +180,22 @@ class PredictionStore:
             added[table] = [name]
         if all(len(base.live(t, version)) <= 1 for t in TABLES):
             return None
+        before_commit()  # e.g. the lease check
         return self.commit(job_id, version, added, replace=True, base=base)
 
-    def vacuum(self) -> list[str]:
-        """Delete batches that neither the newest nor the previous commit lists (killed runs' and
-        replaced ones), and old log entries. Call only while holding the lock."""
+    def vacuum(self, retain_s: float) -> list[str]:
+        """Delete batches no log entry kept lists (killed runs' and replaced ones) and old log
+        entries. Kept: the two newest entries and every entry younger than `retain_s`, so a reader
+        that opened an entry in that window can finish. Call only while holding the lock; does
+        nothing before the first commit (an output from before the log keeps its folders)."""
         entries = self._entries()
-        keep: set[tuple[str, int, str]] = set()
-        for number in entries[-2:]:
-            data = json.loads(self.fs.read_text(self._entry_url(number)))
-            snap = Snapshot(data["number"], data["batches"])
-            keep |= {(t, v, b) for t in TABLES for v, b in snap.live(t)}
+        if not entries:
+            return []
+        now = time.time()
+        kept = [self._entry(n) for n in entries]
+        kept = [snap for i, snap in enumerate(kept)
+                if i >= len(kept) - 2 or (snap.committed_at or 0) >= now - retain_s]
+        keep = {(t, v, b) for snap in kept for t in TABLES for v, b in snap.live(t)}
         removed = []
         for table in TABLES:
             for version_dir in self.fs.list_dir_names(self.table_url(table)):
@@ -178,8 +211,10 @@ class PredictionStore:
                         removed.append(join(folder, name))
                 if not self.fs.list_dir_names(folder):
                     self.fs.delete(folder)
+        oldest_kept = kept[0].number
         for number in entries[:-KEEP_LOG_ENTRIES]:
-            self.fs.delete(self._entry_url(number))
+            if number < oldest_kept:
+                self.fs.delete(self._entry_url(number))
         return removed
 
 

@@ -306,8 +306,6 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
                          cfg.files_per_task,
                          RecordColumns(cfg.input.text_column, cfg.input.label_column, cfg.input.split_column))
     if kind == "records":  # read, numbered and shuffled once, not again by each job below
-        from pyspark import StorageLevel
-
         inputs = dataclasses.replace(inputs, frame=inputs.frame.persist(StorageLevel.MEMORY_AND_DISK))
     layout_ = _layout(spark, cfg, root, from_folders) if kind == "files" else None
     labels = _label_vocabulary(cfg, inputs, layout_)

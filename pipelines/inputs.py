@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 RECORD_GLOB = "*.{csv,CSV,jsonl,JSONL,ndjson,json,JSON}{,.bz2,.gz}"
 FILES_DDL = "path string, size long, payload binary, label_name string, split string, malformed string, source string"
+GLOB_CHARS = "[]{}*?\\"  # Hadoop glob syntax: an explicit path holding one is expanded by Spark
 MALFORMED = "malformed_record"  # quarantine reason of a record line Spark's reader cannot parse
 MALFORMED_DETAIL = "Spark's reader could not parse this record"
 
@@ -123,13 +124,17 @@ def _files(spark: "SparkSession", root: str, glob: str, files_per_task: int,
            listing: tuple[tuple[str, int, int], ...], whole: bool) -> RawInputs:
     from pyspark.sql import functions as F
 
-    # A subset is read by its paths (Spark lists and reads nothing else); the whole folder by its root.
-    wanted = root if whole else [path for path, size, _ in listing if size > 0]
-    if wanted:
-        files = read_files(spark, wanted, glob, files_per_task).select(
+    # A subset is read by its paths (Spark lists and reads nothing else), unless one of them holds a
+    # glob character Spark would expand; then, like the whole folder, by its root.
+    paths = [path for path, size, _ in listing if size > 0]
+    by_root = whole or any(ch in path for path in paths for ch in GLOB_CHARS)
+    if paths:
+        files = read_files(spark, root if by_root else paths, glob, files_per_task).select(
             "path", F.col("length").alias("size"), F.col("content").alias("payload"),
             *(F.lit(None).cast("string").alias(c) for c in ("label_name", "split", "malformed")),
             F.col("path").alias("source"))
+        if by_root and not whole:
+            files = files.join(spark.createDataFrame([(p,) for p in paths], "path string"), "path", "left_semi")
     else:
         files = spark.createDataFrame([], FILES_DDL)
     empty = [(path, 0, bytearray(), None, None, None, path) for path, size, _ in listing if size == 0]
@@ -186,7 +191,17 @@ def _records(spark: "SparkSession", root: str, key: str, columns: RecordColumns,
                         file.alias("_file"), F.monotonically_increasing_id().alias("_order"))
              .withColumn("path", F.concat(F.col("_file"), F.lit("#"), row.cast("string")))
              .select("path", F.coalesce(F.octet_length("payload"), F.lit(0)).cast("long").alias("size"),
-                     "payload", "label_name", "split", "malformed",
-                     # the file as the listing names it (Spark says file:///x where Hadoop says file:/x)
-                     F.regexp_replace("_file", "^file:///", "file:/").alias("source")))
+                     "payload", "label_name", "split", "malformed", "_file"))
+    # `source` = the file as the listing names it: Spark's input_file_name() is the URI form
+    # (file:///a%20b.csv where the listing says file:/a b.csv). A left join: no record can vanish.
+    uris = spark.createDataFrame([(_uri(spark, p), p) for p in paths], "_uri string, source string")
+    frame = (frame.withColumn("_uri", F.regexp_replace("_file", "^file:///", "file:/"))
+             .join(F.broadcast(uris), "_uri", "left")
+             .withColumn("source", F.coalesce("source", "_uri")).drop("_uri", "_file"))
     return RawInputs(frame, "records", root, listing)
+
+
+def _uri(spark: "SparkSession", path: str) -> str:
+    """A listed path in the form Spark's input_file_name() reports (percent-encoded URI)."""
+    jvm = spark.sparkContext._jvm
+    return str(jvm.org.apache.hadoop.fs.Path(path).toUri().toString())

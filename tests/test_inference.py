@@ -69,8 +69,8 @@ def test_incremental_runs_decide_from_metadata_and_hash_only_candidates(spark, r
     out = tmp_path / "predictions"
     infer(spark, registry, raw_copy, out)
     coat = sorted((raw_copy / "Coat").iterdir())
-    for i in range(5):
-        shutil.copy(coat[0], raw_copy / "Coat" / f"new-{i}.png")
+    for i in range(5):  # names with a space and glob characters: read literally, not expanded
+        shutil.copy(coat[0], raw_copy / "Coat" / f"new [{i}].png")
     second = infer(spark, registry, raw_copy, out)
     c = second.counts
     assert (c.listed, c.skipped, c.hashed, c.scored, c.quarantined) == (408, 403, 5, 5, 0)
@@ -133,8 +133,9 @@ def test_full_refresh_swaps_the_output_in_one_commit(spark, registry, raw_copy, 
     assert batch_folders(out) == {f"batch={first.job_id}", f"batch={again.job_id}"}
     (raw_copy / "Bag" / "one-more.png").write_bytes(next((raw_copy / "Coat").iterdir()).read_bytes())
     infer(spark, registry, raw_copy, out)
-    infer(spark, registry, raw_copy, out, "full_refresh=true")
-    assert f"batch={first.job_id}" not in batch_folders(out)
+    assert f"batch={first.job_id}" in batch_folders(out)  # replaced less than output.retain_hours ago
+    infer(spark, registry, raw_copy, out, "full_refresh=true", "output.retain_hours=0")
+    assert f"batch={first.job_id}" not in batch_folders(out)  # neither of the two newest commits lists it
 
 
 def test_a_live_lock_is_refused_and_a_dead_one_is_taken_over(spark, registry, raw_copy, tmp_path):
@@ -262,3 +263,13 @@ def test_compaction_rewrites_many_batches_as_one_without_changing_what_readers_s
     assert after == before and len(after) == 402
     later = infer(spark, registry, raw_copy, out)  # the metadata survived compaction: nothing is re-read
     assert (later.counts.skipped, later.counts.hashed) == (405, 0)
+
+
+def test_an_output_from_before_the_commit_log_is_adopted_not_deleted(spark, registry, raw_copy, tmp_path):
+    out = tmp_path / "predictions"
+    infer(spark, registry, raw_copy, out)
+    shutil.rmtree(out / "_log")  # what an output written before the log looks like
+    before = batch_folders(out)
+    again = infer(spark, registry, raw_copy, out)
+    assert (again.counts.skipped, again.scored, again.commit) == (403, 0, None)
+    assert batch_folders(out) == before and table(spark, out).count() == 400

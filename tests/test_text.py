@@ -192,11 +192,15 @@ def test_trained_model_scores_raw_text_as_the_batch_job_does(spark, csv_dataset,
     assert list(served["predicted_label"]) == [batch[content_hash(t)] for t in texts]
     assert list(model.predict(["", "word " * 100])["reason"]) == ["empty_text", "too_long"]
 
-    jsonl = tmp_path / "incoming.jsonl"  # JSON Lines without labels, one line broken
+    jsonl = tmp_path / "incoming reviews.jsonl"  # JSON Lines without labels, one line broken
     jsonl.write_text(json.dumps({"text": texts[0]}) + "\n{broken\n" + json.dumps({"text": texts[1]}) + "\n")
     lines = run_inference(spark, load_config(BatchInferenceConfig, "batch_inference", [
         *store, "model_uri=models:/reviews-classifier@champion", f"input.path={jsonl}",
         f"output.path={tmp_path / 'from-jsonl'}"]))
     assert (lines.counts.hashed, lines.scored, lines.quarantined, lines.accuracy) == (3, 2, 1, None)
+    rerun = run_inference(spark, load_config(BatchInferenceConfig, "batch_inference", [  # the file is known by
+        *store, "model_uri=models:/reviews-classifier@champion", f"input.path={jsonl}",  # its listed name
+        f"output.path={tmp_path / 'from-jsonl'}"]))
+    assert (rerun.counts.skipped, rerun.counts.hashed) == (1, 0)
     broken = read_table(spark, str(tmp_path / "from-jsonl"), "quarantine").collect()
     assert [(r.reason, r.path.rsplit("#", 1)[1]) for r in broken] == [("malformed_record", "1")]

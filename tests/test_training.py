@@ -167,8 +167,10 @@ def test_sigkilled_rank_fails_clearly_then_resumes_from_its_weights_and_optimize
     assert sorted(history) == [0, 1, 2]
     first_resumed = done[-1] + 1
     fresh = uninterrupted[0]  # a model trained from scratch for one epoch
-    assert history[first_resumed] == pytest.approx(uninterrupted[first_resumed], rel=0.02)
-    assert abs(history[first_resumed] - fresh) > 5 * abs(history[first_resumed] - uninterrupted[first_resumed])
+    # Within 15 % (threaded input and 2 ranks are not bit-reproducible: 0 % and 5.5 % seen); a fresh
+    # model lands near the first epoch's loss instead (+190 % with the restore removed).
+    assert history[first_resumed] == pytest.approx(uninterrupted[first_resumed], rel=0.15)
+    assert abs(history[first_resumed] - fresh) > 3 * abs(history[first_resumed] - uninterrupted[first_resumed])
 
 
 def test_uneven_shards_finish(spark, fashion_small):

@@ -19,7 +19,11 @@ class RankFailure(RuntimeError):
 # metrics and checkpoints) and the artifact store's cloud credentials. Nothing else (other tokens,
 # passwords, the user's shell) is shipped.
 RANK_ENV_NAMES = {"PATH", "HOME", "USER", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHASHSEED", "JAVA_HOME",
-                  "LD_LIBRARY_PATH", "CLASSPATH", "GOOGLE_APPLICATION_CREDENTIALS"}
+                  "LD_LIBRARY_PATH", "CLASSPATH", "GOOGLE_APPLICATION_CREDENTIALS", "VIRTUAL_ENV", "CONDA_PREFIX",
+                  # Kerberised HDFS (Petastorm's reads), proxies and CA bundles (MLflow over HTTPS)
+                  "KRB5CCNAME", "KRB5_CONFIG", "ARROW_LIBHDFS_DIR", "LIBHDFS_OPTS", "HTTP_PROXY", "HTTPS_PROXY",
+                  "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE",
+                  "SSL_CERT_DIR"}
 RANK_ENV_PREFIXES = ("LC_", "SPARK_", "PYSPARK_", "HADOOP_", "HDFS_", "YARN_", "HOROVOD_", "TF_", "CUDA_", "NVIDIA_",
                      "NCCL_", "OMP_", "KMP_", "MLFLOW_", "AWS_", "AZURE_STORAGE_", "DEEPSPARK_")
 
