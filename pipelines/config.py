@@ -80,7 +80,11 @@ class AudioSettings(FrozenModel):
 class OutputSettings(FrozenModel):
     root: str = "data/datasets"
     name: str = Field("fashion-mnist", pattern=r"^[A-Za-z0-9_.-]+$")
-    row_group_size_mb: PositiveFloat = 4.0
+    # Row groups are Petastorm's unit of sharding: each rank reads whole row groups. null = automatic:
+    # 4 MB, or smaller for a small split, so that every split holds at least `min_row_groups`
+    # (enough for the ranks of a cluster) and a user never has to pick this to train.
+    row_group_size_mb: PositiveFloat | None = None
+    min_row_groups: PositiveInt = 16
     file_size_mb: PositiveInt = 128  # target uncompressed bytes per Parquet file
     stale_staging_hours: PositiveFloat = 24.0  # staging folders of killed runs older than this are deleted
     force_unlock: bool = False  # take over the dataset's lock left by a run known to be gone

@@ -246,6 +246,15 @@ def _build_manifest(cfg: EtlConfig, record: ModalityRecord, stats: list[dict], i
     }
 
 
+def row_group_bytes(split_bytes: int, size_mb: float | None, min_groups: int, largest_mb: float = 4.0) -> int:
+    """Parquet's row-group threshold for one split: `size_mb` when given, else the largest size up
+    to `largest_mb` that still cuts the split into `min_groups` row groups (a small split would
+    otherwise be one row group, which only one rank can read)."""
+    if size_mb is not None:
+        return max(1024, int(size_mb * 1024 * 1024))
+    return max(1024, min(int(largest_mb * 1024 * 1024), split_bytes // min_groups))
+
+
 def _write_split(spark: "SparkSession", rows: "DataFrame", url: str, record: ModalityRecord, n_rows: int,
                  cfg: EtlConfig, seed: int) -> None:
     """One split as a Petastorm dataset, rows in a seeded hash order so row groups mix classes."""
@@ -261,7 +270,8 @@ def _write_split(spark: "SparkSession", rows: "DataFrame", url: str, record: Mod
     # check): small rows (token ids) would never make a small dataset more than one row group.
     check, previous = "parquet.page.size.row.check.min", hadoop.get("parquet.page.size.row.check.min")
     with materialize_dataset(spark, url, unischema(spec, record.modality)):  # restores its own keys on exit
-        hadoop.setInt("parquet.block.size", max(1024, int(cfg.output.row_group_size_mb * 1024 * 1024)))
+        hadoop.setInt("parquet.block.size", row_group_bytes(n_rows * spec.row_bytes, cfg.output.row_group_size_mb,
+                                                            cfg.output.min_row_groups))
         hadoop.setInt(check, 10)
         try:
             ordered.write.mode("error").parquet(url)

@@ -93,7 +93,8 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
     groups = train_row_groups(dataset.split_url(cfg.data.train_split))
     if groups < num_proc:
         raise ConfigError(f"horovod.num_proc={num_proc} but the {cfg.data.train_split} split has {groups} row "
-                          "group(s): re-run the ETL with a smaller output.row_group_size_mb")
+                          "group(s): re-run the ETL with automatic row groups (output.row_group_size_mb=null) "
+                          "or a larger output.min_row_groups")
     global_batch = cfg.optimizer.batch_size * num_proc
     steps = cfg.steps_per_epoch or dataset.rows(cfg.data.train_split) // global_batch
     if steps < 1:
