@@ -150,10 +150,10 @@ def start_mlflow_server(workdir: Path, timeout_s: float = 120) -> MlflowServer:
     return server
 
 
-def spark_submit(master: str, script: Path, args: Sequence[str] = (), conf: dict[str, str] | None = None,
-                 py_files: Path | None = None, cwd: Path | None = None, timeout_s: float = 1800) -> tuple[str, float]:
-    """Run `spark-submit` of this venv on loopback; returns (output, seconds), raises with the
-    output's tail on a non-zero exit."""
+def submit_command(master: str, script: Path, args: Sequence[str] = (), conf: dict[str, str] | None = None,
+                   py_files: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a `spark-submit` of this venv on loopback (UI off), for
+    callers that run it themselves (e.g. to race or kill it)."""
     settings = {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1", "spark.ui.enabled": "false",
                 **(conf or {})}
     cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", master]
@@ -164,9 +164,16 @@ def spark_submit(master: str, script: Path, args: Sequence[str] = (), conf: dict
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
            "SPARK_LOCAL_IP": "127.0.0.1", "TF_CPP_MIN_LOG_LEVEL": "2",
            "DEEPSPARK_CONF_DIR": os.environ.get("DEEPSPARK_CONF_DIR", str(DISCOVERY_SCRIPT.parent.parent))}
+    return [*cmd, str(script), *args], env
+
+
+def spark_submit(master: str, script: Path, args: Sequence[str] = (), conf: dict[str, str] | None = None,
+                 py_files: Path | None = None, cwd: Path | None = None, timeout_s: float = 1800) -> tuple[str, float]:
+    """Run `spark-submit` of this venv on loopback; returns (output, seconds), raises with the
+    output's tail on a non-zero exit."""
+    cmd, env = submit_command(master, script, args, conf, py_files)
     started = time.perf_counter()
-    proc = subprocess.run([*cmd, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout_s)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"spark-submit {script.name} exited {proc.returncode}:\n{output[-6000:]}")

@@ -84,20 +84,12 @@ class Lease:
 
     def holder(self) -> dict[str, Any]:
         """The lock's content, {} when it is absent or unreadable (for messages and takeovers)."""
-        try:
-            return self._read_strict()
-        except Exception:
-            return {}
+        return _read_lock(self.fs, self.url, strict=False)
 
     def _read_strict(self) -> dict[str, Any]:
         """The lock's content, {} when it is absent; other I/O errors propagate (a file system
         hiccup must not read as a lost lease)."""
-        if not self.fs.exists(self.url):
-            return {}
-        try:
-            return json.loads(self.fs.read_text(self.url))
-        except json.JSONDecodeError:
-            return {}
+        return _read_lock(self.fs, self.url, strict=True)
 
     def _expired(self, held: dict[str, Any]) -> bool:
         touched = self.fs.modified_ms(self.url)
@@ -109,7 +101,7 @@ class Lease:
         aside = f"{self.url}.taken-{uuid.uuid4().hex}"
         if not self.fs.move_file(self.url, aside):
             return  # another taker moved it first; our next create decides
-        moved = _read_json(self.fs, aside)
+        moved = _read_lock(self.fs, aside, strict=False)
         if moved.get("token") != held.get("token"):  # it was already a fresh lock: put it back
             self.fs.move_file(aside, self.url)
             raise ConcurrentRunError(describe(self.url, moved))
@@ -138,10 +130,18 @@ def describe(url: str, held: dict[str, Any]) -> str:
             "pass force_unlock=true if that job is gone")
 
 
-def _read_json(fs: HadoopFS, url: str) -> dict[str, Any]:
+def _read_lock(fs: HadoopFS, url: str, strict: bool) -> dict[str, Any]:
+    """A lock file's content; {} when it is absent or half-written, and, unless `strict`, also
+    when it cannot be read."""
     try:
+        if not fs.exists(url):
+            return {}
         return json.loads(fs.read_text(url))
+    except json.JSONDecodeError:
+        return {}
     except Exception:
+        if strict:
+            raise
         return {}
 
 

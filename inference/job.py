@@ -114,7 +114,7 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
         return Candidates(None, kind, root, len(listing), len(listing))
     inputs = open_inputs(spark, fs, root, "input.path", kind, glob, cfg.files_per_task,
                          RecordColumns(cfg.input.text_column, cfg.input.label_column, label_required=False),
-                         only=None if len(fresh) == len(listing) else fresh)
+                         listing=fresh, whole=len(fresh) == len(listing))
     meta = spark.createDataFrame(pd.DataFrame(fresh, columns=SOURCE))
     payload = F.coalesce("payload", F.lit("")) if kind == "records" else F.col("payload")
     rows = (inputs.frame.join(meta, "source", "left")  # left: a row without listed metadata is still scored

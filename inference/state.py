@@ -165,21 +165,19 @@ class PredictionStore:
         """Rewrite one model version's live batches of each table as one batch (`<job_id>-compact`)
         and swap them in with one commit; readers see the same rows before and after. None when no
         table has more than one batch. Call only while holding the lock."""
+        if all(len(base.live(t, version)) <= 1 for t in TABLES):
+            return None
         added: dict[str, list[str]] = {}
         for table in TABLES:
             live = base.live(table, version)
-            if not live:
-                continue
-            if len(live) == 1:
-                added[table] = [live[0][1]]
+            if len(live) <= 1:
+                added[table] = [b for _, b in live]
                 continue
             name = f"{job_id}-compact"
             rows = spark.read.parquet(*[self.batch_url(table, v, b) for v, b in live])
             files = max(1, -(-rows.count() // rows_per_file))
             rows.coalesce(files).write.parquet(self.batch_url(table, version, name))
             added[table] = [name]
-        if all(len(base.live(t, version)) <= 1 for t in TABLES):
-            return None
         before_commit()  # e.g. the lease check
         return self.commit(job_id, version, added, replace=True, base=base)
 
@@ -197,18 +195,13 @@ class PredictionStore:
                 if i >= len(kept) - 2 or (snap.committed_at or 0) >= now - retain_s]
         keep = {(t, v, b) for snap in kept for t in TABLES for v, b in snap.live(t)}
         removed = []
-        for table in TABLES:
-            for version_dir in self.fs.list_dir_names(self.table_url(table)):
-                if not version_dir.startswith("model_version="):
-                    continue
-                version = int(version_dir.split("=", 1)[1])
-                folder = join(self.table_url(table), version_dir)
-                names = self.fs.list_dir_names(folder)
+        for table, versions in self._folders().items():
+            for version, names in versions.items():
                 for name in names:
-                    match = _BATCH.match(name)
-                    if match and (table, version, match.group(1)) not in keep:
-                        self.fs.delete(join(folder, name))
-                        removed.append(join(folder, name))
+                    if (table, int(version), name) not in keep:
+                        self.fs.delete(self.batch_url(table, int(version), name))
+                        removed.append(self.batch_url(table, int(version), name))
+                folder = join(self.table_url(table), f"model_version={version}")
                 if not self.fs.list_dir_names(folder):
                     self.fs.delete(folder)
         oldest_kept = kept[0].number

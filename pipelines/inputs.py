@@ -110,13 +110,14 @@ def list_inputs(fs: HadoopFS, root: str, key: str, kind: InputKind, glob: str) -
 
 def open_inputs(spark: "SparkSession", fs: HadoopFS, root: str, key: str, kind: InputKind, glob: str,
                 files_per_task: int, columns: "RecordColumns | None" = None,
-                only: tuple[tuple[str, int, int], ...] | None = None) -> RawInputs:
-    """The rows of every input under a root from `resolve_input` (errors name `key`), or only of
-    the input files in `only` (a subset of `list_inputs`: an incremental run's candidates).
-    Every row names the file it came from in `source`."""
-    listing = list_inputs(fs, root, key, kind, glob) if only is None else only
+                listing: tuple[tuple[str, int, int], ...] | None = None, whole: bool = True) -> RawInputs:
+    """The rows of every input under a root from `resolve_input` (errors name `key`). `listing`:
+    the caller's `list_inputs` (not listed again), or with `whole=False` a subset of it (an
+    incremental run's candidates). Every row names the file it came from in `source`."""
+    if listing is None:
+        listing = list_inputs(fs, root, key, kind, glob)
     if kind == "files":
-        return _files(spark, root, glob, files_per_task, listing, whole=only is None)
+        return _files(spark, root, glob, files_per_task, listing, whole)
     return _records(spark, root, key, columns or RecordColumns(), listing)
 
 

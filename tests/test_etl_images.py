@@ -16,6 +16,7 @@ from pipelines.images.modality import IMAGE
 from tests.conftest import make_flat_folder
 
 pytestmark = pytest.mark.spark
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 def run(spark, overrides: list[str]) -> etl.EtlResult:
@@ -165,17 +166,15 @@ def test_killed_job_leaves_the_previous_version_current(spark, raw_folder, tmp_p
     import os
     import signal
     import subprocess
-    import sys
     import time
+
+    from deepspark.localcluster import submit_command
 
     overrides = [f"input.path={raw_folder.root}", f"output.root={tmp_path}", "output.name=zoo",
                  "tracking.enabled=false", "image.max_pixels=1000000", "input.val_from_train=0"]
     first = run(spark, overrides)
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
-    project = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]",
-                             str(project / "jobs" / "etl_images.py"), *overrides], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd, env = submit_command("local[2]", PROJECT / "jobs" / "etl_images.py", overrides)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = tmp_path / "zoo"
     deadline = time.monotonic() + 120
     while not list(base.glob("_staging/*/data/*/*.parquet")):
@@ -220,14 +219,14 @@ def test_two_etl_processes_race_and_exactly_one_publishes(raw_folder, tmp_path):
     """Two real spark-submit ETL runs for the same dataset at once: one holds the lease and
     publishes v=1 (its manifest says 1); the other fails at once, naming the holder."""
     import subprocess
-    import sys
+
+    from deepspark.localcluster import submit_command
 
     overrides = [f"input.path={raw_folder.root}", f"output.root={tmp_path}", "output.name=zoo",
                  "tracking.enabled=false", "image.max_pixels=1000000", "input.val_from_train=0"]
-    project = Path(__file__).resolve().parent.parent
-    command = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[1]", "--conf",
-               "spark.ui.enabled=false", str(project / "jobs" / "etl.py"), *overrides]
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    cmd, env = submit_command("local[1]", PROJECT / "jobs" / "etl.py", overrides)
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     outcomes = [(p.wait(timeout=600), p.stdout.read() + p.stderr.read()) for p in procs]
     assert sorted(code == 0 for code, _ in outcomes) == [False, True], [o[-3000:] for _, o in outcomes]
     loser = next(out for code, out in outcomes if code != 0)

@@ -5,9 +5,7 @@ the output the whole time only ever saw the old complete output or the new one."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -22,14 +20,10 @@ PROJECT = Path(__file__).resolve().parent.parent
 OLD, NEW = (400, 3), (403, 4)  # (predictions, quarantine) before and after the new files
 
 
-def command(script: Path, *args: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[1]",
-            "--conf", "spark.ui.enabled=false", str(script), *args]
+def command(script: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    from deepspark.localcluster import submit_command
 
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
-            "SPARK_LOCAL_IP": "127.0.0.1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return submit_command("local[1]", script, args)
 
 
 def infer(spark, registry, folder: Path, out: Path, *extra: str):
@@ -83,8 +77,8 @@ def test_sigkill_at_a_commit_step_then_rerun_scores_everything_exactly_once(spar
     reader = Reader(spark, out)
     reader.start()
     args = [*registry, f"input.path={raw_copy}", f"output.path={out}", *(["full_refresh=true"] if refresh else [])]
-    killed = subprocess.run(command(PROJECT / "tests" / "faults" / "kill_at.py", step, "batch_inference", *args),
-                            env=env(), capture_output=True, text=True, timeout=600)
+    cmd, env = command(PROJECT / "tests" / "faults" / "kill_at.py", step, "batch_inference", *args)
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode != 0 and "hashed" not in killed.stdout, killed.stderr[-3000:]  # died before its summary
     committed = step == "after_commit"
     assert visible(spark, out) == (NEW if committed else OLD)
@@ -108,7 +102,8 @@ def test_sigkill_at_a_commit_step_then_rerun_scores_everything_exactly_once(spar
 def test_two_inference_processes_race_and_every_input_is_scored_once(registry, raw_copy, tmp_path, spark):
     out = tmp_path / "predictions"
     args = [*registry, f"input.path={raw_copy}", f"output.path={out}"]
-    procs = [subprocess.Popen(command(PROJECT / "jobs" / "batch_inference.py", *args), env=env(),
+    cmd, env = command(PROJECT / "jobs" / "batch_inference.py", *args)
+    procs = [subprocess.Popen(cmd, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outcomes = [(p.wait(timeout=600), p.stdout.read() + p.stderr.read()) for p in procs]
     winners = [o for code, o in outcomes if code == 0 and "scored now 400 + quarantined 3" in o]
