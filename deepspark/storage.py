@@ -106,19 +106,12 @@ class HadoopFS:
     def list_file_status(self, url: str, name_glob: str) -> list[tuple[str, int, int]]:
         """`list_files` with each file's modification time (ms since the epoch): the metadata an
         incremental run compares before it reads any content."""
+        from deepspark import filesystem
+
         root = self.qualify(url)
         matches = glob_matcher(name_glob)
-        local = local_path(to_url(root))
-        if local is not None:
-            found = []
-            for dirpath, dirnames, filenames in os.walk(local):
-                dirnames[:] = [d for d in dirnames if not d.startswith(("_", "."))]
-                for name in filenames:
-                    if matches(name) and not name.startswith(("_", ".")):
-                        full = os.path.join(dirpath, name)
-                        st = os.stat(full)
-                        found.append(("file:" + full, st.st_size, st.st_mtime_ns // 1_000_000))
-            return sorted(found)
+        if filesystem.reaches(root):  # one call per folder, not a py4j call per file
+            return filesystem.list_file_status(root, matches)
         fs, path = self._fs(root)
         it = fs.listFiles(path, True)
         found = []

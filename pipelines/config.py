@@ -101,7 +101,7 @@ class EtlConfig(FrozenModel):
     audio: AudioSettings = AudioSettings()
     output: OutputSettings = OutputSettings()
     arrow_batch_rows: PositiveInt = 2048
-    files_per_task: PositiveInt = 4096
+    files_per_task: PositiveInt = 50_000
 
     @model_validator(mode="after")
     def _records_are_text(self) -> "EtlConfig":

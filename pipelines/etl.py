@@ -30,7 +30,7 @@ from deepspark.locks import LOCK_FILE, Lease
 from deepspark.storage import HadoopFS, VersionedLocation, join, to_url
 from pipelines import layout
 from pipelines.config import EtlConfig
-from pipelines.inputs import MALFORMED_DETAIL, RawInputs, RecordColumns, open_inputs, resolve_input
+from pipelines.inputs import MALFORMED_DETAIL, RawInputs, RecordColumns, open_inputs, payloads, resolve_input
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -94,7 +94,8 @@ def _label_row(label_of: layout.RowLabeller, path: str, payload: Any, given_labe
 
 
 def make_processor(modality: Modality, rules: Any, state: dict, spec: TensorSpec,
-                   labeller: "Broadcast[layout.RowLabeller]") -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
+                   labeller: "Broadcast[layout.RowLabeller]", payload_in_workers: bool = False
+                   ) -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     """Build, on the driver, the picklable pandas function the executors run: label and split,
     then the modality's preprocessing, one row out per input in."""
     columns = [c.split()[0] for c in processed_ddl(spec).split(", ")]
@@ -108,8 +109,8 @@ def make_processor(modality: Modality, rules: Any, state: dict, spec: TensorSpec
         for batch in batches:
             out: dict[str, list] = {c: [] for c in columns}
             for path, size, payload, given_label, given_split, malformed in zip(
-                    batch["path"], batch["size"], batch["payload"], batch["label_name"], batch["split"],
-                    batch["malformed"]):
+                    batch["path"], batch["size"], payloads(batch, payload_in_workers), batch["label_name"],
+                    batch["split"], batch["malformed"]):
                 digest, split, label_name, failure = _label_row(label_of, path, payload, given_label, given_split,
                                                                 malformed)
                 stored = label = None
@@ -178,13 +179,16 @@ def _fit(spark: "SparkSession", modality: Modality, rules: Any, inputs: RawInput
     if type(modality).fit is Modality.fit:
         return {}
 
+    in_workers = inputs.payload_in_workers  # the closure must not hold the DataFrame
+
     def train_payloads(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
         label_of = labeller.value
         for batch in batches:
             keep = []
-            for row in zip(batch["path"], batch["payload"], batch["label_name"], batch["split"], batch["malformed"]):
+            for row in zip(batch["path"], payloads(batch, in_workers), batch["label_name"],
+                           batch["split"], batch["malformed"]):
                 _, split, _, failure = _label_row(label_of, *row)
                 if split == "train" and failure is None:
                     keep.append(row[1])
@@ -256,15 +260,19 @@ def row_group_bytes(split_bytes: int, size_mb: float | None, min_groups: int, la
 
 
 def _write_split(spark: "SparkSession", rows: "DataFrame", url: str, record: ModalityRecord, n_rows: int,
-                 cfg: EtlConfig, seed: int) -> None:
-    """One split as a Petastorm dataset, rows in a seeded hash order so row groups mix classes."""
+                 cfg: EtlConfig, seed: int, shuffled: bool) -> None:
+    """One split as a Petastorm dataset, rows in a seeded hash order so row groups mix classes:
+    `shuffled` rows already are (the driver ordered the listing), others are range-sorted."""
     from petastorm.etl.dataset_metadata import materialize_dataset
     from pyspark.sql import functions as F
 
     spec = record.spec
     n_files = max(1, -(-n_rows * spec.row_bytes // (cfg.output.file_size_mb * 1024 * 1024)))
-    order = F.sha2(F.concat_ws("|", F.lit(str(seed)), F.col(PATH)), 256)
-    ordered = rows.select(*spec.data_columns).repartitionByRange(n_files, order).sortWithinPartitions(order)
+    if shuffled:  # narrow: no sampling job, no shuffle
+        ordered = rows.select(*spec.data_columns).coalesce(n_files)
+    else:
+        order = F.sha2(F.concat_ws("|", F.lit(str(seed)), F.col(PATH)), 256)
+        ordered = rows.select(*spec.data_columns).repartitionByRange(n_files, order).sortWithinPartitions(order)
     hadoop = spark.sparkContext._jsc.hadoopConfiguration()
     # Parquet checks the size only every 100 rows by default (this also paces the row-group
     # check): small rows (token ids) would never make a small dataset more than one row group.
@@ -314,7 +322,8 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
 
     inputs = open_inputs(spark, fs, root, "input.path", kind, cfg.input.glob or modality.default_glob,
                          cfg.files_per_task,
-                         RecordColumns(cfg.input.text_column, cfg.input.label_column, cfg.input.split_column))
+                         RecordColumns(cfg.input.text_column, cfg.input.label_column, cfg.input.split_column),
+                         read_in_workers=True, shuffle_seed=cfg.input.seed)
     if kind == "records":  # read, numbered and shuffled once, not again by each job below
         inputs = dataclasses.replace(inputs, frame=inputs.frame.persist(StorageLevel.MEMORY_AND_DISK))
     layout_ = _layout(spark, cfg, root, from_folders) if kind == "files" else None
@@ -324,7 +333,7 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
     log.info("%s inputs (%s), %d labels in %.1f s", cfg.modality, kind, len(labels), time.perf_counter() - started)
     state = _fit(spark, modality, rules, inputs, labeller)
     record = ModalityRecord(cfg.modality, modality.spec(rules, state), rules_to_dict(rules), state, tuple(labels))
-    processor = make_processor(modality, rules, state, record.spec, labeller)
+    processor = make_processor(modality, rules, state, record.spec, labeller, inputs.payload_in_workers)
     processed = inputs.frame.mapInPandas(processor, processed_ddl(record.spec)).persist(StorageLevel.MEMORY_AND_DISK)
     removed = location.clean_staging(cfg.output.stale_staging_hours * 3600)
     if removed:
@@ -342,7 +351,7 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
         good = processed.where(F.col("reason").isNull())
         for split, per_class in manifest["counts"].items():
             _write_split(spark, good.where(F.col(SPLIT) == split), join(staging, DATA_DIR, split), record,
-                         sum(per_class.values()), cfg, cfg.input.seed)
+                         sum(per_class.values()), cfg, cfg.input.seed, inputs.shuffled)
         (processed.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS)
          .coalesce(1).write.mode("error").parquet(join(staging, QUARANTINE_DIR)))
         log.info("wrote splits and quarantine in %.1f s", time.perf_counter() - started)

@@ -2,8 +2,10 @@
 
 Two kinds of input:
 - files (images, audio, one-document-per-file text): the driver lists every matching file
-  itself (Spark's file index silently skips 0-byte files) and Spark's `binaryFile` source reads
-  the bytes; labels and splits come from the folder layout (`pipelines.layout`).
+  itself (Spark's file index silently skips 0-byte files); with `read_in_workers` the listing is
+  distributed and the Python workers read the bytes where they use them (`deepspark.filesystem`),
+  otherwise (or for a scheme pyarrow.fs does not reach) Spark's `binaryFile` source reads them;
+  labels and splits come from the folder layout (`pipelines.layout`).
 - records (text): CSV or JSON Lines files (one file or a folder of them, optionally bz2/gzip
   compressed) read by Spark's own readers; the text, label and optional split come from columns.
 
@@ -13,14 +15,17 @@ last three null for files), so "inputs in = rows written + rows quarantined" hol
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
 
+from deepspark import filesystem
 from deepspark.config import ConfigError
 from deepspark.modality import InputKind
 from deepspark.storage import HadoopFS, to_url
 
 if TYPE_CHECKING:
+    import pandas as pd
     from pyspark.sql import DataFrame, SparkSession
 
 RECORD_GLOB = "*.{csv,CSV,jsonl,JSONL,ndjson,json,JSON}{,.bz2,.gz}"
@@ -38,6 +43,16 @@ class RawInputs:
     kind: InputKind
     root: str  # the qualified input root (a folder, or the single record file)
     listing: tuple[tuple[str, int, int], ...]  # (path, size, modification ms) of every input file read
+    payload_in_workers: bool = False  # `payload` is null: the consumer reads each file (`payloads`)
+    shuffled: bool = False  # rows come in a seeded pseudo-random order (row groups mix classes unsorted)
+
+
+def payloads(batch: "pd.DataFrame", in_workers: bool) -> "Sequence[Any]":
+    """The payloads of a batch of input rows: the column itself, or the files' bytes read here in
+    the Python worker (one pyarrow.fs open per file, no JVM read, no Arrow hop)."""
+    if not in_workers:
+        return batch["payload"]
+    return filesystem.read_all(batch["path"], batch["size"].tolist())
 
 
 def record_format(path: str) -> str:
@@ -110,12 +125,17 @@ def list_inputs(fs: HadoopFS, root: str, key: str, kind: InputKind, glob: str) -
 
 def open_inputs(spark: "SparkSession", fs: HadoopFS, root: str, key: str, kind: InputKind, glob: str,
                 files_per_task: int, columns: "RecordColumns | None" = None,
-                listing: tuple[tuple[str, int, int], ...] | None = None, whole: bool = True) -> RawInputs:
+                listing: tuple[tuple[str, int, int], ...] | None = None, whole: bool = True,
+                read_in_workers: bool = False, shuffle_seed: int | None = None) -> RawInputs:
     """The rows of every input under a root from `resolve_input` (errors name `key`). `listing`:
     the caller's `list_inputs` (not listed again), or with `whole=False` a subset of it (an
-    incremental run's candidates). Every row names the file it came from in `source`."""
+    incremental run's candidates). Every row names the file it came from in `source`.
+    `read_in_workers`: files are read by the consumer's Python function (see `payloads`) where
+    pyarrow.fs reaches the root, in the order of a seeded hash of their paths with `shuffle_seed`."""
     if listing is None:
         listing = list_inputs(fs, root, key, kind, glob)
+    if kind == "files" and read_in_workers and filesystem.reaches(root):
+        return _listed_files(spark, root, files_per_task, listing, shuffle_seed)
     if kind == "files":
         return _files(spark, root, glob, files_per_task, listing, whole)
     return _records(spark, root, key, columns or RecordColumns(), listing)
@@ -142,6 +162,41 @@ def _files(spark: "SparkSession", root: str, glob: str, files_per_task: int,
     if empty:  # Spark's file index skips 0-byte files; they must still come out as quarantine rows
         files = files.unionByName(spark.createDataFrame(empty, FILES_DDL))
     return RawInputs(files, "files", root, listing)
+
+
+def seeded_order(paths: Sequence[str], seed: int) -> list[int]:
+    """Positions of `paths` sorted by a seeded hash: a stable pseudo-random order (the same files
+    in the same order on every run), so consecutive rows, and row groups, mix classes."""
+    keys = [hashlib.blake2b(f"{seed}|{path}".encode(), digest_size=8).digest() for path in paths]
+    return sorted(range(len(paths)), key=keys.__getitem__)
+
+
+def _listed_files(spark: "SparkSession", root: str, files_per_task: int,
+                  listing: tuple[tuple[str, int, int], ...], seed: int | None) -> RawInputs:
+    """The driver's listing as rows without bytes, handed to the JVM as Arrow batches (no Python
+    worker unpickles it), at most `files_per_task` files per task and at least one task per core."""
+    import pandas as pd
+    import pyarrow as pa
+
+    rows_in = listing if seed is None else [listing[i] for i in seeded_order([p for p, _, _ in listing], seed)]
+
+    table = pa.table({"path": pa.array([p for p, _, _ in rows_in], pa.string()),
+                      "size": pa.array([s for _, s, _ in rows_in], pa.int64())})
+    null = pa.nulls(len(listing), pa.string())
+    frame = table.append_column("payload", pa.nulls(len(listing), pa.binary()))
+    for column in ("label_name", "split", "malformed"):
+        frame = frame.append_column(column, null)
+    frame = frame.append_column("source", table["path"]).to_pandas()
+    key, before = "spark.sql.execution.arrow.pyspark.enabled", spark.conf.get("spark.sql.execution.arrow.pyspark.enabled")
+    spark.conf.set(key, "true")
+    try:  # one partition per core; a Python worker per task costs ~70 ms here, so no smaller tasks
+        rows = spark.createDataFrame(frame if len(frame) else pd.DataFrame(columns=frame.columns), FILES_DDL)
+    finally:
+        spark.conf.set(key, before)
+    tasks = -(-len(listing) // files_per_task)
+    if tasks > spark.sparkContext.defaultParallelism:  # a large listing: more tasks, so a retry redoes less
+        rows = rows.repartition(tasks)
+    return RawInputs(rows, "files", root, listing, payload_in_workers=True, shuffled=seed is not None)
 
 
 @dataclass(frozen=True)
