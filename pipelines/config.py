@@ -85,7 +85,7 @@ class OutputSettings(FrozenModel):
     # (enough for the ranks of a cluster) and a user never has to pick this to train.
     row_group_size_mb: PositiveFloat | None = None
     min_row_groups: PositiveInt = 16
-    file_size_mb: PositiveInt = 128  # target uncompressed bytes per Parquet file
+    file_size_mb: PositiveInt = 128  # at most this many MB of stored tensors per Parquet file
     stale_staging_hours: PositiveFloat = 24.0  # staging folders of killed runs older than this are deleted
     force_unlock: bool = False  # take over the dataset's lock left by a run known to be gone
     lock_ttl_s: PositiveFloat = 120.0  # a lock not heartbeated for this long belongs to a dead run

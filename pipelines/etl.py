@@ -259,32 +259,48 @@ def row_group_bytes(split_bytes: int, size_mb: float | None, min_groups: int, la
     return max(1024, min(int(largest_mb * 1024 * 1024), split_bytes // min_groups))
 
 
-def _write_split(spark: "SparkSession", rows: "DataFrame", url: str, record: ModalityRecord, n_rows: int,
-                 cfg: EtlConfig, seed: int, shuffled: bool) -> None:
-    """One split as a Petastorm dataset, rows in a seeded hash order so row groups mix classes:
-    `shuffled` rows already are (the driver ordered the listing), others are range-sorted."""
+def _write_splits(spark: "SparkSession", fs: HadoopFS, good: "DataFrame", staging: str, record: ModalityRecord,
+                  counts: dict[str, int], cfg: EtlConfig, shuffled: bool) -> None:
+    """Every split in one partitioned write, each then a Petastorm dataset at `data/<split>`. Rows
+    are in a seeded hash order so row groups mix classes: `shuffled` rows already are (the driver
+    ordered the listing), others are range-sorted. Row groups are sized for the train split, the
+    one the ranks shard (evaluation reads whole splits)."""
+    from contextlib import ExitStack
+
     from petastorm.etl.dataset_metadata import materialize_dataset
     from pyspark.sql import functions as F
 
     spec = record.spec
-    n_files = max(1, -(-n_rows * spec.row_bytes // (cfg.output.file_size_mb * 1024 * 1024)))
-    if shuffled:  # narrow: no sampling job, no shuffle
-        ordered = rows.select(*spec.data_columns).coalesce(n_files)
-    else:
-        order = F.sha2(F.concat_ws("|", F.lit(str(seed)), F.col(PATH)), 256)
-        ordered = rows.select(*spec.data_columns).repartitionByRange(n_files, order).sortWithinPartitions(order)
+    rows = good.select(*spec.data_columns, SPLIT)
+    total = sum(counts.values())
+    if not shuffled:
+        n_files = max(1, -(-total * spec.row_bytes // (cfg.output.file_size_mb * 1024 * 1024)))
+        order = F.sha2(F.concat_ws("|", F.lit(str(cfg.input.seed)), F.col(PATH)), 256)
+        rows = rows.repartitionByRange(n_files, order).sortWithinPartitions(order)
+    sharded = counts.get("train", max(counts.values(), default=0))
+    block = row_group_bytes(sharded * spec.row_bytes, cfg.output.row_group_size_mb, cfg.output.min_row_groups)
+    data = join(staging, DATA_DIR)
     hadoop = spark.sparkContext._jsc.hadoopConfiguration()
     # Parquet checks the size only every 100 rows by default (this also paces the row-group
     # check): small rows (token ids) would never make a small dataset more than one row group.
     check, previous = "parquet.page.size.row.check.min", hadoop.get("parquet.page.size.row.check.min")
-    with materialize_dataset(spark, url, unischema(spec, record.modality)):  # restores its own keys on exit
-        hadoop.setInt("parquet.block.size", row_group_bytes(n_rows * spec.row_bytes, cfg.output.row_group_size_mb,
-                                                            cfg.output.min_row_groups))
+    with ExitStack() as metadata:  # on exit, each split's Petastorm metadata (keys restored too)
+        for split in counts:
+            metadata.enter_context(materialize_dataset(spark, join(data, split), unischema(spec, record.modality)))
+        hadoop.setInt("parquet.block.size", block)
         hadoop.setInt(check, 10)
         try:
-            ordered.write.mode("error").parquet(url)
+            (rows.write.mode("error").partitionBy(SPLIT)
+             .option("maxRecordsPerFile", max(1, cfg.output.file_size_mb * 1024 * 1024 // spec.row_bytes))
+             # tensors, paths and hashes are unique per row: a dictionary attempt hashes each value
+             # for nothing; only the label name repeats
+             .option("parquet.enable.dictionary", "false")
+             .option(f"parquet.enable.dictionary#{LABEL_NAME}", "true")
+             .parquet(data))
         finally:
             hadoop.unset(check) if previous is None else hadoop.set(check, previous)
+        for split in counts:
+            fs.rename(join(data, f"{SPLIT}={split}"), join(data, split))
 
 
 def _write_manifest(fs: HadoopFS, staging: str, manifest: dict, cfg: EtlConfig) -> None:
@@ -348,10 +364,8 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
         log.info("preprocessed and validated in %.1f s", time.perf_counter() - started)
         version = location.next_version()  # once, under the lock
         manifest = _build_manifest(cfg, record, stats, inputs_in, version, root)
-        good = processed.where(F.col("reason").isNull())
-        for split, per_class in manifest["counts"].items():
-            _write_split(spark, good.where(F.col(SPLIT) == split), join(staging, DATA_DIR, split), record,
-                         sum(per_class.values()), cfg, cfg.input.seed, inputs.shuffled)
+        _write_splits(spark, fs, processed.where(F.col("reason").isNull()), staging, record,
+                      {s: sum(c.values()) for s, c in manifest["counts"].items()}, cfg, inputs.shuffled)
         (processed.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS)
          .coalesce(1).write.mode("error").parquet(join(staging, QUARANTINE_DIR)))
         log.info("wrote splits and quarantine in %.1f s", time.perf_counter() - started)

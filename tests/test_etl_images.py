@@ -199,14 +199,15 @@ def test_killed_job_leaves_the_previous_version_current(spark, raw_folder, tmp_p
 def test_a_dataset_that_does_not_reconcile_is_never_published(spark, raw_folder, tmp_path, monkeypatch):
     """One row lost between processing and the written split: the on-disk count check refuses to
     publish, and the staging folder is removed."""
-    write_split = etl._write_split
+    from pyspark.sql import functions as F
 
-    def lossy(spark_, frame, url, *args, **kwargs):
-        if url.endswith("/train"):
-            frame = frame.limit(max(0, frame.count() - 1))
-        return write_split(spark_, frame, url, *args, **kwargs)
+    write_splits = etl._write_splits
 
-    monkeypatch.setattr(etl, "_write_split", lossy)
+    def lossy(spark_, fs, good, *args, **kwargs):
+        dropped = good.where(F.col("split") == "train").limit(1)
+        return write_splits(spark_, fs, good.join(dropped.select("path"), "path", "left_anti"), *args, **kwargs)
+
+    monkeypatch.setattr(etl, "_write_splits", lossy)
     with pytest.raises(RuntimeError, match="does not reconcile"):
         run(spark, [f"input.path={raw_folder.root}", f"output.root={tmp_path}", "output.name=zoo",
                     "tracking.enabled=false", "image.max_pixels=1000000", "input.val_from_train=0"])

@@ -58,12 +58,13 @@ class TrainResult:
 def train_row_groups(url: str) -> int:
     """Row groups in a split: Petastorm shards by row group, so each rank needs at least one."""
     import pyarrow.parquet as pq
-    from pyarrow import fs as pafs
 
-    filesystem, path = pafs.FileSystem.from_uri(url)
-    files = [f.path for f in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-             if f.path.endswith(".parquet")]
-    return sum(pq.ParquetFile(filesystem.open_input_file(f)).metadata.num_row_groups for f in files)
+    from deepspark import filesystem
+
+    loc, _ = filesystem.location(url)
+    files = [path for path, _, _ in filesystem.list_file_status(url, lambda name: name.endswith(".parquet"))]
+    return sum(pq.ParquetFile(loc.fs.open_input_file(filesystem.location(f)[1])).metadata.num_row_groups
+               for f in files)
 
 
 def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
