@@ -87,6 +87,7 @@ class Candidates:
     root: str | None
     listed: int
     skipped: int
+    hashed_in_workers: bool = False  # rows hold no bytes and no hash: the scorer reads and hashes
 
 
 def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
@@ -114,12 +115,18 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
         return Candidates(None, kind, root, len(listing), len(listing))
     inputs = open_inputs(spark, fs, root, "input.path", kind, glob, cfg.files_per_task,
                          RecordColumns(cfg.input.text_column, cfg.input.label_column, label_required=False),
-                         listing=fresh, whole=len(fresh) == len(listing))
+                         listing=fresh, whole=len(fresh) == len(listing), read_in_workers=True)
     meta = spark.createDataFrame(pd.DataFrame(fresh, columns=SOURCE))
-    payload = F.coalesce("payload", F.lit("")) if kind == "records" else F.col("payload")
-    rows = (inputs.frame.join(meta, "source", "left")  # left: a row without listed metadata is still scored
-            .withColumn("content_hash", F.sha2(payload, 256)))  # hashed by the JVM, once
-    return Candidates(rows, kind, root, len(listing), len(listing) - len(fresh))
+    rows = inputs.frame.join(F.broadcast(meta), "source", "left")  # left: a row without metadata is still scored
+    if inputs.payload_in_workers:  # the scorer reads, hashes, and skips what its path was committed with
+        rows = rows.withColumn("content_hash", F.lit(None).cast("string"))
+        if committed is not None:
+            seen = committed.groupBy("path").agg(F.collect_set("content_hash").alias("seen_hashes"))
+            rows = rows.join(seen, "path", "left")
+    else:
+        payload = F.coalesce("payload", F.lit("")) if kind == "records" else F.col("payload")
+        rows = rows.withColumn("content_hash", F.sha2(payload, 256))  # hashed by the JVM, once
+    return Candidates(rows, kind, root, len(listing), len(listing) - len(fresh), inputs.payload_in_workers)
 
 
 def _dataset_rows(spark: "SparkSession", cfg: BatchInferenceConfig, model: ResolvedModel) -> "DataFrame":
@@ -199,19 +206,21 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
     hashed = plan.listed - plan.skipped if plan.source == "files" else rows.count()
     listed = hashed if plan.source == "dataset" else plan.listed
     todo = rows
-    if committed is not None:  # same path, same content, already committed: not scored again
+    if committed is not None and not plan.hashed_in_workers:  # same path and content committed: not again
         todo = rows.join(committed.select(*KEY), KEY, "left_anti")
     loads = spark.sparkContext.accumulator(0)
-    scorer = make_scorer(model, plan.source, plan.root, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads)
+    scorer = make_scorer(model, plan.source, plan.root, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads,
+                         plan.hashed_in_workers)
     stamp = F.lit(datetime.now(timezone.utc).isoformat(timespec="seconds"))
     scored = (todo.mapInPandas(scorer, SCORED_DDL)
               .withColumn("model_name", F.lit(model.name)).withColumn("model_run_id", F.lit(model.run_id))
               .withColumn("job_id", F.lit(job_id)).withColumn("scored_at", stamp)
               .persist(StorageLevel.MEMORY_AND_DISK))
-    ok = F.col("reason").isNull()
+    fresh = ~F.col("unchanged")  # unchanged: read and hashed by the scorer, committed before
+    ok, failed = F.col("reason").isNull() & fresh, F.col("reason").isNotNull() & fresh
     labelled = ok & F.col("true_label").isNotNull() & F.col("true_label").isin(*model.labels)
     totals = scored.agg(  # one pass: counts and accuracy against folder/dataset labels
-        F.count(F.when(ok, 1)).alias("good"), F.count(F.when(~ok, 1)).alias("bad"),
+        F.count(F.when(ok, 1)).alias("good"), F.count(F.when(failed, 1)).alias("bad"),
         F.count(F.when(labelled, 1)).alias("labelled"),
         F.count(F.when(labelled & (F.col("true_label") == F.col("predicted_label")), 1)).alias("hits"),
     ).collect()[0]
@@ -220,10 +229,11 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
     accuracy = totals["hits"] / totals["labelled"] if totals["labelled"] else None
     added: dict[str, list[str]] = {}
     if n_good:
-        scored.where(ok).drop("reason", "detail").write.parquet(store.batch_url("predictions", model.version, job_id))
+        (scored.where(ok).drop("reason", "detail", "unchanged")
+         .write.parquet(store.batch_url("predictions", model.version, job_id)))
         added["predictions"] = [job_id]
     if n_bad:
-        (scored.where(~ok).select(*KEY, "reason", "detail", *SOURCE, "model_name", "job_id", "scored_at")
+        (scored.where(failed).select(*KEY, "reason", "detail", *SOURCE, "model_name", "job_id", "scored_at")
          .coalesce(1).write.parquet(store.batch_url("quarantine", model.version, job_id)))
         added["quarantine"] = [job_id]
     scored.unpersist()

@@ -21,25 +21,35 @@ if TYPE_CHECKING:
 SCORED_DDL = (
     "path string, content_hash string, predicted_index int, predicted_label string, "
     "top_k_labels array<string>, top_k_probabilities array<float>, true_label string, reason string, detail string, "
-    "source string, source_size long, source_modified long"
+    "source string, source_size long, source_modified long, unchanged boolean"
 )
 
 
-def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size: int, top_k: int, threads: int,
-                loads: "Accumulator[int]") -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
+def top_k(probs: np.ndarray, k: int, labels: np.ndarray) -> tuple[np.ndarray, list, list]:
+    """(best index, top-k label lists, top-k probability lists) of a (rows, classes) matrix,
+    in whole-array operations (one `tolist` per column, no Python loop per row)."""
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return order[:, 0], labels[order].tolist(), np.take_along_axis(probs, order, 1).astype(np.float32).tolist()
+
+
+def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size: int, k: int, threads: int,
+                loads: "Accumulator[int]", read_in_workers: bool = False
+                ) -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     """`source` is "files" (path, payload), "records" (path, payload, label_name) or "dataset"
-    (path, <tensor column>, label_name); every row also brings its `content_hash` (computed by
-    Spark) and the metadata of its source file, which pass through to the committed row."""
+    (path, <tensor column>, label_name); every row also brings the metadata of its source file,
+    which passes through to the committed row. Its `content_hash` comes computed by Spark, or,
+    with `read_in_workers`, this function reads the file and hashes it, and a row whose hash is
+    among the `seen_hashes` its path was committed under comes out `unchanged`, unscored."""
     labels = np.array(model.labels, dtype=object)
-    k = min(top_k, len(labels))
+    k = min(k, len(labels))
     record = model.record
 
     def score(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
-        from deepspark.modality import preprocess_all
+        from deepspark.modality import content_hash, preprocess_all
         from inference.model import load_on_worker, task_gpu
-        from pipelines.inputs import MALFORMED_DETAIL
+        from pipelines.inputs import MALFORMED_DETAIL, payloads
         from pipelines.layout import Layout
 
         def loaded():  # type: ignore[no-untyped-def]  # only when there is something to score
@@ -55,43 +65,56 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
         preprocess = record.plugin.preprocessor(record.typed_rules(), record.state)
         for batch in batches:
             n = len(batch)
+            unchanged = np.zeros(n, bool)
             if source == "dataset":
                 stacked = record.plugin.decode(list(batch[record.spec.column]), record.spec)
                 tensors, failures = list(stacked), [None] * n
                 truth = list(batch["label_name"])
+                hashes = list(batch["content_hash"])
             else:
-                payloads = list(batch["payload"])
-                tensors, failures = preprocess_all(preprocess, payloads)
+                raw = list(payloads(batch, read_in_workers))
+                hashes = [content_hash(b) for b in raw] if read_in_workers else list(batch["content_hash"])
+                if "seen_hashes" in batch:
+                    unchanged[:] = [seen is not None and h in seen for h, seen in zip(hashes, batch["seen_hashes"])]
+                tensors, failures = preprocess_all(preprocess, [None if u else b for u, b in zip(unchanged, raw)])
                 truth = [layout.parse(p)[2] for p in batch["path"]] if layout else (
                     list(batch["label_name"]) if "label_name" in batch else [None] * n)
             malformed = list(batch["malformed"]) if "malformed" in batch else [None] * n
             for i, flag in enumerate(malformed):
                 if flag is not None:
                     tensors[i], failures[i] = None, (flag, MALFORMED_DETAIL)
+            for i in np.flatnonzero(unchanged):
+                tensors[i], failures[i] = None, None
             good = [i for i, t in enumerate(tensors) if t is not None]
-            probs = loaded().probabilities(np.stack([tensors[i] for i in good]), batch_size) if good else None
             index = np.full(n, -1, np.int64)
             top_labels: list = [None] * n
             top_probs: list = [None] * n
-            if probs is not None:
-                order = np.argsort(-probs, axis=1)[:, :k]
-                for row, i in enumerate(good):
-                    index[i] = order[row, 0]
-                    top_labels[i] = labels[order[row]].tolist()
-                    top_probs[i] = probs[row, order[row]].astype(np.float32).tolist()
+            if good:
+                best, best_labels, best_probs = top_k(loaded().probabilities(np.stack([tensors[i] for i in good]),
+                                                                              batch_size), k, labels)
+                index[good] = best
+                if len(good) == n:
+                    top_labels, top_probs = best_labels, best_probs
+                else:
+                    for row, i in enumerate(good):
+                        top_labels[i], top_probs[i] = best_labels[row], best_probs[row]
+            scored = index >= 0
+            predicted = pd.array(index, dtype="Int32")
+            predicted[~scored] = pd.NA
             yield pd.DataFrame({
-                "path": list(batch["path"]),
-                "content_hash": list(batch["content_hash"]),
-                "predicted_index": pd.array([int(v) if v >= 0 else None for v in index], dtype="Int32"),
-                "predicted_label": [labels[v] if v >= 0 else None for v in index],
+                "path": batch["path"].to_numpy(),
+                "content_hash": hashes,
+                "predicted_index": predicted,
+                "predicted_label": np.where(scored, labels[np.maximum(index, 0)], None),
                 "top_k_labels": top_labels,
                 "top_k_probabilities": top_probs,
                 "true_label": truth,
                 "reason": [f[0] if f else None for f in failures],
                 "detail": [f[1] if f else None for f in failures],
-                "source": list(batch["source"]),
+                "source": batch["source"].to_numpy(),
                 "source_size": pd.array(batch["source_size"], dtype="Int64"),
                 "source_modified": pd.array(batch["source_modified"], dtype="Int64"),
+                "unchanged": unchanged,
             })
 
     return score
