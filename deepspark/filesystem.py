@@ -107,3 +107,17 @@ def read_all(urls: Iterable[str], sizes: Sequence[int] | None = None) -> list[by
         with loc.fs.open_input_file(path) as handle:
             out.append(handle.read())
     return out
+
+
+def parquet_totals(url: str) -> tuple[int, int]:
+    """(rows, row groups) of the Parquet files below `url`, from their footers alone: what a
+    dataset holds, without a Spark job or reading a data page."""
+    import pyarrow.parquet as pq
+
+    rows = groups = 0
+    for path, _, _ in list_file_status(url, lambda name: name.endswith(".parquet")):
+        loc, inner = location(path)
+        with loc.fs.open_input_file(inner) as handle:
+            meta = pq.ParquetFile(handle).metadata
+        rows, groups = rows + meta.num_rows, groups + meta.num_row_groups
+    return rows, groups

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from deepspark.config import ConfigError
 from deepspark.locks import Lease
+from deepspark.spark import frame_from_pandas
 from deepspark.storage import HadoopFS
 from inference.config import BatchInferenceConfig
 from inference.model import ResolvedModel, resolve_and_ship
@@ -108,7 +109,7 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     listing = list_inputs(fs, root, "input.path", kind, glob)
     fresh = listing
     if committed is not None and listing:
-        listed_df = spark.createDataFrame(pd.DataFrame(listing, columns=SOURCE))
+        listed_df = frame_from_pandas(spark, pd.DataFrame(listing, columns=SOURCE))
         seen = committed.select(*SOURCE).where(F.col("source_size").isNotNull())
         fresh = tuple((r[0], int(r[1]), int(r[2])) for r in listed_df.join(seen, SOURCE, "left_anti").collect())
     if not fresh:
@@ -116,7 +117,7 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     inputs = open_inputs(spark, fs, root, "input.path", kind, glob, cfg.files_per_task,
                          RecordColumns(cfg.input.text_column, cfg.input.label_column, label_required=False),
                          listing=fresh, whole=len(fresh) == len(listing), read_in_workers=True)
-    meta = spark.createDataFrame(pd.DataFrame(fresh, columns=SOURCE))
+    meta = frame_from_pandas(spark, pd.DataFrame(fresh, columns=SOURCE))
     rows = inputs.frame.join(F.broadcast(meta), "source", "left")  # left: a row without metadata is still scored
     if inputs.payload_in_workers:  # the scorer reads, hashes, and skips what its path was committed with
         rows = rows.withColumn("content_hash", F.lit(None).cast("string"))

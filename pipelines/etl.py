@@ -366,8 +366,8 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
         manifest = _build_manifest(cfg, record, stats, inputs_in, version, root)
         _write_splits(spark, fs, processed.where(F.col("reason").isNull()), staging, record,
                       {s: sum(c.values()) for s, c in manifest["counts"].items()}, cfg, inputs.shuffled)
-        (processed.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS)
-         .coalesce(1).write.mode("error").parquet(join(staging, QUARANTINE_DIR)))
+        _write_quarantine(processed.where(F.col("reason").isNotNull()), join(staging, QUARANTINE_DIR),
+                          manifest["totals"]["quarantined"])
         log.info("wrote splits and quarantine in %.1f s", time.perf_counter() - started)
         _reconcile(spark, staging, manifest)
         _write_manifest(fs, staging, manifest, cfg)
@@ -383,11 +383,35 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
                      manifest["totals"]["quarantined"], time.perf_counter() - started, manifest)
 
 
+def _write_quarantine(rows: "DataFrame", url: str, n_rows: int) -> None:
+    """The quarantine table: a Spark write of its rows, or, with none (the usual case), one empty
+    Parquet file of its schema written directly (no Spark job)."""
+    from deepspark import filesystem
+
+    if n_rows or not filesystem.reaches(url):
+        rows.select(*QUARANTINE_COLUMNS).coalesce(1).write.mode("error").parquet(url)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("path", pa.string()), ("size", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])
+    loc, path = filesystem.location(join(url, "part-00000.parquet"))
+    loc.fs.create_dir(path.rsplit("/", 1)[0])
+    with loc.fs.open_output_stream(path) as out:
+        pq.write_table(schema.empty_table(), out)
+
+
 def _reconcile(spark: "SparkSession", staging: str, manifest: dict) -> None:
-    """Count what actually landed on disk; inputs in must equal rows written + rows quarantined."""
+    """Count what actually landed on disk (Parquet footers; a Spark count where pyarrow.fs does
+    not reach); inputs in must equal rows written + rows quarantined."""
+    from deepspark import filesystem
+
+    def rows(url: str) -> int:
+        return filesystem.parquet_totals(url)[0] if filesystem.reaches(url) else spark.read.parquet(url).count()
+
     totals = manifest["totals"]
-    written = {s: spark.read.parquet(join(staging, rel)).count() for s, rel in manifest["splits"].items()}
-    quarantined = spark.read.parquet(join(staging, QUARANTINE_DIR)).count()
+    written = {s: rows(join(staging, rel)) for s, rel in manifest["splits"].items()}
+    quarantined = rows(join(staging, QUARANTINE_DIR))
     expected = {s: sum(c.values()) for s, c in manifest["counts"].items()}
     if written != expected or quarantined != totals["quarantined"] or \
             totals["inputs_in"] != sum(written.values()) + quarantined:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from deepspark import filesystem
 from deepspark.config import ConfigError
 from deepspark.modality import InputKind
+from deepspark.spark import frame_from_pandas
 from deepspark.storage import HadoopFS, to_url
 
 if TYPE_CHECKING:
@@ -176,23 +177,15 @@ def _listed_files(spark: "SparkSession", root: str, files_per_task: int,
     """The driver's listing as rows without bytes, handed to the JVM as Arrow batches (no Python
     worker unpickles it), at most `files_per_task` files per task and at least one task per core."""
     import pandas as pd
-    import pyarrow as pa
 
     rows_in = listing if seed is None else [listing[i] for i in seeded_order([p for p, _, _ in listing], seed)]
-
-    table = pa.table({"path": pa.array([p for p, _, _ in rows_in], pa.string()),
-                      "size": pa.array([s for _, s, _ in rows_in], pa.int64())})
-    null = pa.nulls(len(listing), pa.string())
-    frame = table.append_column("payload", pa.nulls(len(listing), pa.binary()))
-    for column in ("label_name", "split", "malformed"):
-        frame = frame.append_column(column, null)
-    frame = frame.append_column("source", table["path"]).to_pandas()
-    key, before = "spark.sql.execution.arrow.pyspark.enabled", spark.conf.get("spark.sql.execution.arrow.pyspark.enabled")
-    spark.conf.set(key, "true")
-    try:  # one partition per core; a Python worker per task costs ~70 ms here, so no smaller tasks
-        rows = spark.createDataFrame(frame if len(frame) else pd.DataFrame(columns=frame.columns), FILES_DDL)
-    finally:
-        spark.conf.set(key, before)
+    paths = [p for p, _, _ in rows_in]
+    frame = pd.DataFrame({"path": paths, "size": pd.array([s for _, s, _ in rows_in], dtype="int64"),
+                          **{c: pd.Series([None] * len(paths), dtype=object)
+                             for c in ("payload", "label_name", "split", "malformed")},
+                          "source": paths})
+    # One partition per core: a Python worker per task costs ~70 ms here, so no smaller tasks.
+    rows = frame_from_pandas(spark, frame, FILES_DDL)
     tasks = -(-len(listing) // files_per_task)
     if tasks > spark.sparkContext.defaultParallelism:  # a large listing: more tasks, so a retry redoes less
         rows = rows.repartition(tasks)
