@@ -47,8 +47,26 @@ class HorovodSettings(FrozenModel):
     start_timeout_s: PositiveInt = 120
     nics: list[str] | None = Field(default_factory=lambda: ["lo"])  # None: let Horovod pick (clusters)
     compression: Literal["none", "fp16"] = "none"  # gradients on the wire (fp16 halves allreduce bytes)
+    # Local gradient aggregation: each rank sums this many batches' gradients before one allreduce
+    # (1/N of the communication; the update then averages N x the global batch).
+    backward_passes_per_step: PositiveInt = 1
+    fusion_threshold_mb: NonNegativeInt | None = None  # HOROVOD_FUSION_THRESHOLD (Horovod: 128 MB; 0 = no fusion)
+    cycle_time_ms: PositiveFloat | None = None  # HOROVOD_CYCLE_TIME: how often ready tensors are fused and sent
+    autotune: bool = False  # HOROVOD_AUTOTUNE: Horovod searches fusion threshold and cycle time itself
     mixed_precision: bool = False
     xla: bool = False
+
+
+def horovod_environment(settings: HorovodSettings) -> dict[str, str]:
+    """The Horovod tuning knobs as the environment variables the ranks read at `hvd.init()`."""
+    env = {}
+    if settings.fusion_threshold_mb is not None:
+        env["HOROVOD_FUSION_THRESHOLD"] = str(settings.fusion_threshold_mb * 1024 * 1024)
+    if settings.cycle_time_ms is not None:
+        env["HOROVOD_CYCLE_TIME"] = str(settings.cycle_time_ms)
+    if settings.autotune:
+        env["HOROVOD_AUTOTUNE"] = "1"
+    return env
 
 
 class RegistrySettings(FrozenModel):

@@ -18,7 +18,7 @@ from deepspark.config import ConfigError
 from deepspark.datasets import DatasetRef, open_dataset
 from deepspark.spark import task_slots
 from deepspark.tracking import job_run, tracking_uri
-from training.config import TrainConfig
+from training.config import TrainConfig, horovod_environment
 from training.remote import CHECKPOINT_DIR, RankTask
 
 if TYPE_CHECKING:
@@ -57,14 +57,9 @@ class TrainResult:
 
 def train_row_groups(url: str) -> int:
     """Row groups in a split: Petastorm shards by row group, so each rank needs at least one."""
-    import pyarrow.parquet as pq
+    from deepspark.filesystem import parquet_totals
 
-    from deepspark import filesystem
-
-    loc, _ = filesystem.location(url)
-    files = [path for path, _, _ in filesystem.list_file_status(url, lambda name: name.endswith(".parquet"))]
-    return sum(pq.ParquetFile(loc.fs.open_input_file(filesystem.location(f)[1])).metadata.num_row_groups
-               for f in files)
+    return parquet_totals(url)[1]
 
 
 def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
@@ -202,7 +197,8 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
             tracking_uri=tracking_uri(cfg.tracking) if run else None, run_id=run_id, checkpoint=checkpoint,
         )
         try:
-            results = run_ranks(task, num_proc, cfg.horovod.start_timeout_s, cfg.horovod.nics)
+            results = run_ranks(task, num_proc, cfg.horovod.start_timeout_s, cfg.horovod.nics,
+                                horovod_environment(cfg.horovod))
         except RankFailure as exc:
             hint = f"; resume with resume={run_id}" if run_id else ""
             raise TrainingFailed(f"training failed{hint}: {exc}") from exc
