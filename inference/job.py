@@ -195,6 +195,7 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
     base = store.current()
     committed = None if cfg.full_refresh else store.committed(spark, model.version, [*KEY, *SOURCE], base)
     plan = _candidates(spark, cfg, fs, model, committed)
+    log.info("%d listed, %d skipped by metadata, in %.1f s", plan.listed, plan.skipped, time.perf_counter() - started)
 
     def result(counts: Counts, loads: int, accuracy: float | None, commit: int | None) -> InferenceResult:
         return InferenceResult(job_id, model.uri, counts, loads, time.perf_counter() - started, accuracy,
@@ -226,6 +227,7 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
         F.count(F.when(labelled & (F.col("true_label") == F.col("predicted_label")), 1)).alias("hits"),
     ).collect()[0]
     n_good, n_bad = int(totals["good"]), int(totals["bad"])
+    log.info("read, hashed and scored in %.1f s", time.perf_counter() - started)
     counts = Counts(listed, plan.skipped, hashed, hashed - n_good - n_bad, n_good, n_bad)
     accuracy = totals["hits"] / totals["labelled"] if totals["labelled"] else None
     added: dict[str, list[str]] = {}
@@ -238,6 +240,7 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
          .coalesce(1).write.parquet(store.batch_url("quarantine", model.version, job_id)))
         added["quarantine"] = [job_id]
     scored.unpersist()
+    log.info("wrote %d predictions and %d quarantine rows in %.1f s", n_good, n_bad, time.perf_counter() - started)
     if not added and not cfg.full_refresh:  # every hashed input was unchanged: nothing to commit
         return result(counts, loads.value, accuracy, _compact(spark, cfg, store, model, lease, job_id))
     lease.check()  # a run whose lease was taken over must not commit over its successor
