@@ -7,7 +7,7 @@ import logging
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -89,6 +89,7 @@ class Candidates:
     listed: int
     skipped: int
     hashed_in_workers: bool = False  # rows hold no bytes and no hash: the scorer reads and hashes
+    seen: dict[str, list[str]] = field(default_factory=dict)  # candidate path -> hashes committed under it
 
 
 def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
@@ -107,11 +108,11 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     glob = cfg.input.glob or plugin.default_glob
     root, kind = resolve_input(fs, cfg.input.path, "input.path", cfg.input.format, "records" in plugin.input_kinds)
     listing = list_inputs(fs, root, "input.path", kind, glob)
-    fresh = listing
+    fresh, seen = listing, {}
     if committed is not None and listing:
-        listed_df = frame_from_pandas(spark, pd.DataFrame(listing, columns=SOURCE))
-        seen = committed.select(*SOURCE).where(F.col("source_size").isNotNull())
-        fresh = tuple((r[0], int(r[1]), int(r[2])) for r in listed_df.join(seen, SOURCE, "left_anti").collect())
+        changed = _changed_files(spark, listing, committed)
+        fresh = tuple((source, size, modified) for source, size, modified, _ in changed)
+        seen = {source: hashes for source, _, _, hashes in changed if hashes}
     if not fresh:
         return Candidates(None, kind, root, len(listing), len(listing))
     inputs = open_inputs(spark, fs, root, "input.path", kind, glob, cfg.files_per_task,
@@ -119,15 +120,33 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
                          listing=fresh, whole=len(fresh) == len(listing), read_in_workers=True)
     meta = frame_from_pandas(spark, pd.DataFrame(fresh, columns=SOURCE))
     rows = inputs.frame.join(F.broadcast(meta), "source", "left")  # left: a row without metadata is still scored
-    if inputs.payload_in_workers:  # the scorer reads, hashes, and skips what its path was committed with
+    if inputs.payload_in_workers:  # the scorer reads and hashes, and skips a file committed with its hash
         rows = rows.withColumn("content_hash", F.lit(None).cast("string"))
-        if committed is not None:
-            seen = committed.groupBy("path").agg(F.collect_set("content_hash").alias("seen_hashes"))
-            rows = rows.join(seen, "path", "left")
     else:
         payload = F.coalesce("payload", F.lit("")) if kind == "records" else F.col("payload")
         rows = rows.withColumn("content_hash", F.sha2(payload, 256))  # hashed by the JVM, once
-    return Candidates(rows, kind, root, len(listing), len(listing) - len(fresh), inputs.payload_in_workers)
+    return Candidates(rows, kind, root, len(listing), len(listing) - len(fresh), inputs.payload_in_workers,
+                      seen if inputs.payload_in_workers else {})
+
+
+def _changed_files(spark: "SparkSession", listing: tuple[tuple[str, int, int], ...], committed: "DataFrame"
+                   ) -> list[tuple[str, int, int, list[str]]]:
+    """Listed files whose (path, size, mtime) this model version has not committed, each with the
+    content hashes its path was committed under (an anti-join on the committed rows' narrow
+    metadata columns; only when some file changed, a semi-join for their hashes)."""
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    listed = frame_from_pandas(spark, pd.DataFrame(listing, columns=SOURCE))
+    known = committed.select(*SOURCE).where(F.col("source_size").isNotNull())
+    fresh = [(r[0], int(r[1]), int(r[2])) for r in listed.join(known, SOURCE, "left_anti").collect()]
+    if not fresh:  # the usual hourly run: one anti-join, nothing else
+        return []
+    paths = frame_from_pandas(spark, pd.DataFrame({"source": [p for p, _, _ in fresh]}))
+    seen: dict[str, list[str]] = {}
+    for source, digest in committed.select("source", "content_hash").join(paths, "source", "left_semi").collect():
+        seen.setdefault(source, []).append(digest)
+    return [(source, size, modified, seen.get(source, [])) for source, size, modified in fresh]
 
 
 def _dataset_rows(spark: "SparkSession", cfg: BatchInferenceConfig, model: ResolvedModel) -> "DataFrame":
@@ -211,8 +230,9 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
     if committed is not None and not plan.hashed_in_workers:  # same path and content committed: not again
         todo = rows.join(committed.select(*KEY), KEY, "left_anti")
     loads = spark.sparkContext.accumulator(0)
+    seen = spark.sparkContext.broadcast(plan.seen) if plan.seen else None
     scorer = make_scorer(model, plan.source, plan.root, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads,
-                         plan.hashed_in_workers)
+                         plan.hashed_in_workers, seen)
     stamp = F.lit(datetime.now(timezone.utc).isoformat(timespec="seconds"))
     scored = (todo.mapInPandas(scorer, SCORED_DDL)
               .withColumn("model_name", F.lit(model.name)).withColumn("model_run_id", F.lit(model.run_id))

@@ -16,7 +16,7 @@ from inference.model import ResolvedModel
 
 if TYPE_CHECKING:
     import pandas as pd
-    from pyspark import Accumulator
+    from pyspark import Accumulator, Broadcast
 
 SCORED_DDL = (
     "path string, content_hash string, predicted_index int, predicted_label string, "
@@ -33,13 +33,13 @@ def top_k(probs: np.ndarray, k: int, labels: np.ndarray) -> tuple[np.ndarray, li
 
 
 def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size: int, k: int, threads: int,
-                loads: "Accumulator[int]", read_in_workers: bool = False
-                ) -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
+                loads: "Accumulator[int]", read_in_workers: bool = False,
+                seen: "Broadcast[dict[str, list[str]]] | None" = None) -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     """`source` is "files" (path, payload), "records" (path, payload, label_name) or "dataset"
     (path, <tensor column>, label_name); every row also brings the metadata of its source file,
     which passes through to the committed row. Its `content_hash` comes computed by Spark, or,
-    with `read_in_workers`, this function reads the file and hashes it, and a row whose hash is
-    among the `seen_hashes` its path was committed under comes out `unchanged`, unscored."""
+    with `read_in_workers`, this function reads the file and hashes it, and a file whose hash is
+    among those its path was committed under (`seen`) comes out `unchanged`, unscored."""
     labels = np.array(model.labels, dtype=object)
     k = min(k, len(labels))
     record = model.record
@@ -74,8 +74,9 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
             else:
                 raw = list(payloads(batch, read_in_workers))
                 hashes = [content_hash(b) for b in raw] if read_in_workers else list(batch["content_hash"])
-                if "seen_hashes" in batch:
-                    unchanged[:] = [seen is not None and h in seen for h, seen in zip(hashes, batch["seen_hashes"])]
+                if seen is not None:
+                    committed = seen.value
+                    unchanged[:] = [h in committed.get(p, ()) for p, h in zip(batch["path"], hashes)]
                 tensors, failures = preprocess_all(preprocess, [None if u else b for u, b in zip(unchanged, raw)])
                 truth = [layout.parse(p)[2] for p in batch["path"]] if layout else (
                     list(batch["label_name"]) if "label_name" in batch else [None] * n)
