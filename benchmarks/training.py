@@ -8,10 +8,14 @@
     (make_batch_reader defaults -> make_petastorm_dataset -> tf decode_raw -> unbatch/shuffle/batch).
 (b) Horovod scaling: samples/s of the real training job with 2 ranks against 2 x 1 rank, same
     per-rank batch, one intra-op thread per rank (per-epoch samples/s logged by rank 0; the first
-    epoch, which traces the graph, is left out).
+    epoch, which traces the graph, is left out); then the classic levers, each a 2-rank run of the
+    same length: local gradient aggregation (backward_passes_per_step 2 and 4), tensor fusion off,
+    a 10 ms cycle time, Horovod's autotune; each with its test accuracy (whole test split) against
+    the default's after the same steps.
 (c) allreduce: hvd.allreduce of 4, 16, 64 MB float32 across 2 gloo ranks: bus bandwidth against a
     memcpy of the same size in one process.
-(d) input stall share of the demo model (2 ranks), from the same runs as (b).
+(d) input stall share of the demo model (2 ranks), from the same runs as (b), and of 2 ranks
+    training on a 4,000-image dataset written by the ETL with its default settings.
 
 Usage: python benchmarks/training.py [--quick] [--only loader] [--json PATH]   (needs the demo dataset: make demo)
 """
@@ -157,22 +161,49 @@ def local_dataset(root: str, name: str) -> DatasetRef:
     return DatasetRef(name, version, "file:" + str(url), json.loads((url / "manifest.json").read_text()))
 
 
-def train_rates(spark, ranks: int, steps: int, epochs: int, tmp: Path, *extra: str) -> tuple[float, float]:
-    """Median samples/s and input-stall share over epochs 2..n of the real training job."""
+def train_rates(spark, ranks: int, steps: int | None, epochs: int, tmp: Path, *extra: str) -> tuple[float, float, float]:
+    """Median samples/s and input-stall share over epochs 2..n of the real training job, and its
+    test accuracy (the whole test split)."""
     from mlflow.tracking import MlflowClient
 
     from training.job import run_job
 
     cfg = load_config(TrainConfig, "train", [
-        f"horovod.num_proc={ranks}", f"epochs={epochs}", f"steps_per_epoch={steps}", "registry.enabled=false",
+        f"horovod.num_proc={ranks}", f"epochs={epochs}", "registry.enabled=false",
+        *([f"steps_per_epoch={steps}"] if steps else []),
         f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"tracking.artifact_root={tmp / 'artifacts'}",
-        "tracking.experiment=bench-training", "max_eval_rows=1000", f"optimizer.batch_size={BATCH}", *extra,
+        "tracking.experiment=bench-training", f"optimizer.batch_size={BATCH}", *extra,
     ])
     result = run_job(spark, cfg)
     client = MlflowClient()
     rates = [m.value for m in sorted(client.get_metric_history(result.run_id, "samples_per_s"), key=lambda m: m.step)][1:]
     stalls = [m.value for m in sorted(client.get_metric_history(result.run_id, "input_stall_share"), key=lambda m: m.step)][1:]
-    return statistics.median(rates), statistics.median(stalls)
+    return statistics.median(rates), statistics.median(stalls), result.test["test_accuracy"]
+
+
+LEVERS = {  # 2 ranks, each against the same default run
+    "backward_passes_per_step=2": ("horovod.backward_passes_per_step=2",),
+    "backward_passes_per_step=4": ("horovod.backward_passes_per_step=4",),
+    "fusion off (threshold 0)": ("horovod.fusion_threshold_mb=0",),
+    "cycle time 10 ms": ("horovod.cycle_time_ms=10",),
+    "autotune": ("horovod.autotune=true",),
+}
+
+
+def small_dataset_stall(spark, tmp: Path, epochs: int) -> tuple[float, int]:
+    """Input stall share when 2 ranks train on a 4,000-image dataset the ETL wrote with its default
+    settings (automatic row groups), and the train split's row-group count."""
+    from pipelines.config import EtlConfig
+    from pipelines.etl import run_etl
+    from training.job import train_row_groups
+
+    root = tmp / "small-datasets"
+    cfg = load_config(EtlConfig, "etl", ["input.path=data/raw/fashion-mnist/train", "input.glob=0[0-3]*.png",
+                                         f"output.root={root}", "output.name=small", "tracking.enabled=false"])
+    result = run_etl(spark, cfg)
+    assert result.inputs_in == 4_000, result.summary()
+    _, stall, _ = train_rates(spark, 2, None, epochs, tmp, f"data.root={root}", "data.name=small")
+    return stall, train_row_groups(result.url + "/data/train")
 
 
 class AllreduceProbe:
@@ -236,19 +267,29 @@ def main() -> None:
         dataset = open_dataset(spark, "data/datasets", "fashion-mnist")
         with tempfile.TemporaryDirectory() as tmp:
             loader_lines, figures = loader_section(dataset, LOADER_BATCHES, rounds, Path(tmp))
-            one, _ = train_rates(spark, 1, steps, epochs, Path(tmp))
-            two, stall = train_rates(spark, 2, steps, epochs, Path(tmp))
-            two_fp16, _ = train_rates(spark, 2, steps, epochs, Path(tmp), "horovod.compression=fp16")
+            one, _, _ = train_rates(spark, 1, steps, epochs, Path(tmp))
+            two, stall, two_accuracy = train_rates(spark, 2, steps, epochs, Path(tmp))
+            levers = {name: train_rates(spark, 2, steps, epochs, Path(tmp), *overrides)
+                      for name, overrides in LEVERS.items()}
+            small_stall, small_groups = small_dataset_stall(spark, Path(tmp), epochs)
         sizes = [4, 16, 64]
         reduce_s = run_ranks(AllreduceProbe(sizes, 3 if args.quick else 7), 2, 120, ["lo"])[0]
     finally:
         spark.stop()
 
     efficiency = two / (2 * one)
+    # The best setting counts only if its test accuracy stays within 0.5 pp of the default's.
+    kept = {name: r for name, r in levers.items() if r[2] >= two_accuracy - 0.005 and r[0] > two}
+    best_name, (best_rate, _, best_accuracy) = max(kept.items(), key=lambda kv: kv[1][0], default=(
+        "default", (two, stall, two_accuracy)))
     print("\n".join(loader_lines))
-    print(f"\n(b) training samples/s, batch {BATCH} per rank, 1 intra-op thread per rank")
-    print(f"  1 rank {one:,.0f}; 2 ranks {two:,.0f}; efficiency 2 / (2 x 1) = {efficiency:.2f}")
-    print(f"  2 ranks with fp16 gradient compression {two_fp16:,.0f}; efficiency {two_fp16 / (2 * one):.2f}")
+    print(f"\n(b) training samples/s, batch {BATCH} per rank, 1 intra-op thread per rank, {epochs} epochs x {steps} steps")
+    print(f"  1 rank {one:,.0f}; 2 ranks {two:,.0f}; efficiency 2 / (2 x 1) = {efficiency:.2f}; "
+          f"test accuracy {two_accuracy:.4f}")
+    for name, (rate, _, accuracy) in levers.items():
+        print(f"  2 ranks, {name:<28} {rate:>7,.0f} samples/s, efficiency {rate / (2 * one):.2f}, "
+              f"test accuracy {accuracy:.4f} ({(accuracy - two_accuracy) * 100:+.2f} pp)")
+    print(f"  best within 0.5 pp of the default's accuracy: {best_name}, efficiency {best_rate / (2 * one):.2f}")
     print("\n(c) allreduce across 2 gloo ranks vs memcpy (one process)")
     for mb in sizes:
         bus = mb / 1024 / reduce_s[mb]  # GB/s; for 2 ranks the bus factor 2(n-1)/n is 1
@@ -256,12 +297,17 @@ def main() -> None:
         print(f"  {mb:>3} MB: allreduce {reduce_s[mb] * 1e3:7.1f} ms = {bus:5.2f} GB/s bus; memcpy {copy:6.2f} GB/s; ratio {bus / copy:.3f}")
         figures.append({"name": f"allreduce_bus_over_memcpy_{mb}mb", "value": round(bus / copy, 4), "goal": None, "unit": "ratio"})
         figures.append({"name": f"allreduce_bus_gbps_{mb}mb", "value": round(bus, 3), "goal": None, "unit": "GB/s"})
-    print(f"\n(d) input stall share, demo model, 2 ranks: {stall:.3f} (goal <= 0.05)")
+    print(f"\n(d) input stall share, demo model, 2 ranks: {stall:.3f} (goal <= 0.05); on a 4,000-image dataset "
+          f"written by the ETL's defaults ({small_groups} train row groups): {small_stall:.3f} (goal <= 0.05)")
     figures += [
         {"name": "train_samples_per_s_1_rank", "value": round(one), "goal": None, "unit": "samples/s"},
         {"name": "train_samples_per_s_2_ranks", "value": round(two), "goal": None, "unit": "samples/s"},
         {"name": "horovod_scaling_efficiency", "value": round(efficiency, 3), "goal": 0.85, "unit": "ratio"},
-        {"name": "horovod_scaling_efficiency_fp16", "value": round(two_fp16 / (2 * one), 3), "goal": 0.85, "unit": "ratio"},
+        {"name": "horovod_scaling_efficiency_best", "value": round(best_rate / (2 * one), 3), "goal": 0.85, "unit": "ratio"},
+        {"name": "horovod_best_setting_accuracy_minus_default_pp", "value": round((best_accuracy - two_accuracy) * 100, 2),
+         "goal": -0.5, "unit": "pp"},
+        {"name": "test_accuracy_default_2_ranks", "value": round(two_accuracy, 4), "goal": None, "unit": "accuracy"},
+        {"name": "input_stall_share_small_dataset", "value": round(small_stall, 4), "goal": 0.05, "unit": "share"},
         {"name": "input_stall_share", "value": round(stall, 4), "goal": 0.05, "unit": "share"},
     ]
     if args.json:
