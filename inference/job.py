@@ -247,7 +247,7 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
         F.count(F.when(labelled & (F.col("true_label") == F.col("predicted_label")), 1)).alias("hits"),
     ).collect()[0]
     n_good, n_bad = int(totals["good"]), int(totals["bad"])
-    log.info("read, hashed and scored in %.1f s", time.perf_counter() - started)
+    log.info("candidates read and scored in %.1f s", time.perf_counter() - started)
     counts = Counts(listed, plan.skipped, hashed, hashed - n_good - n_bad, n_good, n_bad)
     accuracy = totals["hits"] / totals["labelled"] if totals["labelled"] else None
     added: dict[str, list[str]] = {}
