@@ -388,17 +388,17 @@ def _write_quarantine(rows: "DataFrame", url: str, n_rows: int) -> None:
     Parquet file of its schema written directly (no Spark job)."""
     from deepspark import filesystem
 
+    table = rows.select(*QUARANTINE_COLUMNS)
     if n_rows or not filesystem.reaches(url):
-        rows.select(*QUARANTINE_COLUMNS).coalesce(1).write.mode("error").parquet(url)
+        table.coalesce(1).write.mode("error").parquet(url)
         return
-    import pyarrow as pa
     import pyarrow.parquet as pq
+    from pyspark.sql.pandas.types import to_arrow_schema
 
-    schema = pa.schema([("path", pa.string()), ("size", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])
     loc, path = filesystem.location(join(url, "part-00000.parquet"))
     loc.fs.create_dir(path.rsplit("/", 1)[0])
-    with loc.fs.open_output_stream(path) as out:
-        pq.write_table(schema.empty_table(), out)
+    with loc.fs.open_output_stream(path) as out:  # the very schema Spark would have written
+        pq.write_table(to_arrow_schema(table.schema).empty_table(), out)
 
 
 def _reconcile(spark: "SparkSession", staging: str, manifest: dict) -> None:
