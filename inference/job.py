@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from deepspark import filesystem
 from deepspark.config import ConfigError
 from deepspark.locks import Lease
 from deepspark.spark import frame_from_pandas
@@ -108,16 +109,17 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     glob = cfg.input.glob or plugin.default_glob
     root, kind = resolve_input(fs, cfg.input.path, "input.path", cfg.input.format, "records" in plugin.input_kinds)
     listing = list_inputs(fs, root, "input.path", kind, glob)
+    in_workers = kind == "files" and filesystem.reaches(root)  # else binaryFile + sha2 and a JVM anti-join
     fresh, seen = listing, {}
     if committed is not None and listing:
-        changed = _changed_files(spark, listing, committed)
+        changed = _changed_files(spark, listing, committed, with_hashes=in_workers)
         fresh = tuple((source, size, modified) for source, size, modified, _ in changed)
         seen = {source: hashes for source, _, _, hashes in changed if hashes}
     if not fresh:
         return Candidates(None, kind, root, len(listing), len(listing))
     inputs = open_inputs(spark, fs, root, "input.path", kind, glob, cfg.files_per_task,
                          RecordColumns(cfg.input.text_column, cfg.input.label_column, label_required=False),
-                         listing=fresh, whole=len(fresh) == len(listing), read_in_workers=True)
+                         listing=fresh, whole=len(fresh) == len(listing), read_in_workers=in_workers)
     meta = frame_from_pandas(spark, pd.DataFrame(fresh, columns=SOURCE))
     rows = inputs.frame.join(F.broadcast(meta), "source", "left")  # left: a row without metadata is still scored
     if inputs.payload_in_workers:  # the scorer reads and hashes, and skips a file committed with its hash
@@ -125,23 +127,23 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     else:
         payload = F.coalesce("payload", F.lit("")) if kind == "records" else F.col("payload")
         rows = rows.withColumn("content_hash", F.sha2(payload, 256))  # hashed by the JVM, once
-    return Candidates(rows, kind, root, len(listing), len(listing) - len(fresh), inputs.payload_in_workers,
-                      seen if inputs.payload_in_workers else {})
+    return Candidates(rows, kind, root, len(listing), len(listing) - len(fresh), inputs.payload_in_workers, seen)
 
 
-def _changed_files(spark: "SparkSession", listing: tuple[tuple[str, int, int], ...], committed: "DataFrame"
-                   ) -> list[tuple[str, int, int, list[str]]]:
-    """Listed files whose (path, size, mtime) this model version has not committed, each with the
-    content hashes its path was committed under (an anti-join on the committed rows' narrow
-    metadata columns; only when some file changed, a semi-join for their hashes)."""
+def _changed_files(spark: "SparkSession", listing: tuple[tuple[str, int, int], ...], committed: "DataFrame",
+                   with_hashes: bool) -> list[tuple[str, int, int, list[str]]]:
+    """Listed files whose (path, size, mtime) this model version has not committed (an anti-join on
+    the committed rows' narrow metadata columns), each, `with_hashes`, with the content hashes its
+    path was committed under (a semi-join, only when some file changed; the scorer that hashes
+    files itself needs them, the JVM route anti-joins on (path, hash) instead)."""
     import pandas as pd
     from pyspark.sql import functions as F
 
     listed = frame_from_pandas(spark, pd.DataFrame(listing, columns=SOURCE))
     known = committed.select(*SOURCE).where(F.col("source_size").isNotNull())
     fresh = [(r[0], int(r[1]), int(r[2])) for r in listed.join(known, SOURCE, "left_anti").collect()]
-    if not fresh:  # the usual hourly run: one anti-join, nothing else
-        return []
+    if not fresh or not with_hashes:  # the usual hourly run: one anti-join, nothing else
+        return [(source, size, modified, []) for source, size, modified in fresh]
     paths = frame_from_pandas(spark, pd.DataFrame({"source": [p for p, _, _ in fresh]}))
     seen: dict[str, list[str]] = {}
     for source, digest in committed.select("source", "content_hash").join(paths, "source", "left_semi").collect():
