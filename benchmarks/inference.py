@@ -130,14 +130,21 @@ def run_peer(spark, root: str, glob: str, out: Path, n_files: int) -> float:
     import mlflow.pyfunc
 
     cores = spark.sparkContext.defaultParallelism
-    spark.conf.set("spark.sql.files.maxPartitionBytes", str(1 << 30))
-    spark.conf.set("spark.sql.files.openCostInBytes", str((1 << 30) * cores // n_files))
-    started = time.perf_counter()
-    udf = mlflow.pyfunc.spark_udf(spark, MODEL_URI, env_manager="local")
-    files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", glob)
-             .load(root))
-    files.select("path", udf("content").alias("prediction")).write.parquet(str(out))
-    return time.perf_counter() - started
+    packing = {"spark.sql.files.maxPartitionBytes": str(1 << 30),
+               "spark.sql.files.openCostInBytes": str((1 << 30) * cores // n_files)}
+    before = {key: spark.conf.get(key) for key in packing}
+    for key, value in packing.items():  # only for the peer: later jobs in this session get Spark's defaults
+        spark.conf.set(key, value)
+    try:
+        started = time.perf_counter()
+        udf = mlflow.pyfunc.spark_udf(spark, MODEL_URI, env_manager="local")
+        files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+                 .option("pathGlobFilter", glob).load(root))
+        files.select("path", udf("content").alias("prediction")).write.parquet(str(out))
+        return time.perf_counter() - started
+    finally:
+        for key, value in before.items():
+            spark.conf.set(key, value)
 
 
 def fresh_session():  # type: ignore[no-untyped-def]
