@@ -66,3 +66,37 @@ def available_gpu() -> str | None:
     except Exception:
         return None
     return str(addresses[0]) if addresses else None
+
+
+class HorovodCollective:
+    """The trainer seam's Collective over Horovod (training/trainer.py): `start()` inside a rank
+    runs `hvd.init()`; every other Horovod call a rank makes goes through this object."""
+
+    def __init__(self, hvd: Any) -> None:
+        self._hvd = hvd
+        self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+
+    @classmethod
+    def start(cls) -> "HorovodCollective":
+        import horovod.tensorflow.keras as hvd
+
+        hvd.init()
+        return cls(hvd)
+
+    def distributed_optimizer(self, optimizer: Any, cfg: Any) -> Any:
+        """Horovod's DistributedOptimizer with the config's compression and local aggregation."""
+        hvd, settings = self._hvd, cfg.horovod
+        compression = hvd.Compression.fp16 if settings.compression == "fp16" else hvd.Compression.none
+        return hvd.DistributedOptimizer(optimizer, compression=compression,
+                                        backward_passes_per_step=settings.backward_passes_per_step,
+                                        average_aggregated_gradients=True)
+
+    def fit_callbacks(self) -> list[Any]:
+        return [self._hvd.callbacks.BroadcastGlobalVariablesCallback(0), self._hvd.callbacks.MetricAverageCallback()]
+
+    def allreduce(self, values: Any, op: str, name: str) -> Any:
+        import horovod.tensorflow as hvd_tf
+        import tensorflow as tf
+
+        reduce_op = {"sum": hvd_tf.Sum, "max": hvd_tf.Max}[op]
+        return hvd_tf.allreduce(tf.constant(values, tf.float64), op=reduce_op, name=name).numpy()

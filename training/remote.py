@@ -3,11 +3,9 @@ and Horovod lazily; shards data by rank; only rank 0 logs to MLflow and writes c
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
-import tarfile
 import tempfile
 import time
 import traceback
@@ -18,43 +16,13 @@ import numpy as np
 
 from deepspark.modality import ModalityRecord
 from training.config import TrainConfig
+from training.trainer import Collective, pack_checkpoint
 
 CHECKPOINT_DIR = "checkpoints"
 
 
 def checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
-
-
-def pack_checkpoint(model: Any, optimizer: Any) -> bytes:
-    """Model and optimizer state (tf.train.Checkpoint) as one tar archive in memory."""
-    import tensorflow as tf
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(tmp, "ckpt"))
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for name in sorted(os.listdir(tmp)):
-                tar.add(os.path.join(tmp, name), arcname=name)
-        return buf.getvalue()
-
-
-def restore_checkpoint(archive: bytes, model: Any, optimizer: Any) -> None:
-    import tensorflow as tf
-
-    with tempfile.TemporaryDirectory() as tmp:
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(tmp, filter="data")
-        tf.train.Checkpoint(model=model, optimizer=optimizer).read(os.path.join(tmp, "ckpt")).expect_partial()
-
-
-def _allreduce(values: np.ndarray, op: str, name: str) -> np.ndarray:
-    """Sum or max of a float64 vector across ranks."""
-    import horovod.tensorflow as hvd_tf
-    import tensorflow as tf
-
-    reduce_op = {"sum": hvd_tf.Sum, "max": hvd_tf.Max}[op]
-    return hvd_tf.allreduce(tf.constant(values, tf.float64), op=reduce_op, name=name).numpy()
 
 
 @dataclass(frozen=True)
@@ -66,12 +34,14 @@ class RankTask:
     model_name: str
     train_url: str
     val_url: str | None
-    test_url: str
+    test_url: str | None  # None: no test evaluation (model selection tests only its winner)
     steps_per_epoch: int
     start_epoch: int
     tracking_uri: str | None
     run_id: str | None
     checkpoint: bytes | None = None
+    stop_epoch: int | None = None  # train epochs start_epoch..stop_epoch-1 of a cfg.epochs schedule (None: all)
+    epoch_results: bool = False  # rank 0 also returns each epoch's metrics and the final checkpoint
 
     def __call__(self) -> dict[str, Any] | None:
         try:
@@ -89,14 +59,14 @@ class RankTask:
     def _train(self) -> dict[str, Any] | None:
         import tensorflow as tf
 
-        cfg = self.cfg
-        tf.config.threading.set_intra_op_parallelism_threads(cfg.horovod.intra_op_threads)
-        tf.config.threading.set_inter_op_parallelism_threads(cfg.horovod.inter_op_threads)
-        import horovod.tensorflow.keras as hvd
+        from training.distributed import HorovodCollective
+        from training.trainer import compiled_model, restore_checkpoint, set_threads
 
-        hvd.init()
-        rank, size = hvd.rank(), hvd.size()
-        self._pin_device(tf, hvd)
+        cfg = self.cfg
+        set_threads(cfg.horovod.intra_op_threads, cfg.horovod.inter_op_threads)
+        collective = HorovodCollective.start()
+        rank, size = collective.rank, collective.size
+        self._pin_device(tf, collective)
         if cfg.horovod.mixed_precision:
             tf.keras.mixed_precision.set_global_policy("mixed_float16")
         tf.keras.utils.set_random_seed(cfg.seed)
@@ -104,25 +74,15 @@ class RankTask:
         from training.data import ShardSpec, StallMeter, strided_rows, training_batches
 
         spec = self.record.spec
-        model = self.record.plugin.build_model(self.model_name, self.record)
-        from training.schedules import WarmupThenDecay
-
-        schedule = WarmupThenDecay(cfg.optimizer.learning_rate * size, cfg.optimizer.warmup_epochs * self.steps_per_epoch,
-                                   cfg.epochs * self.steps_per_epoch, cfg.optimizer.schedule)
-        compression = hvd.Compression.fp16 if cfg.horovod.compression == "fp16" else hvd.Compression.none
-        optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(learning_rate=schedule), compression=compression,
-                                             backward_passes_per_step=cfg.horovod.backward_passes_per_step,
-                                             average_aggregated_gradients=True)
-        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                      jit_compile=cfg.horovod.xla)
+        model, schedule = compiled_model(cfg, self.record, self.model_name, self.steps_per_epoch, collective)
         if self.checkpoint is not None:
-            model.optimizer.build(model.trainable_variables)
             restore_checkpoint(self.checkpoint, model, model.optimizer)
         pool = (cfg.loader.pool_type, cfg.loader.workers)
         shard = ShardSpec(self.train_url, spec, self.record.modality, rank, size, *pool)
         val = strided_rows(ShardSpec(self.val_url, spec, self.record.modality, rank, size, *pool),
                            cfg.max_eval_rows) if self.val_url else None
         batch = cfg.optimizer.batch_size
+        stop_epoch = self.stop_epoch or cfg.epochs
         meter = StallMeter()
 
         # A buffer larger than a rank's epoch only delays the first batch (it fills before any
@@ -132,13 +92,14 @@ class RankTask:
         def all_epochs():  # type: ignore[no-untyped-def]
             """One generator and one reader for the whole fit: no per-epoch iterator teardown (which
             stalled ~20 s), no per-epoch reader set-up, reading ahead across epoch boundaries."""
-            steps = self.steps_per_epoch * (cfg.epochs - self.start_epoch)
+            steps = self.steps_per_epoch * (stop_epoch - self.start_epoch)
             return training_batches(shard, batch, buffer_rows, cfg.seed, self.start_epoch, steps,
                                     cfg.loader.queue_batches, meter)
 
         dataset = tf.data.Dataset.from_generator(all_epochs, output_signature=(
             tf.TensorSpec((batch, *spec.shape), tf.as_dtype(spec.dtype)), tf.TensorSpec((batch,), tf.int32)))
         task, client = self, (self._mlflow_client() if rank == 0 else None)
+        epochs: list[dict[str, float]] = []
 
         class EpochEnd(tf.keras.callbacks.Callback):
             """Per-epoch validation, throughput, stall share, logging, checkpoint (rank 0)."""
@@ -152,34 +113,40 @@ class RankTask:
                 wait, _ = meter.reset()
                 metrics = {"loss": logs["loss"], "accuracy": logs["accuracy"]}
                 if val is not None:
-                    metrics.update(task._evaluate(self.model, *val, prefix="val_")[0])
-                slowest = _allreduce(np.array([elapsed]), "max", f"elapsed{epoch}")[0]
+                    metrics.update(task._evaluate(self.model, *val, "val_", collective)[0])
+                slowest = collective.allreduce(np.array([elapsed]), "max", f"elapsed{epoch}")[0]
                 metrics["samples_per_s"] = task.steps_per_epoch * batch * size / slowest
-                metrics["input_stall_share"] = _allreduce(np.array([wait / elapsed]), "sum", f"stall{epoch}")[0] / size
+                metrics["input_stall_share"] = collective.allreduce(np.array([wait / elapsed]), "sum", f"stall{epoch}")[0] / size
                 metrics["epoch_seconds"] = slowest
                 metrics["learning_rate"] = schedule(self.model.optimizer.iterations)
                 metrics = {k: float(v) for k, v in metrics.items()}
                 logs.update(metrics)  # the exact, rank-shared validation metrics, for KeepBest
                 if rank == 0:
+                    epochs.append(dict(metrics))
                     task._log_epoch(client, epoch, metrics, self.model)
 
         from training.callbacks import KeepBest
 
         keep_best = KeepBest(cfg.early_stopping.monitor, cfg.early_stopping.patience, cfg.early_stopping.restore_best)
-        if self.start_epoch < cfg.epochs:
-            model.fit(dataset, initial_epoch=self.start_epoch, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
-                      verbose=0, callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-                                            hvd.callbacks.MetricAverageCallback(), EpochEnd(), keep_best])
+        if self.start_epoch < stop_epoch:
+            model.fit(dataset, initial_epoch=self.start_epoch, epochs=stop_epoch, steps_per_epoch=self.steps_per_epoch,
+                      verbose=0, callbacks=[*collective.fit_callbacks(), EpochEnd(), keep_best])
 
-        test_metrics, confusion = self._evaluate(model, *strided_rows(
-            ShardSpec(self.test_url, spec, self.record.modality, rank, size, *pool), cfg.max_eval_rows), prefix="test_")
+        test_metrics, confusion = {}, np.zeros((0, 0), np.int64)
+        if self.test_url is not None:
+            test_metrics, confusion = self._evaluate(model, *strided_rows(
+                ShardSpec(self.test_url, spec, self.record.modality, rank, size, *pool), cfg.max_eval_rows), "test_",
+                collective)
         if rank != 0:
             return None
         if cfg.early_stopping.restore_best and keep_best.best_epoch is not None:  # the weights tested
             test_metrics["best_epoch"] = float(keep_best.best_epoch)
-        return {"weights": model.get_weights(), "test": test_metrics, "confusion": confusion.tolist()}
+        result = {"weights": model.get_weights(), "test": test_metrics, "confusion": confusion.tolist()}
+        if self.epoch_results:
+            result.update(epochs=epochs, checkpoint=pack_checkpoint(model, model.optimizer))
+        return result
 
-    def _pin_device(self, tf: Any, hvd: Any) -> None:
+    def _pin_device(self, tf: Any, collective: Collective) -> None:
         """The GPU Spark assigned to this task, else the local rank's; CPU threads otherwise."""
         gpus = tf.config.list_physical_devices("GPU")
         if not gpus:
@@ -187,7 +154,7 @@ class RankTask:
         from training.distributed import available_gpu
 
         assigned = available_gpu()
-        index = int(assigned) if assigned is not None else hvd.local_rank()
+        index = int(assigned) if assigned is not None else collective.local_rank
         visible = next((g for g in gpus if g.name.endswith(f":{index}")), gpus[index % len(gpus)])
         tf.config.experimental.set_memory_growth(visible, True)
         tf.config.set_visible_devices(visible, "GPU")
@@ -196,19 +163,11 @@ class RankTask:
     def num_classes(self) -> int:
         return len(self.record.labels)
 
-    def _evaluate(self, model: Any, x: np.ndarray, y: np.ndarray, prefix: str) -> tuple[dict[str, float], np.ndarray]:
-        """Exact metrics over all ranks' disjoint shares: sums are allreduced, not averages of averages."""
-        probs = model.predict(x, batch_size=self.cfg.eval_batch_size, verbose=0) if len(x) else np.zeros((0, self.num_classes))
-        eps = 1e-7
-        loss_sum = float(-np.log(np.clip(probs[np.arange(len(y)), y], eps, 1.0)).sum()) if len(y) else 0.0
-        predicted = probs.argmax(axis=1)
-        confusion = np.zeros((self.num_classes, self.num_classes), np.float64)
-        np.add.at(confusion, (y, predicted), 1)
-        totals = _allreduce(np.concatenate([[loss_sum], confusion.ravel()]), "sum", f"{prefix}eval")
-        confusion = totals[1:].reshape(self.num_classes, self.num_classes)
-        n = confusion.sum()
-        return ({f"{prefix}loss": float(totals[0] / n), f"{prefix}accuracy": float(np.trace(confusion) / n)},
-                confusion.astype(np.int64))
+    def _evaluate(self, model: Any, x: np.ndarray, y: np.ndarray, prefix: str,
+                  collective: Collective) -> tuple[dict[str, float], np.ndarray]:
+        from training.trainer import evaluate
+
+        return evaluate(model, x, y, self.num_classes, self.cfg.eval_batch_size, prefix, collective)
 
     def _mlflow_client(self) -> Any:
         if self.run_id is None:

@@ -1,0 +1,88 @@
+"""The search's store: where model state hops between workers, never through the driver.
+
+A folder every executor and the driver reach through pyarrow.fs (a local or NFS disk, HDFS, s3,
+gs). Each file has one writer and appears whole (written beside, then moved into place), so a
+reader sees a unit's marker only after its state:
+
+    trials.json                      the configurations, their child runs, the partition count
+    m<trial>/unit-<k>.ckpt           model and optimizer state after the trial's k-th unit
+    m<trial>/unit-<k>.json           the unit's marker: epoch, partition, samples, metrics
+    ctl/<attempt>/w<p>/<seq>.json    the driver's assignments to hopper p (one folder per attempt,
+                                     so a resumed search never reads a killed one's messages)
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from deepspark.filesystem import location, reaches
+
+TRIALS = "trials.json"
+
+
+def unit_name(trial: int, index: int, suffix: str) -> str:
+    return f"m{trial:03d}/unit-{index:05d}.{suffix}"
+
+
+@dataclass(frozen=True)
+class Store:
+    url: str  # the search's folder
+
+    @staticmethod
+    def check(url: str) -> None:
+        if not reaches(url):
+            raise ValueError(f"{url}: pyarrow.fs does not reach this URL from Python")
+
+    def _path(self, rel: str) -> tuple[Any, str]:
+        loc, root = location(self.url)
+        return loc.fs, f"{root.rstrip('/')}/{rel}"
+
+    def write(self, rel: str, data: bytes) -> None:
+        fs, path = self._path(rel)
+        fs.create_dir(path.rpartition("/")[0], recursive=True)
+        staging = f"{path}.{uuid.uuid4().hex}.tmp"
+        with fs.open_output_stream(staging) as out:
+            out.write(data)
+        fs.move(staging, path)
+
+    def read(self, rel: str) -> bytes:
+        fs, path = self._path(rel)
+        with fs.open_input_stream(path) as handle:
+            return handle.read()
+
+    def exists(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
+        fs, path = self._path(rel)
+        return fs.get_file_info(path).type == pafs.FileType.File
+
+    def delete(self, rel: str) -> None:
+        fs, path = self._path(rel)
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+    def write_json(self, rel: str, value: Any) -> None:
+        self.write(rel, json.dumps(value, sort_keys=True).encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read(rel))
+
+    def markers(self, trial: int) -> list[dict[str, Any]]:
+        """Every finished unit of a trial, in order (a gap ends the list: later files are from a
+        unit whose predecessor never finished, which cannot happen with one writer per unit)."""
+        import pyarrow.fs as pafs
+
+        fs, path = self._path(f"m{trial:03d}")
+        names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                       if i.base_name.endswith(".json") and i.base_name.startswith("unit-"))
+        out = []
+        for expected, name in enumerate(names):
+            if name != f"unit-{expected:05d}.json":
+                break
+            out.append(self.read_json(f"m{trial:03d}/{name}"))
+        return out

@@ -1,0 +1,193 @@
+"""What the executors run during a search: model hoppers (`mop`) and whole-data trainers
+(`task`). Built on the driver as picklable objects; TensorFlow and Petastorm load inside the task.
+
+Both train through the trainer seam (training/trainer.py) with the `Solo` collective: no
+gradients are exchanged. A unit's state is read from and written to the search's store; a
+worker keeps the Keras models it has built (traced once per worker and configuration) and skips
+the restore when it wrote a model's latest state itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from deepspark.modality import ModalityRecord
+from training.config import TrainConfig
+from training.selection.store import Store, unit_name
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One configuration as the executors see it."""
+
+    index: int
+    cfg: TrainConfig
+    model_name: str
+    steps_per_epoch: int  # of one pass over all the training rows (the learning-rate schedule's unit)
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """The dataset splits a search reads, through the Petastorm seam (training/data.py)."""
+
+    record: ModalityRecord
+    train_url: str
+    val_url: str | None
+    max_eval_rows: int | None
+    eval_batch_size: int
+    pool_type: str
+    pool_workers: int
+
+    def shard(self, url: str, part: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
+        """Partition `part` of `parts` of a split (Petastorm's row-group shards), in memory."""
+        from training.data import ShardSpec, read_row_groups
+
+        spec = self.record.spec
+        shard = ShardSpec(url, spec, self.record.modality, part, parts, self.pool_type, self.pool_workers)
+        groups = list(read_row_groups(shard, seed=None, infinite=False))
+        if not groups:
+            return np.empty((0, *spec.shape), spec.dtype), np.empty((0,), np.int32)
+        return np.concatenate([g[0] for g in groups]), np.concatenate([g[1] for g in groups])
+
+    def validation(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.val_url is None:
+            return None
+        from training.data import ShardSpec, strided_rows
+
+        return strided_rows(ShardSpec(self.val_url, self.record.spec, self.record.modality, 0, 1, self.pool_type,
+                                      self.pool_workers), self.max_eval_rows)
+
+
+class ModelCache:
+    """The Keras models one worker process has built, by trial, and which unit's state each holds."""
+
+    def __init__(self, trials: Iterable[Trial], record: ModalityRecord) -> None:
+        self.trials = {t.index: t for t in trials}
+        self.record = record
+        self.models: dict[int, Any] = {}
+        self.holds: dict[int, int] = {}  # trial -> index of the unit whose state the model holds
+
+    def ready(self, store: Store, trial: int, unit: int) -> Any:
+        """Trial's model holding the state after unit `unit - 1` (fresh, seeded weights for unit 0)."""
+        import tensorflow as tf
+
+        from training.trainer import Solo, compiled_model, restore_checkpoint
+
+        spec = self.trials[trial]
+        if trial not in self.models:
+            tf.keras.utils.set_random_seed(spec.cfg.seed)  # the same initial weights on any worker
+            self.models[trial] = compiled_model(spec.cfg, self.record, spec.model_name, spec.steps_per_epoch, Solo())[0]
+            self.holds[trial] = -1
+        model = self.models[trial]
+        if unit > 0 and self.holds.get(trial) != unit - 1:
+            restore_checkpoint(store.read(unit_name(trial, unit - 1, "ckpt")), model, model.optimizer)
+        return model
+
+    def trained(self, store: Store, trial: int, unit: int, marker: dict[str, Any]) -> None:
+        """Publish the state after `unit`, then its marker; drop the state two units back."""
+        from training.trainer import pack_checkpoint
+
+        model = self.models[trial]
+        store.write(unit_name(trial, unit, "ckpt"), pack_checkpoint(model, model.optimizer))
+        store.write_json(unit_name(trial, unit, "json"), marker)
+        self.holds[trial] = unit
+        if unit >= 2:
+            store.delete(unit_name(trial, unit - 2, "ckpt"))
+
+
+def train_unit(cache: ModelCache, store: Store, trial: int, unit: int, epoch: int, partition: int,
+               rows: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray] | None,
+               evaluate_after: bool, data: SplitData) -> dict[str, Any]:
+    """One unit: restore, one seeded pass over `rows`, validation at an epoch's end, publish."""
+    from training.trainer import Solo, evaluate, fit_rows
+
+    started = time.perf_counter()
+    model = cache.ready(store, trial, unit)
+    spec = cache.trials[trial]
+    metrics, samples = fit_rows(model, *rows, spec.cfg.optimizer.batch_size,
+                                seed=spec.cfg.seed * 1_000_003 + unit * 7919 + partition)
+    trained_s = time.perf_counter() - started
+    if evaluate_after and val is not None:
+        metrics.update(evaluate(model, *val, len(cache.record.labels), data.eval_batch_size, "val_", Solo())[0])
+    marker = {"trial": trial, "index": unit, "epoch": epoch, "partition": partition, "samples": samples,
+              "train_seconds": trained_s, "seconds": time.perf_counter() - started, "metrics": metrics}
+    cache.trained(store, trial, unit, marker)
+    return marker
+
+
+@dataclass(frozen=True)
+class Hopper:
+    """One long-running task per partition (a barrier stage, so all P run at once): it holds its
+    partition of the train split in memory and trains whatever unit the driver assigns next."""
+
+    data: SplitData
+    trials: tuple[Trial, ...]
+    store_url: str
+    attempt: str
+    partitions: int
+    intra_op_threads: int
+    poll_s: float
+
+    def __call__(self, _: Iterator[Any]) -> Iterator[dict[str, Any]]:
+        from pyspark import BarrierTaskContext
+
+        from training.trainer import set_threads
+
+        partition = BarrierTaskContext.get().partitionId()
+        set_threads(self.intra_op_threads, 1)
+        store = Store(self.store_url)
+        started = time.perf_counter()
+        rows = self.data.shard(self.data.train_url, partition, self.partitions)
+        val = self.data.validation()
+        load_s = time.perf_counter() - started
+        cache = ModelCache(self.trials, self.data.record)
+        units, waited, seq = 0, 0.0, 0
+        while True:
+            message = f"ctl/{self.attempt}/w{partition}/{seq:06d}.json"
+            wait_started = time.perf_counter()
+            while not store.exists(message):
+                time.sleep(self.poll_s)
+            waited += time.perf_counter() - wait_started
+            seq += 1
+            order = store.read_json(message)
+            if order.get("stop"):
+                break
+            train_unit(cache, store, order["trial"], order["index"], order["epoch"], partition, rows, val,
+                       order["last_of_epoch"], self.data)
+            units += 1
+        yield {"partition": partition, "rows": int(len(rows[1])), "units": units, "load_seconds": load_s,
+               "idle_seconds": waited}
+
+
+@dataclass(frozen=True)
+class WholeDataTrainer:
+    """Task parallelism: one Spark task per configuration, each reading the whole train split
+    (the data is replicated to every task) and training its model epoch after epoch."""
+
+    data: SplitData
+    trials: tuple[Trial, ...]
+    store_url: str
+    targets: dict[int, int]  # trial -> epochs done when this stage ends
+    intra_op_threads: int
+
+    def __call__(self, indices: Iterator[int]) -> Iterator[dict[str, Any]]:
+        from training.trainer import set_threads
+
+        set_threads(self.intra_op_threads, 1)
+        store = Store(self.store_url)
+        cache = ModelCache(self.trials, self.data.record)
+        rows = val = None
+        for trial in indices:
+            start = len(store.markers(trial))
+            if start >= self.targets[trial]:
+                continue
+            if rows is None:
+                rows = self.data.shard(self.data.train_url, 0, 1)
+                val = self.data.validation()
+            for epoch in range(start, self.targets[trial]):
+                train_unit(cache, store, trial, epoch, epoch, -1, rows, val, True, self.data)
+            yield {"trial": trial, "epochs": self.targets[trial] - start}

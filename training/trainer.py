@@ -1,0 +1,134 @@
+"""The trainer seam: what a Horovod rank, a model-hopper task and a task-parallel task all do.
+
+Build and compile a model for one configuration, fit it for some steps, save and restore its
+state (weights and optimizer), and evaluate it exactly across however many processes share the
+data. Communication goes through a `Collective`: `Solo` for one process (model hopping and task
+parallelism exchange no gradients), `training.distributed.HorovodCollective` for data-parallel
+ranks. Horovod's calls live only there, so another data-parallel backend is one more Collective.
+
+Imported inside executors only (TensorFlow loads lazily in each function).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import tempfile
+from typing import Any, Protocol
+
+import numpy as np
+
+from deepspark.modality import ModalityRecord
+from training.config import TrainConfig
+
+
+class Collective(Protocol):
+    """How the processes training one model talk to each other."""
+
+    rank: int
+    size: int
+    local_rank: int
+
+    def distributed_optimizer(self, optimizer: Any, cfg: TrainConfig) -> Any:
+        """The optimizer that averages gradients across processes."""
+
+    def fit_callbacks(self) -> list[Any]:
+        """Keras callbacks that keep the processes' models identical (initial broadcast, metrics)."""
+
+    def allreduce(self, values: np.ndarray, op: str, name: str) -> np.ndarray:
+        """Sum or max of a float64 vector across processes."""
+
+
+class Solo:
+    """One process trains the model alone: nothing to exchange."""
+
+    rank, size, local_rank = 0, 1, 0
+
+    def distributed_optimizer(self, optimizer: Any, cfg: TrainConfig) -> Any:
+        return optimizer
+
+    def fit_callbacks(self) -> list[Any]:
+        return []
+
+    def allreduce(self, values: np.ndarray, op: str, name: str) -> np.ndarray:
+        return np.asarray(values, np.float64)
+
+
+def set_threads(intra_op: int, inter_op: int) -> None:
+    """TensorFlow's thread pools, set before any op runs (wall time is bimodal otherwise)."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+
+
+def compiled_model(cfg: TrainConfig, record: ModalityRecord, model_name: str, steps_per_epoch: int,
+                   collective: Collective) -> tuple[Any, Any]:
+    """A fresh model of `model_name` with the config's optimizer, compiled for training, and its
+    learning-rate schedule (peak learning rate x processes, warm-up, decay over `cfg.epochs`)."""
+    import tensorflow as tf
+
+    from training.schedules import WarmupThenDecay
+
+    model = record.plugin.build_model(model_name, record)
+    opt = cfg.optimizer
+    schedule = WarmupThenDecay(opt.learning_rate * collective.size, opt.warmup_epochs * steps_per_epoch,
+                               cfg.epochs * steps_per_epoch, opt.schedule)
+    optimizer = collective.distributed_optimizer(tf.keras.optimizers.Adam(learning_rate=schedule), cfg)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  jit_compile=cfg.horovod.xla)
+    return model, schedule
+
+
+def pack_checkpoint(model: Any, optimizer: Any) -> bytes:
+    """Model and optimizer state (tf.train.Checkpoint) as one tar archive in memory."""
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(tmp, "ckpt"))
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name in sorted(os.listdir(tmp)):
+                tar.add(os.path.join(tmp, name), arcname=name)
+        return buf.getvalue()
+
+
+def restore_checkpoint(archive: bytes, model: Any, optimizer: Any) -> None:
+    """Load a `pack_checkpoint` archive into a compiled model (its optimizer's slots are built
+    first, so Adam's moments and step counter are restored too, not only the weights)."""
+    import tensorflow as tf
+
+    optimizer.build(model.trainable_variables)
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        tf.train.Checkpoint(model=model, optimizer=optimizer).read(os.path.join(tmp, "ckpt")).expect_partial()
+
+
+def evaluate(model: Any, x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, prefix: str,
+             collective: Collective) -> tuple[dict[str, float], np.ndarray]:
+    """Exact loss, accuracy and confusion matrix over all processes' disjoint shares: sums are
+    reduced, not averages of averages."""
+    probs = model.predict(x, batch_size=batch_size, verbose=0) if len(x) else np.zeros((0, num_classes))
+    eps = 1e-7
+    loss_sum = float(-np.log(np.clip(probs[np.arange(len(y)), y], eps, 1.0)).sum()) if len(y) else 0.0
+    predicted = probs.argmax(axis=1)
+    confusion = np.zeros((num_classes, num_classes), np.float64)
+    np.add.at(confusion, (y, predicted), 1)
+    totals = collective.allreduce(np.concatenate([[loss_sum], confusion.ravel()]), "sum", f"{prefix}eval")
+    confusion = totals[1:].reshape(num_classes, num_classes)
+    n = max(confusion.sum(), 1.0)
+    return ({f"{prefix}loss": float(totals[0] / n), f"{prefix}accuracy": float(np.trace(confusion) / n)},
+            confusion.astype(np.int64))
+
+
+def fit_rows(model: Any, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tuple[dict[str, float], int]:
+    """One pass over in-memory rows in a seeded order, full batches only (the rest is dropped, as
+    the streaming loader does): (mean loss and accuracy over the pass, samples trained on)."""
+    steps = len(y) // batch_size
+    if steps == 0:
+        return {}, 0
+    order = np.random.default_rng(seed).permutation(len(y))[: steps * batch_size]
+    history = model.fit(x[order], y[order], batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+    return {k: float(v[-1]) for k, v in history.history.items()}, steps * batch_size
