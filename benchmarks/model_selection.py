@@ -1,0 +1,186 @@
+"""Model-selection benchmark, measured side by side in one run on Fashion-MNIST:
+
+(a) the same 8 configurations (the classic convnet, learning rate x batch size) trained for the
+    same epochs by `jobs/select_models.py` with execution.method = mop, task and horovod: wall time
+    of the whole job (a fresh SparkContext each, MLflow logging included), samples/s per model and
+    the best validation accuracy per method, and each configuration's validation accuracy under
+    mop against task. The limit is the no-communication ideal: 2 processes, one core each, each
+    training its half of the configurations on the same in-memory rows with the same per-epoch
+    validation, warm (graphs traced first), no Spark, no hops, no checkpoints. mop and task run at
+    1 and 2 epochs, so the marginal epoch (what hops, checkpoints and scheduling cost) is reported
+    apart from the fixed cost (Spark, TensorFlow import, tracing, logging 8 models).
+
+Usage: python benchmarks/model_selection.py [--quick] [--json PATH]
+  --quick: 6,000 training rows (8,000 PNGs of the Debian package through the ETL, a quarter
+  carved into val), horovod at 1 epoch only; without it, the demo dataset (make demo first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from deepspark.config import load_config  # noqa: E402
+from training.selection.config import SelectConfig  # noqa: E402
+
+SPACE = "search.space={optimizer.learning_rate: {choice: [0.0005, 0.001, 0.002, 0.004]}, optimizer.batch_size: {choice: [64, 128]}}"
+
+
+def fresh_session():  # type: ignore[no-untyped-def]
+    """A new SparkContext: its Python workers start empty (TensorFlow not imported yet)."""
+    from pyspark.sql import SparkSession
+
+    from deepspark.spark import SparkSettings, build_session
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
+    return build_session(SparkSettings(app_name="bench-select", conf={"spark.ui.enabled": "false"}))
+
+
+def search_config(root: str, name: str, tmp: Path, method: str, epochs: int) -> SelectConfig:
+    return load_config(SelectConfig, "select_models", [
+        f"data.root={root}", f"data.name={name}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"tracking.artifact_root={tmp / 'artifacts'}", f"execution.store_root={tmp / 'store'}", "search.method=grid",
+        SPACE, f"epochs={epochs}", "optimizer.warmup_epochs=0", f"execution.method={method}", "registry.enabled=false",
+    ])
+
+
+def limit_worker(args: tuple) -> float:
+    """One core trains its configurations for one epoch over the same rows, each followed by the
+    same validation, after tracing every graph once: seconds of the timed part."""
+    data, trials = args
+    from training.trainer import Solo, compiled_model, evaluate, fit_rows, set_threads
+
+    set_threads(1, 1)
+    import tensorflow as tf
+
+    rows, val = data.shard(data.train_url, 0, 1), data.validation()
+    models = []
+    for trial in trials:
+        tf.keras.utils.set_random_seed(trial.cfg.seed)
+        model = compiled_model(trial.cfg, data.record, trial.model_name, trial.steps_per_epoch, Solo())[0]
+        batch = trial.cfg.optimizer.batch_size
+        fit_rows(model, rows[0][: 2 * batch], rows[1][: 2 * batch], batch, 0)  # trace train and predict
+        model.predict(val[0][:data.eval_batch_size], batch_size=data.eval_batch_size, verbose=0)
+        models.append(model)
+    started = time.perf_counter()
+    for trial, model in zip(trials, models):
+        fit_rows(model, *rows, trial.cfg.optimizer.batch_size, trial.cfg.seed)
+        evaluate(model, *val, len(data.record.labels), data.eval_batch_size, "val_", Solo())
+    return time.perf_counter() - started
+
+
+def limit_epoch(spark, cfg: SelectConfig) -> float:  # type: ignore[no-untyped-def]
+    """The no-communication ideal of one epoch of all configurations on 2 cores."""
+    from training.selection.job import plan
+    from training.selection.workers import SplitData
+
+    planned = plan(spark, cfg)
+    ds = planned.dataset
+    data = SplitData(ds.record, ds.split_url("train"), ds.split_url("val"), None, cfg.eval_batch_size, "dummy", 1)
+    halves = [planned.trials[0::2], planned.trials[1::2]]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        return max(pool.map(limit_worker, [(data, list(h)) for h in halves]))
+
+
+def run_search(root: str, name: str, tmp: Path, method: str, epochs: int):  # type: ignore[no-untyped-def]
+    from training.selection.job import run_job
+
+    spark = fresh_session()
+    out = tmp / f"{method}-{epochs}"
+    started = time.perf_counter()
+    result = run_job(spark, search_config(root, name, out, method, epochs))
+    return result, time.perf_counter() - started, spark
+
+
+def quick_dataset(tmp: Path) -> tuple[str, str]:
+    from deepspark.spark import SparkSettings, build_session
+    from pipelines.config import EtlConfig
+    from pipelines.etl import run_etl
+    from pipelines.images.demo_data import write_raw_folder
+
+    write_raw_folder(tmp / "raw", limit=8_000)
+    spark = build_session(SparkSettings(app_name="bench-select-etl", conf={"spark.ui.enabled": "false"}))
+    run_etl(spark, load_config(EtlConfig, "etl", [
+        f"input.path={tmp / 'raw'}", f"output.root={tmp / 'datasets'}", "output.name=fm8k", "tracking.enabled=false",
+        "input.val_from_train=0.25"]))
+    spark.stop()
+    return str(tmp / "datasets"), "fm8k"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        root, name = quick_dataset(tmp) if args.quick else ("data/datasets", "fashion-mnist")
+        runs = {}
+        for method, epochs in [("mop", 1), ("task", 1), ("mop", 2), ("task", 2), ("horovod", 1),
+                               *([] if args.quick else [("horovod", 2)])]:
+            result, seconds, spark = run_search(root, name, tmp, method, epochs)
+            runs[(method, epochs)] = (result, seconds)
+            print(f"{method} x {epochs} epoch(s): {seconds:.1f} s, best val {max(r['val_accuracy'] for r in result.leaderboard):.4f}",
+                  flush=True)
+        limit = limit_epoch(spark, search_config(root, name, tmp / "limit", "mop", 1))
+        from training.selection.job import plan
+
+        trials = plan(spark, search_config(root, name, tmp / "limit", "mop", 1)).trials
+        spark.stop()
+    rows = runs[("mop", 1)][0].leaderboard
+    samples_per_epoch = sum(t.steps_per_epoch * t.cfg.optimizer.batch_size for t in trials)
+    marginal = {m: runs[(m, 2)][1] - runs[(m, 1)][1] for m in ("mop", "task")}
+    fixed = {m: runs[(m, 1)][1] - marginal[m] for m in marginal}
+    top = 2 if not args.quick else 1
+    print(f"\n8 configurations ({len(rows)} trained), {samples_per_epoch:,} samples per epoch over all of them")
+    print(f"{'method':<28}{'1 epoch s':>11}{'2 epochs s':>12}{'marginal s':>12}{'fixed s':>9}{'samples/s/model':>17}{'best val':>10}")
+    for method in ("mop", "task", "horovod"):
+        one = runs[(method, 1)][1]
+        two = runs.get((method, 2), (None, None))[1]
+        res = runs[(method, top if (method, top) in runs else 1)][0]
+        per_model = samples_per_epoch / len(rows) * (top if (method, top) in runs else 1) / runs[(method, top if (method, top) in runs else 1)][1]
+        print(f"{method:<28}{one:>11.1f}{(f'{two:.1f}' if two else '-'):>12}{(f'{marginal[method]:.1f}' if method in marginal else '-'):>12}"
+              f"{(f'{fixed[method]:.1f}' if method in fixed else '-'):>9}{per_model:>17,.0f}"
+              f"{max(r['val_accuracy'] for r in res.leaderboard):>10.4f}")
+    print(f"{'limit (2 cores, no comms)':<28}{limit:>11.1f}{'':>12}{limit:>12.1f}")
+    mop_val = {r["trial"]: r["val_accuracy"] for r in runs[("mop", 2)][0].leaderboard}
+    task_val = {r["trial"]: r["val_accuracy"] for r in runs[("task", 2)][0].leaderboard}
+    gap = max(abs(mop_val[t] - task_val[t]) for t in mop_val)
+    print("val accuracy at 2 epochs, mop vs task: " + ", ".join(f"{t}: {mop_val[t]:.4f}/{task_val[t]:.4f}" for t in sorted(mop_val)))
+    print(f"mop_over_ideal (marginal epoch) {limit / marginal['mop']:.3f} (goal >= 0.9); task {limit / marginal['task']:.3f}")
+    figures = [
+        {"name": "mop_over_ideal", "value": round(limit / marginal["mop"], 3), "goal": 0.9, "unit": "ratio"},
+        {"name": "task_over_ideal", "value": round(limit / marginal["task"], 3), "goal": None, "unit": "ratio"},
+        {"name": "mop_over_task_wall", "value": round(runs[("task", 2)][1] / runs[("mop", 2)][1], 3), "goal": 1.0,
+         "unit": "ratio"},
+        {"name": "mop_over_horovod_wall", "value": round(runs[("horovod", top)][1] / runs[("mop", top)][1], 3),
+         "goal": 1.0, "unit": "ratio"},
+        {"name": "mop_task_max_val_accuracy_gap", "value": round(gap, 4), "goal": 0.01, "unit": "accuracy"},
+        {"name": "mop_marginal_epoch_seconds", "value": round(marginal["mop"], 2), "goal": None, "unit": "s"},
+        {"name": "task_marginal_epoch_seconds", "value": round(marginal["task"], 2), "goal": None, "unit": "s"},
+        {"name": "limit_epoch_seconds", "value": round(limit, 2), "goal": None, "unit": "s"},
+        {"name": "mop_fixed_seconds", "value": round(fixed["mop"], 2), "goal": None, "unit": "s"},
+        {"name": "task_fixed_seconds", "value": round(fixed["task"], 2), "goal": None, "unit": "s"},
+        {"name": "horovod_seconds", "value": round(runs[("horovod", top)][1], 2), "goal": None, "unit": "s"},
+        *[{"name": f"best_val_accuracy_{m}", "value": round(max(r["val_accuracy"] for r in runs[(m, top if (m, top) in runs else 1)][0].leaderboard), 4),
+           "goal": None, "unit": "accuracy"} for m in ("mop", "task", "horovod")],
+    ]
+    if args.json:
+        args.json.write_text(json.dumps({"figures": figures}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
