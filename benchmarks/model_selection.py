@@ -61,24 +61,24 @@ def limit_worker(args: tuple) -> float:
     """One core trains its configurations for one epoch over the same rows, each followed by the
     same validation, after tracing every graph once: seconds of the timed part."""
     data, trials = args
-    from training.trainer import Solo, compiled_model, evaluate, fit_rows, set_threads
+    from training.fused import FusedModels
+    from training.trainer import Solo, compiled_model, evaluate, set_threads
 
     set_threads(1, 1)
     import tensorflow as tf
 
     rows, val = data.shard(data.train_url, 0, 1), data.validation()
-    models = []
+    steppers = []
     for trial in trials:
         tf.keras.utils.set_random_seed(trial.cfg.seed)
-        model = compiled_model(trial.cfg, data.record, trial.model_name, trial.steps_per_epoch, Solo())[0]
+        stepper = FusedModels([compiled_model(trial.cfg, data.record, trial.model_name, trial.steps_per_epoch, Solo())[0]])
         batch = trial.cfg.optimizer.batch_size
-        fit_rows(model, rows[0][: 2 * batch], rows[1][: 2 * batch], batch, 0)  # trace train and predict
-        model.predict(val[0][:data.eval_batch_size], batch_size=data.eval_batch_size, verbose=0)
-        models.append(model)
+        stepper.fit_rows(rows[0][: 2 * batch], rows[1][: 2 * batch], batch, 0)  # trace the step
+        steppers.append(stepper)
     started = time.perf_counter()
-    for trial, model in zip(trials, models):
-        fit_rows(model, *rows, trial.cfg.optimizer.batch_size, trial.cfg.seed)
-        evaluate(model, *val, len(data.record.labels), data.eval_batch_size, "val_", Solo())
+    for trial, stepper in zip(trials, steppers):  # the same step and validation as the search's workers
+        stepper.fit_rows(*rows, trial.cfg.optimizer.batch_size, trial.cfg.seed)
+        evaluate(stepper.models[0], *val, len(data.record.labels), data.eval_batch_size, "val_", Solo())
     return time.perf_counter() - started
 
 

@@ -106,11 +106,20 @@ def restore_checkpoint(archive: bytes, model: Any, optimizer: Any) -> None:
         tf.train.Checkpoint(model=model, optimizer=optimizer).read(os.path.join(tmp, "ckpt")).expect_partial()
 
 
+def predict(model: Any, x: np.ndarray, batch_size: int, num_classes: int) -> np.ndarray:
+    """Probabilities batch by batch, calling the model directly (Keras' `predict` builds a tf.data
+    pipeline per call, which is most of the cost on a validation split)."""
+    if not len(x):
+        return np.zeros((0, num_classes), np.float32)
+    return np.concatenate([np.asarray(model(x[i:i + batch_size], training=False))
+                           for i in range(0, len(x), batch_size)])
+
+
 def evaluate(model: Any, x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, prefix: str,
              collective: Collective) -> tuple[dict[str, float], np.ndarray]:
     """Exact loss, accuracy and confusion matrix over all processes' disjoint shares: sums are
     reduced, not averages of averages."""
-    probs = model.predict(x, batch_size=batch_size, verbose=0) if len(x) else np.zeros((0, num_classes))
+    probs = predict(model, x, batch_size, num_classes)
     eps = 1e-7
     loss_sum = float(-np.log(np.clip(probs[np.arange(len(y)), y], eps, 1.0)).sum()) if len(y) else 0.0
     predicted = probs.argmax(axis=1)
@@ -121,14 +130,3 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray, num_classes: int, batch_s
     n = max(confusion.sum(), 1.0)
     return ({f"{prefix}loss": float(totals[0] / n), f"{prefix}accuracy": float(np.trace(confusion) / n)},
             confusion.astype(np.int64))
-
-
-def fit_rows(model: Any, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tuple[dict[str, float], int]:
-    """One pass over in-memory rows in a seeded order, full batches only (the rest is dropped, as
-    the streaming loader does): (mean loss and accuracy over the pass, samples trained on)."""
-    steps = len(y) // batch_size
-    if steps == 0:
-        return {}, 0
-    order = np.random.default_rng(seed).permutation(len(y))[: steps * batch_size]
-    history = model.fit(x[order], y[order], batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
-    return {k: float(v[-1]) for k, v in history.history.items()}, steps * batch_size

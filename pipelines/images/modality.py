@@ -21,6 +21,7 @@ class ImageModality(Modality):
     default_model = "convnet"
     models = {
         "convnet": "the classic Keras convnet (Keras' mnist_cnn: 2 conv, max-pool, dropout, dense 128)",
+        "mlp": "a small dense network (flatten, dense 128, dropout, dense): cheap enough to fuse several per step",
         "resnet_small": "a small ResNet: 3 stages of 2 residual blocks (16/32/64 filters), global pooling",
     }
     models_module = "pipelines.images.models"

@@ -28,6 +28,19 @@ def convnet(input_shape: tuple[int, int, int], num_classes: int):  # type: ignor
     return tf.keras.Model(inputs, outputs, name="convnet")
 
 
+def mlp(input_shape: tuple[int, int, int], num_classes: int):  # type: ignore[no-untyped-def]
+    """A small dense network: the kind of model many configurations of train side by side."""
+    import tensorflow as tf
+
+    L = tf.keras.layers
+    inputs = tf.keras.Input(shape=input_shape, dtype="uint8", name="image")
+    x = L.Flatten()(_normalise(inputs))
+    x = L.Dense(128, activation="relu")(x)
+    x = L.Dropout(0.2)(x)
+    outputs = L.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    return tf.keras.Model(inputs, outputs, name="mlp")
+
+
 def resnet_small(input_shape: tuple[int, int, int], num_classes: int):  # type: ignore[no-untyped-def]
     import tensorflow as tf
 
@@ -57,4 +70,4 @@ def resnet_small(input_shape: tuple[int, int, int], num_classes: int):  # type: 
     return tf.keras.Model(inputs, outputs, name="resnet_small")
 
 
-BUILDERS: dict[str, Callable] = {"convnet": convnet, "resnet_small": resnet_small}
+BUILDERS: dict[str, Callable] = {"convnet": convnet, "mlp": mlp, "resnet_small": resnet_small}

@@ -32,6 +32,9 @@ class ExecutionSettings(FrozenModel):
     workers: PositiveInt | None = None  # mop: partitions = hopper tasks; task: concurrent models (default: task slots)
     store_root: str = "data/selection"  # model state between sub-epochs (any URL pyarrow.fs reaches: file, hdfs, s3, gs)
     intra_op_threads: PositiveInt = 1  # per mop/task worker (one core each)
+    # mop/task: train up to this many configurations of the same batch size as one graph per step
+    # (one input pipeline, K towers: training/fused.py); they hop and are checkpointed together.
+    fuse: PositiveInt = 1
     poll_s: PositiveFloat = 0.02  # how often the driver and hoppers look for finished units and assignments
 
 

@@ -83,17 +83,27 @@ class Stage:
     poll_s: float
 
 
-def run_mop(stage: Stage, targets: dict[int, int], on_marker: OnMarker) -> dict[str, Any]:
-    """Model hopper parallelism: every (model, partition) pair once per epoch, dynamically scheduled."""
+def fuse_groups(trials: dict[int, Trial], live: list[int], fuse: int) -> tuple[tuple[int, ...], ...]:
+    """Live configurations in groups of up to `fuse` that can share one input pipeline (the same
+    batch size), in trial order; each group trains, hops and is checkpointed together."""
+    by_batch: dict[int, list[int]] = {}
+    for t in sorted(live):
+        by_batch.setdefault(trials[t].cfg.optimizer.batch_size, []).append(t)
+    groups = [tuple(members[i:i + fuse]) for members in by_batch.values() for i in range(0, len(members), fuse)]
+    return tuple(sorted(groups))
+
+
+def run_mop(stage: Stage, groups: tuple[tuple[int, ...], ...], target: int, on_marker: OnMarker) -> dict[str, Any]:
+    """Model hopper parallelism: every (group, partition) pair once per epoch, dynamically scheduled."""
     store, parts = stage.store, stage.workers
-    history = {t: [m["partition"] for m in store.markers(t)] for t in targets}
-    scheduler = HopScheduler(parts, targets, history)
+    history = {g: [m["partition"] for m in store.markers(group[-1])] for g, group in enumerate(groups)}
+    scheduler = HopScheduler(parts, {g: target for g in range(len(groups))}, history)
     if scheduler.done:
         return {"hoppers": []}
     attempt = uuid.uuid4().hex[:12]
     hopper = Hopper(stage.data, stage.trials, store.url, attempt, parts, stage.intra_op_threads, stage.poll_s)
     sc = stage.spark.sparkContext
-    job = SparkJobThread(stage.spark, f"model hopper: {len(targets)} models x {parts} partitions",
+    job = SparkJobThread(stage.spark, f"model hopper: {len(groups)} model groups x {parts} partitions",
                          lambda: sc.parallelize(range(parts), parts).barrier().mapPartitions(hopper).collect())
     sent = [0] * parts
 
@@ -106,14 +116,16 @@ def run_mop(stage: Stage, targets: dict[int, int], on_marker: OnMarker) -> dict[
         while not scheduler.done:
             for part in range(parts):
                 if part not in inflight and (unit := scheduler.next_for(part)) is not None:
-                    send(part, {"trial": unit.model, "index": unit.index, "epoch": unit.epoch,
+                    send(part, {"trials": list(groups[unit.model]), "index": unit.index, "epoch": unit.epoch,
                                 "last_of_epoch": unit.last_of_epoch})
                     inflight[part] = unit
             for part, unit in list(inflight.items()):
-                if store.exists(unit_name(unit.model, unit.index, "json")):
+                group = groups[unit.model]
+                if store.exists(unit_name(group[-1], unit.index, "json")):  # the last member is published last
                     scheduler.finish(unit)
                     del inflight[part]
-                    on_marker(store.read_json(unit_name(unit.model, unit.index, "json")))
+                    for trial in group:
+                        on_marker(store.read_json(unit_name(trial, unit.index, "json")))
             job.check()
             if not job.running:
                 raise StageFailed("the hopper tasks ended before the schedule did")
@@ -127,23 +139,24 @@ def run_mop(stage: Stage, targets: dict[int, int], on_marker: OnMarker) -> dict[
     return {"hoppers": job.join()}
 
 
-def run_task(stage: Stage, targets: dict[int, int], on_marker: OnMarker) -> dict[str, Any]:
-    """Task parallelism: one Spark task per configuration over the whole train split."""
+def run_task(stage: Stage, groups: tuple[tuple[int, ...], ...], target: int, on_marker: OnMarker) -> dict[str, Any]:
+    """Task parallelism: one Spark task per group of configurations over the whole train split."""
     store = stage.store
-    seen = {t: len(store.markers(t)) for t in targets}
-    todo = sorted(t for t in targets if seen[t] < targets[t])
+    seen = {g: len(store.markers(group[-1])) for g, group in enumerate(groups)}
+    todo = [g for g in range(len(groups)) if seen[g] < target]
     if not todo:
         return {"tasks": []}
-    trainer = WholeDataTrainer(stage.data, stage.trials, store.url, dict(targets), stage.intra_op_threads)
+    trainer = WholeDataTrainer(stage.data, stage.trials, store.url, groups, target, stage.intra_op_threads)
     sc = stage.spark.sparkContext
-    job = SparkJobThread(stage.spark, f"task parallelism: {len(todo)} models",
+    job = SparkJobThread(stage.spark, f"task parallelism: {len(todo)} model groups",
                          lambda: sc.parallelize(todo, len(todo)).mapPartitions(trainer).collect())
 
     def poll() -> None:
-        for t in todo:
-            while seen[t] < targets[t] and store.exists(unit_name(t, seen[t], "json")):
-                on_marker(store.read_json(unit_name(t, seen[t], "json")))
-                seen[t] += 1
+        for g in todo:
+            while seen[g] < target and store.exists(unit_name(groups[g][-1], seen[g], "json")):
+                for trial in groups[g]:
+                    on_marker(store.read_json(unit_name(trial, seen[g], "json")))
+                seen[g] += 1
 
     try:
         while job.running:
@@ -157,8 +170,8 @@ def run_task(stage: Stage, targets: dict[int, int], on_marker: OnMarker) -> dict
     return {"tasks": result}
 
 
-def run_horovod(stage: Stage, targets: dict[int, int], on_marker: OnMarker, run_ids: dict[int, str | None],
-                tracking_uri: str | None) -> dict[str, Any]:
+def run_horovod(stage: Stage, groups: tuple[tuple[int, ...], ...], target: int, on_marker: OnMarker,
+                run_ids: dict[int, str | None], tracking_uri: str | None) -> dict[str, Any]:
     """The data-parallel trainer, one configuration at a time, with the configuration's batch size
     and learning rate as the global ones (per rank: batch / ranks; the trainer scales the learning
     rate back by the ranks). Rank 0 logs epochs and checkpoints to the child run; the store gets a
@@ -168,29 +181,31 @@ def run_horovod(stage: Stage, targets: dict[int, int], on_marker: OnMarker, run_
     from training.remote import RankTask
 
     store, ranks = stage.store, stage.workers
+    trials = {t.index: t for t in stage.trials}
     done = []
-    for trial in stage.trials:
-        t = trial.index
+    for (t,) in groups:
+        trial = trials[t]
         start = len(store.markers(t))
-        if t not in targets or start >= targets[t]:
+        if start >= target:
             continue
         cfg = trial.cfg
         per_rank = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={
             "batch_size": cfg.optimizer.batch_size // ranks, "learning_rate": cfg.optimizer.learning_rate / ranks})})
         checkpoint = store.read(unit_name(t, start - 1, "ckpt")) if start else None
         task = RankTask(cfg=per_rank, record=stage.data.record, model_name=trial.model_name,
-                        train_url=stage.data.train_url, val_url=stage.data.val_url, test_url=None, steps_per_epoch=trial.steps_per_epoch, start_epoch=start,
+                        train_url=stage.data.train_url, val_url=stage.data.val_url, test_url=None,
+                        steps_per_epoch=trial.steps_per_epoch, start_epoch=start,
                         tracking_uri=tracking_uri, run_id=run_ids.get(t), checkpoint=checkpoint,
-                        stop_epoch=targets[t], epoch_results=True)
+                        stop_epoch=target, epoch_results=True)
         started = time.perf_counter()
         try:
             outcome = run_ranks(task, ranks, cfg.horovod.start_timeout_s, cfg.horovod.nics,
                                 horovod_environment(cfg.horovod))[0]
         except RankFailure as exc:
             raise StageFailed(str(exc)) from exc
-        seconds = (time.perf_counter() - started) / (targets[t] - start)
-        for epoch, metrics in zip(range(start, targets[t]), outcome["epochs"]):
-            if epoch == targets[t] - 1:
+        seconds = (time.perf_counter() - started) / (target - start)
+        for epoch, metrics in zip(range(start, target), outcome["epochs"]):
+            if epoch == target - 1:
                 store.write(unit_name(t, epoch, "ckpt"), outcome["checkpoint"])
             marker = {"trial": t, "index": epoch, "epoch": epoch, "partition": -1, "seconds": seconds,
                       "train_seconds": metrics.pop("epoch_seconds", seconds),
@@ -202,6 +217,4 @@ def run_horovod(stage: Stage, targets: dict[int, int], on_marker: OnMarker, run_
     return {"trials": done}
 
 
-def stage_runner(method: str) -> Callable[..., dict[str, Any]]:
-    return {"mop": run_mop, "task": run_task, "horovod": run_horovod}[method]
 

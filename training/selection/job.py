@@ -21,7 +21,7 @@ from deepspark.spark import task_slots
 from deepspark.tracking import job_run, tracking_uri
 from training.selection import space as search_space
 from training.selection.config import SelectConfig, trial_config
-from training.selection.execution import Stage, StageFailed, run_horovod, run_mop, run_task
+from training.selection.execution import Stage, StageFailed, fuse_groups, run_horovod, run_mop, run_task
 from training.selection.store import Store
 from training.selection.workers import SplitData, Trial
 
@@ -67,6 +67,8 @@ def plan(spark: "SparkSession", cfg: SelectConfig, params: list[dict[str, Any]] 
             raise ConfigError(f"{key}: dataset {dataset.name} v={dataset.version} has no split {split!r} "
                               f"(has {sorted(splits)}); a search ranks configurations on validation")
     plugin = dataset.record.plugin
+    if cfg.execution.fuse > 1 and cfg.execution.method == "horovod":
+        raise ConfigError(f"execution.fuse={cfg.execution.fuse}: fusing applies to execution.method=mop or task")
     slots = task_slots(spark)
     workers = cfg.execution.workers or slots
     if workers > slots:
@@ -202,7 +204,11 @@ def run_job(spark: "SparkSession", cfg: SelectConfig) -> SelectResult:
         tracker.catch_up(progress)
 
         def on_marker(marker: dict[str, Any]) -> None:
-            progress.markers[marker["trial"]].append(marker)
+            units = progress.markers[marker["trial"]]
+            if marker["index"] < len(units):  # a fused member redone after a kill: the newer state counts
+                units[marker["index"]] = marker
+                return
+            units.append(marker)
             if (marker["index"] + 1) % units_per_epoch == 0 and not marker.get("logged_by_ranks"):
                 tracker.log_epoch(marker["trial"], marker["epoch"], progress.epochs(marker["trial"])[marker["epoch"]])
 
@@ -212,18 +218,20 @@ def run_job(spark: "SparkSession", cfg: SelectConfig) -> SelectResult:
         stage = Stage(spark, data, searched.trials, store, searched.workers, cfg.execution.intra_op_threads,
                       cfg.execution.poll_s)
         live = [t.index for t in searched.trials]
+        by_index = {t.index: t for t in searched.trials}
         stopped: dict[int, int] = {}
         for rung, target in enumerate(searched.rungs):
-            targets = {t: target for t in live}
-            log.info("stage %d/%d: %d configurations to epoch %d (%s)", rung + 1, len(searched.rungs), len(live),
-                     target, execution)
+            groups = fuse_groups(by_index, live, cfg.execution.fuse)
+            log.info("stage %d/%d: %d configurations (%d groups) to epoch %d (%s)", rung + 1, len(searched.rungs),
+                     len(live), len(groups), target, execution)
             try:
                 if execution == "mop":
-                    run_mop(stage, targets, on_marker)
+                    run_mop(stage, groups, target, on_marker)
                 elif execution == "task":
-                    run_task(stage, targets, on_marker)
+                    run_task(stage, groups, target, on_marker)
                 else:
-                    run_horovod(stage, targets, on_marker, tracker.child_ids, tracking_uri(cfg.tracking) if run else None)
+                    run_horovod(stage, groups, target, on_marker, tracker.child_ids,
+                                tracking_uri(cfg.tracking) if run else None)
             except StageFailed as exc:
                 hint = f"; resume with resume={parent}" if parent else ""
                 raise SearchFailed(f"model selection failed in stage {rung + 1}{hint}: {exc}") from exc

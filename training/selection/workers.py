@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -70,6 +70,7 @@ class ModelCache:
         self.record = record
         self.models: dict[int, Any] = {}
         self.holds: dict[int, int] = {}  # trial -> index of the unit whose state the model holds
+        self.groups: dict[tuple[int, ...], Any] = {}  # fused groups, traced once each
 
     def ready(self, store: Store, trial: int, unit: int) -> Any:
         """Trial's model holding the state after unit `unit - 1` (fresh, seeded weights for unit 0)."""
@@ -87,6 +88,16 @@ class ModelCache:
             restore_checkpoint(store.read(unit_name(trial, unit - 1, "ckpt")), model, model.optimizer)
         return model
 
+    def fused(self, group: Sequence[int]) -> Any:
+        """The members' models as one graph per step (one member: the plain trainer), built and
+        traced once per group and worker."""
+        from training.fused import FusedModels
+
+        key = tuple(group)
+        if key not in self.groups:
+            self.groups[key] = FusedModels([self.models[t] for t in key])
+        return self.groups[key]
+
     def trained(self, store: Store, trial: int, unit: int, marker: dict[str, Any]) -> None:
         """Publish the state after `unit`, then its marker; drop the state two units back."""
         from training.trainer import pack_checkpoint
@@ -99,24 +110,29 @@ class ModelCache:
             store.delete(unit_name(trial, unit - 2, "ckpt"))
 
 
-def train_unit(cache: ModelCache, store: Store, trial: int, unit: int, epoch: int, partition: int,
+def train_unit(cache: ModelCache, store: Store, group: Sequence[int], unit: int, epoch: int, partition: int,
                rows: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray] | None,
-               evaluate_after: bool, data: SplitData) -> dict[str, Any]:
-    """One unit: restore, one seeded pass over `rows`, validation at an epoch's end, publish."""
-    from training.trainer import Solo, evaluate, fit_rows
+               evaluate_after: bool, data: SplitData) -> list[dict[str, Any]]:
+    """One unit of a group of configurations (one, or several fused into one graph per step):
+    restore, one seeded pass over `rows`, validation at an epoch's end, publish each member."""
+    from training.trainer import Solo, evaluate
 
     started = time.perf_counter()
-    model = cache.ready(store, trial, unit)
-    spec = cache.trials[trial]
-    metrics, samples = fit_rows(model, *rows, spec.cfg.optimizer.batch_size,
-                                seed=spec.cfg.seed * 1_000_003 + unit * 7919 + partition)
-    trained_s = time.perf_counter() - started
-    if evaluate_after and val is not None:
-        metrics.update(evaluate(model, *val, len(cache.record.labels), data.eval_batch_size, "val_", Solo())[0])
-    marker = {"trial": trial, "index": unit, "epoch": epoch, "partition": partition, "samples": samples,
-              "train_seconds": trained_s, "seconds": time.perf_counter() - started, "metrics": metrics}
-    cache.trained(store, trial, unit, marker)
-    return marker
+    models = [cache.ready(store, trial, unit) for trial in group]
+    first = cache.trials[group[0]].cfg
+    seed = first.seed * 1_000_003 + unit * 7919 + partition
+    per_member, samples = cache.fused(group).fit_rows(*rows, first.optimizer.batch_size, seed)
+    trained_s = (time.perf_counter() - started) / len(group)  # each member's share of the core
+    markers = []
+    for trial, model, metrics in zip(group, models, per_member):
+        if evaluate_after and val is not None:
+            metrics.update(evaluate(model, *val, len(cache.record.labels), data.eval_batch_size, "val_", Solo())[0])
+        marker = {"trial": trial, "index": unit, "epoch": epoch, "partition": partition, "samples": samples,
+                  "train_seconds": trained_s, "seconds": (time.perf_counter() - started) / len(group),
+                  "fused_with": [t for t in group if t != trial], "metrics": metrics}
+        cache.trained(store, trial, unit, marker)
+        markers.append(marker)
+    return markers
 
 
 @dataclass(frozen=True)
@@ -156,7 +172,7 @@ class Hopper:
             order = store.read_json(message)
             if order.get("stop"):
                 break
-            train_unit(cache, store, order["trial"], order["index"], order["epoch"], partition, rows, val,
+            train_unit(cache, store, order["trials"], order["index"], order["epoch"], partition, rows, val,
                        order["last_of_epoch"], self.data)
             units += 1
         yield {"partition": partition, "rows": int(len(rows[1])), "units": units, "load_seconds": load_s,
@@ -171,7 +187,8 @@ class WholeDataTrainer:
     data: SplitData
     trials: tuple[Trial, ...]
     store_url: str
-    targets: dict[int, int]  # trial -> epochs done when this stage ends
+    groups: tuple[tuple[int, ...], ...]  # configurations trained together (fused when more than one)
+    target: int  # epochs done when this stage ends
     intra_op_threads: int
 
     def __call__(self, indices: Iterator[int]) -> Iterator[dict[str, Any]]:
@@ -181,13 +198,14 @@ class WholeDataTrainer:
         store = Store(self.store_url)
         cache = ModelCache(self.trials, self.data.record)
         rows = val = None
-        for trial in indices:
-            start = len(store.markers(trial))
-            if start >= self.targets[trial]:
+        for index in indices:
+            group = self.groups[index]
+            start = len(store.markers(group[-1]))
+            if start >= self.target:
                 continue
             if rows is None:
                 rows = self.data.shard(self.data.train_url, 0, 1)
                 val = self.data.validation()
-            for epoch in range(start, self.targets[trial]):
-                train_unit(cache, store, trial, epoch, epoch, -1, rows, val, True, self.data)
-            yield {"trial": trial, "epochs": self.targets[trial] - start}
+            for epoch in range(start, self.target):
+                train_unit(cache, store, group, epoch, epoch, -1, rows, val, True, self.data)
+            yield {"group": list(group), "epochs": self.target - start}
