@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 UI_PORT ?= 5000
 SUBMIT := $(VENV)/bin/spark-submit --master local[2] --driver-java-options "-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties)"
 
-.PHONY: setup demo demo-text demo-audio infer test test-fast ui bench dist clean
+.PHONY: setup demo demo-text demo-audio demo-select infer test test-fast ui bench dist clean
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,13 @@ demo-text demo-audio: demo-%: setup
 	$(SUBMIT) jobs/batch_inference.py --profile $*
 	@$(PY) -m deepspark.demo $*
 
+# A small search on Fashion-MNIST (conf/base/select_models.yaml): model hopper parallelism, the
+# leaderboard printed, the winner registered; the dataset is written once (make demo's, if there).
+demo-select: setup
+	$(PY) jobs/demo_data.py
+	@test -f data/datasets/fashion-mnist/_LATEST -o -d data/datasets/fashion-mnist/v=1 || $(SUBMIT) jobs/etl.py
+	$(SUBMIT) jobs/select_models.py
+
 infer: setup
 	$(SUBMIT) jobs/batch_inference.py
 
@@ -46,6 +53,7 @@ bench: setup
 	$(PY) benchmarks/training.py --quick
 	$(PY) benchmarks/inference.py --quick
 	$(PY) benchmarks/modalities.py --quick
+	$(PY) benchmarks/model_selection.py --quick
 
 dist: setup    ## dist/deepspark.zip for --py-files, dist/conf.zip for --archives (README: Run on a cluster)
 	$(PY) -m deepspark.packaging dist

@@ -82,6 +82,38 @@ def limit_worker(args: tuple) -> float:
     return time.perf_counter() - started
 
 
+def fused_worker(args: tuple) -> dict[int, tuple[float, float]]:
+    """One core, the same rows: K small models (the `mlp`, K learning rates) trained one after
+    another, each with its own traced step, against the K fused into one graph per step; both
+    traced first. Seconds for 3 passes: {K: (separate, fused)}."""
+    data, ks, batch = args
+    from training.config import TrainConfig
+    from training.fused import FusedModels
+    from training.trainer import Solo, compiled_model, set_threads
+
+    set_threads(1, 1)
+    x, y = data.shard(data.train_url, 0, 1)
+    out = {}
+    for k in ks:
+        models = []
+        for i in range(k):
+            cfg = TrainConfig.model_validate({"model": {"name": "mlp"}, "optimizer": {"learning_rate": 1e-3 * (i + 1),
+                                              "batch_size": batch}, "seed": i})
+            models.append(compiled_model(cfg, data.record, "mlp", len(y) // batch, Solo())[0])
+        alone = [FusedModels([m]) for m in models]
+        fused = FusedModels(models)
+        for stepper in (*alone, fused):
+            stepper.fit_rows(x[: 2 * batch], y[: 2 * batch], batch, 0)
+        timings = []
+        for run in (lambda: [s.fit_rows(x, y, batch, p) for s in alone for p in range(3)],
+                    lambda: [fused.fit_rows(x, y, batch, p) for p in range(3)]):
+            started = time.perf_counter()
+            run()
+            timings.append(time.perf_counter() - started)
+        out[k] = (timings[0], timings[1])
+    return out
+
+
 def limit_epoch(spark, cfg: SelectConfig) -> float:  # type: ignore[no-untyped-def]
     """The no-communication ideal of one epoch of all configurations on 2 cores."""
     from training.selection.job import plan
@@ -137,6 +169,12 @@ def main() -> None:
                   flush=True)
         limit = limit_epoch(spark, search_config(root, name, tmp / "limit", "mop", 1))
         from training.selection.job import plan
+        from training.selection.workers import SplitData
+
+        ds = plan(spark, search_config(root, name, tmp / "limit", "mop", 1)).dataset
+        data = SplitData(ds.record, ds.split_url("train"), None, None, 1024, "dummy", 1)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            fused = pool.apply(fused_worker, ((data, (2, 4, 8), 64),))
 
         trials = plan(spark, search_config(root, name, tmp / "limit", "mop", 1)).trials
         spark.stop()
@@ -161,6 +199,9 @@ def main() -> None:
     gap = max(abs(mop_val[t] - task_val[t]) for t in mop_val)
     print("val accuracy at 2 epochs, mop vs task: " + ", ".join(f"{t}: {mop_val[t]:.4f}/{task_val[t]:.4f}" for t in sorted(mop_val)))
     print(f"mop_over_ideal (marginal epoch) {limit / marginal['mop']:.3f} (goal >= 0.9); task {limit / marginal['task']:.3f}")
+    print(f"\n{'small models (mlp) on one core, 3 passes':<44}{'separate s':>11}{'fused s':>9}{'speedup':>9}")
+    for k, (alone_s, fused_s) in fused.items():
+        print(f"{'K = ' + str(k):<44}{alone_s:>11.2f}{fused_s:>9.2f}{alone_s / fused_s:>9.2f}")
     figures = [
         {"name": "mop_over_ideal", "value": round(limit / marginal["mop"], 3), "goal": 0.9, "unit": "ratio"},
         {"name": "task_over_ideal", "value": round(limit / marginal["task"], 3), "goal": None, "unit": "ratio"},
@@ -175,6 +216,8 @@ def main() -> None:
         {"name": "mop_fixed_seconds", "value": round(fixed["mop"], 2), "goal": None, "unit": "s"},
         {"name": "task_fixed_seconds", "value": round(fixed["task"], 2), "goal": None, "unit": "s"},
         {"name": "horovod_seconds", "value": round(runs[("horovod", top)][1], 2), "goal": None, "unit": "s"},
+        *[{"name": f"fused_k{k}_speedup", "value": round(a / f, 3), "goal": 1.2 if k == 4 else None, "unit": "ratio"}
+          for k, (a, f) in fused.items()],
         *[{"name": f"best_val_accuracy_{m}", "value": round(max(r["val_accuracy"] for r in runs[(m, top if (m, top) in runs else 1)][0].leaderboard), 4),
            "goal": None, "unit": "accuracy"} for m in ("mop", "task", "horovod")],
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from deepspark.config import FrozenModel
 from deepspark.spark import SparkSettings
@@ -42,6 +42,10 @@ class BatchInferenceConfig(FrozenModel):
     spark: SparkSettings = SparkSettings(app_name="deepspark-batch-inference")
     tracking: TrackingSettings = TrackingSettings()
     model_uri: str = "models:/fashion-mnist-classifier@champion"
+    # Several versions of one registered model scored in the same pass (e.g. [models:/m@champion,
+    # models:/m@candidate]): each input is read and preprocessed once, each model loaded once per
+    # worker, one prediction row per model version. Overrides model_uri when set.
+    model_uris: list[str] = Field(default_factory=list)
     input: InputSettings = InputSettings(path="data/raw/fashion-mnist/test")
     output: OutputSettings = OutputSettings()
     batch_size: PositiveInt = 1024
@@ -53,3 +57,7 @@ class BatchInferenceConfig(FrozenModel):
     force_unlock: bool = False  # take over a lock left by a crashed run (the lock names its owner)
     compact: bool = False  # after scoring, rewrite this model version's many small batches as one
     lock_ttl_s: PositiveFloat = 120.0  # a lock not heartbeated for this long belongs to a dead run
+
+    @property
+    def uris(self) -> list[str]:
+        return list(self.model_uris) or [self.model_uri]

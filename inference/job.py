@@ -1,5 +1,6 @@
-"""Batch inference job: resolve the model once, score only what this model version has not
-scored yet, commit predictions and quarantine atomically, report accuracy where labels exist."""
+"""Batch inference job: resolve the model (or several versions of it) once, score only what each
+model version has not scored yet, commit predictions and quarantine atomically, report accuracy
+where labels exist, and where several models disagree."""
 
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ class InferenceResult:
     output: str
     modality: str
     commit: int | None  # the log entry that made this run visible; None when there was nothing new
+    per_model: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # version -> scored, quarantined, unchanged
+    disagreement: "Disagreement | None" = None  # several models: where their labels differ
 
     @property
     def scored(self) -> int:
@@ -77,6 +80,15 @@ class InferenceResult:
         ]
         if self.accuracy is not None:
             lines.append(f"accuracy against the input's labels: {self.accuracy:.4f}")
+        if len(self.per_model) > 1:
+            for version, (good, bad, same) in self.per_model.items():
+                lines.append(f"  model version {version}: hashed {c.hashed} = scored now {good} + quarantined {bad} "
+                             f"+ already scored {same}")
+        if self.disagreement is not None:
+            d = self.disagreement
+            lines.append(f"models disagree on {d.differing} of {d.compared} inputs all of them scored now "
+                         f"({d.share:.1%})" + ("; most often: " + ", ".join(f"{a} vs {b} ({n})" for a, b, n in d.top_pairs)
+                                               if d.top_pairs else ""))
         return "\n".join(lines)
 
 
@@ -94,9 +106,9 @@ class Candidates:
 
 
 def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
-                committed: "DataFrame | None") -> Candidates:
-    """What this run must read: raw input files whose (path, size, mtime) is not committed for the
-    model version (the listing's metadata decides, no content is read), or a dataset split's
+                committed: "dict[int, DataFrame | None]") -> Candidates:
+    """What this run must read: raw input files whose (path, size, mtime) is not committed for
+    some model version (the listing's metadata decides, no content is read), or a dataset split's
     rows. Driver-side checks first; errors name the config key."""
     import pandas as pd
     from pyspark.sql import functions as F
@@ -111,10 +123,10 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     listing = list_inputs(fs, root, "input.path", kind, glob)
     in_workers = kind == "files" and filesystem.reaches(root)  # else binaryFile + sha2 and a JVM anti-join
     fresh, seen = listing, {}
-    if committed is not None and listing:
-        changed = _changed_files(spark, listing, committed, with_hashes=in_workers)
-        fresh = tuple((source, size, modified) for source, size, modified, _ in changed)
-        seen = {source: hashes for source, _, _, hashes in changed if hashes}
+    if all(c is not None for c in committed.values()) and listing:
+        fresh, seen = _changed_files(spark, listing, committed, with_hashes=in_workers)
+    elif listing and in_workers and any(c is not None for c in committed.values()):  # one version scored none yet
+        seen = _hashes_under(spark, [p for p, _, _ in listing], committed, "source")
     if not fresh:
         return Candidates(None, kind, root, len(listing), len(listing))
     inputs = open_inputs(spark, fs, root, "input.path", kind, glob, cfg.files_per_task,
@@ -130,25 +142,43 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     return Candidates(rows, kind, root, len(listing), len(listing) - len(fresh), inputs.payload_in_workers, seen)
 
 
-def _changed_files(spark: "SparkSession", listing: tuple[tuple[str, int, int], ...], committed: "DataFrame",
-                   with_hashes: bool) -> list[tuple[str, int, int, list[str]]]:
-    """Listed files whose (path, size, mtime) this model version has not committed (an anti-join on
-    the committed rows' narrow metadata columns), each, `with_hashes`, with the content hashes its
-    path was committed under (a semi-join, only when some file changed; the scorer that hashes
-    files itself needs them, the JVM route anti-joins on (path, hash) instead)."""
+def _changed_files(spark: "SparkSession", listing: tuple[tuple[str, int, int], ...],
+                   committed: "dict[int, DataFrame | None]", with_hashes: bool
+                   ) -> tuple[tuple[tuple[str, int, int], ...], dict[int, dict[str, list[str]]]]:
+    """Listed files whose (path, size, mtime) some model version has not committed (an anti-join
+    per version on the committed rows' narrow metadata columns), and, `with_hashes`, per version
+    the content hashes each such path was committed under (a semi-join, only when some file
+    changed; the scorer that hashes files itself needs them, the JVM route anti-joins on (path,
+    hash) instead)."""
     import pandas as pd
     from pyspark.sql import functions as F
 
     listed = frame_from_pandas(spark, pd.DataFrame(listing, columns=SOURCE))
-    known = committed.select(*SOURCE).where(F.col("source_size").isNotNull())
-    fresh = [(r[0], int(r[1]), int(r[2])) for r in listed.join(known, SOURCE, "left_anti").collect()]
-    if not fresh or not with_hashes:  # the usual hourly run: one anti-join, nothing else
-        return [(source, size, modified, []) for source, size, modified in fresh]
-    paths = frame_from_pandas(spark, pd.DataFrame({"source": [p for p, _, _ in fresh]}))
-    seen: dict[str, list[str]] = {}
-    for source, digest in committed.select("source", "content_hash").join(paths, "source", "left_semi").collect():
-        seen.setdefault(source, []).append(digest)
-    return [(source, size, modified, seen.get(source, [])) for source, size, modified in fresh]
+    new: set[tuple[str, int, int]] = set()
+    for frame in committed.values():
+        known = frame.select(*SOURCE).where(F.col("source_size").isNotNull())  # type: ignore[union-attr]
+        new.update((r[0], int(r[1]), int(r[2])) for r in listed.join(known, SOURCE, "left_anti").collect())
+    fresh = tuple(entry for entry in listing if entry in new)  # in listing order
+    if not fresh or not with_hashes:  # the usual hourly run: one anti-join per version, nothing else
+        return fresh, {}
+    return fresh, _hashes_under(spark, [p for p, _, _ in fresh], committed, "source")
+
+
+def _hashes_under(spark: "SparkSession", paths: list[str], committed: "dict[int, DataFrame | None]",
+                  column: str) -> dict[int, dict[str, list[str]]]:
+    """Per model version, the content hashes each of `paths` was committed under (keyed by the
+    committed rows' `column`: `source` for files, `path` for records and dataset rows)."""
+    import pandas as pd
+
+    frame = frame_from_pandas(spark, pd.DataFrame({column: paths}))
+    seen: dict[int, dict[str, list[str]]] = {}
+    for version, rows in committed.items():
+        if rows is None:
+            continue
+        found = seen.setdefault(version, {})
+        for path, digest in rows.select(column, "content_hash").join(frame, column, "left_semi").collect():
+            found.setdefault(path, []).append(digest)
+    return {v: found for v, found in seen.items() if found}
 
 
 def _dataset_rows(spark: "SparkSession", cfg: BatchInferenceConfig, model: ResolvedModel) -> "DataFrame":
@@ -180,8 +210,31 @@ def _dataset_rows(spark: "SparkSession", cfg: BatchInferenceConfig, model: Resol
     return rows
 
 
+def resolve_models(spark: "SparkSession", cfg: BatchInferenceConfig, workdir: str) -> list[ResolvedModel]:
+    """Every configured URI as one concrete version (a version named twice is scored once); the
+    versions must belong to one registered model (the output is keyed by its version) and
+    preprocess alike (each input is decoded once for all of them)."""
+    models: dict[int, ResolvedModel] = {}
+    for uri in cfg.uris:
+        try:
+            model = resolve_and_ship(spark, uri, workdir)
+        except ConfigError as exc:  # named by the key the user set
+            raise ConfigError(str(exc).replace("model_uri:", "model_uris:", 1) if cfg.model_uris else str(exc)) from None
+        models.setdefault(model.version, model)
+    chosen = list(models.values())
+    first = chosen[0]
+    for other in chosen[1:]:
+        if other.name != first.name:
+            raise ConfigError(f"model_uris: {other.uri} and {first.uri} are different registered models; the output "
+                              "is keyed by model version, so score versions of one model per output")
+        if other.record != first.record:
+            raise ConfigError(f"model_uris: {other.uri} preprocesses its inputs differently from {first.uri} "
+                              "(modality, tensor, rules, fitted state or labels); score them in separate jobs")
+    return chosen
+
+
 def run_inference(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult:
-    """Score what this model version has not scored yet and commit it, holding the output's lease."""
+    """Score what each model version has not scored yet and commit it, holding the output's lease."""
     started = time.perf_counter()
     job_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     fs = HadoopFS(spark)
@@ -192,9 +245,9 @@ def run_inference(spark: "SparkSession", cfg: BatchInferenceConfig) -> Inference
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
     # Shipped files must outlive the job while the SparkContext lives (executors may fetch late).
     workdir = tempfile.mkdtemp(prefix="deepspark-model-")
-    model = resolve_and_ship(spark, cfg.model_uri, workdir)  # one concrete version for the whole job
+    models = resolve_models(spark, cfg, workdir)  # concrete versions for the whole job
     if cfg.input.path is None:
-        _dataset_rows(spark, cfg, model)  # its checks, before taking the lock
+        _dataset_rows(spark, cfg, models[0])  # its checks, before taking the lock
     fs.mkdirs(store.url)
     lease = Lease(fs, store.lock_url, job_id, cfg.lock_ttl_s)
     lease.acquire(cfg.force_unlock)
@@ -203,86 +256,140 @@ def run_inference(spark: "SparkSession", cfg: BatchInferenceConfig) -> Inference
         removed = store.vacuum(cfg.output.retain_hours * 3600)  # killed runs' batches; we hold the lock
         if removed:
             log.info("removed %d uncommitted or replaced batch folder(s)", len(removed))
-        return _score(spark, cfg, fs, model, store, lease, job_id, started)
+        return _score(spark, cfg, fs, models, store, lease, job_id, started)
     finally:
         lease.release()
 
 
-def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel, store: PredictionStore,
+def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[ResolvedModel], store: PredictionStore,
            lease: Lease, job_id: str, started: float) -> InferenceResult:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    model = models[0]
+    versions = [m.version for m in models]
     base = store.current()
-    committed = None if cfg.full_refresh else store.committed(spark, model.version, [*KEY, *SOURCE], base)
+    committed = {v: None if cfg.full_refresh else store.committed(spark, v, [*KEY, *SOURCE], base) for v in versions}
     plan = _candidates(spark, cfg, fs, model, committed)
     log.info("%d listed, %d skipped by metadata, in %.1f s", plan.listed, plan.skipped, time.perf_counter() - started)
 
-    def result(counts: Counts, loads: int, accuracy: float | None, commit: int | None) -> InferenceResult:
-        return InferenceResult(job_id, model.uri, counts, loads, time.perf_counter() - started, accuracy,
-                               store.url, model.record.modality, commit)
+    def result(counts: Counts, loads: int, accuracy: float | None, commit: int | None,
+               per_model: dict[int, tuple[int, int, int]] | None = None,
+               disagreement: Disagreement | None = None) -> InferenceResult:
+        return InferenceResult(job_id, ", ".join(m.uri for m in models), counts, loads,
+                               time.perf_counter() - started, accuracy, store.url, model.record.modality, commit,
+                               per_model or {}, disagreement)
 
     if plan.rows is None:  # a no-op run: no content read, nothing written, no commit
-        return result(Counts(plan.listed, plan.skipped), 0, None, _compact(spark, cfg, store, model, lease, job_id))
+        return result(Counts(plan.listed, plan.skipped), 0, None, _compact(spark, cfg, store, models, lease, job_id))
     rows = plan.rows
     # Files: one row per listed candidate (known without a pass); records and dataset rows are counted.
     hashed = plan.listed - plan.skipped if plan.source == "files" else rows.count()
     listed = hashed if plan.source == "dataset" else plan.listed
-    todo = rows
-    if committed is not None and not plan.hashed_in_workers:  # same path and content committed: not again
-        todo = rows.join(committed.select(*KEY), KEY, "left_anti")
+    todo, seen = rows, plan.seen
+    known = [c for c in committed.values() if c is not None]
+    if len(known) == len(versions) and not plan.hashed_in_workers:  # committed for every version: not again
+        common = known[0].select(*KEY)
+        for other in known[1:]:
+            common = common.join(other.select(*KEY), KEY, "left_semi")
+        todo = rows.join(common, KEY, "left_anti")
+    if len(versions) > 1 and known and not plan.hashed_in_workers:  # which versions already hold each input
+        paths = [r[0] for r in todo.select("path").distinct().collect()]
+        seen = _hashes_under(spark, paths, committed, "path")
     loads = spark.sparkContext.accumulator(0)
-    seen = spark.sparkContext.broadcast(plan.seen) if plan.seen else None
-    scorer = make_scorer(model, plan.source, plan.root, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads,
-                         plan.hashed_in_workers, seen)
+    shared = spark.sparkContext.broadcast(seen) if seen else None
+    scorer = make_scorer(models, plan.source, plan.root, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads,
+                         plan.hashed_in_workers, shared)
     stamp = F.lit(datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    names = F.create_map(*[x for m in models for x in (F.lit(m.version), F.lit(m.run_id))])
     scored = (todo.mapInPandas(scorer, SCORED_DDL)
-              .withColumn("model_name", F.lit(model.name)).withColumn("model_run_id", F.lit(model.run_id))
+              .withColumn("model_name", F.lit(model.name)).withColumn("model_run_id", names[F.col("model_version")])
               .withColumn("job_id", F.lit(job_id)).withColumn("scored_at", stamp)
               .persist(StorageLevel.MEMORY_AND_DISK))
     fresh = ~F.col("unchanged")  # unchanged: read and hashed by the scorer, committed before
     ok, failed = F.col("reason").isNull() & fresh, F.col("reason").isNotNull() & fresh
     labelled = ok & F.col("true_label").isNotNull() & F.col("true_label").isin(*model.labels)
-    totals = scored.agg(  # one pass: counts and accuracy against folder/dataset labels
+    totals = {r["model_version"]: r for r in scored.groupBy("model_version").agg(  # one pass: counts and accuracy
         F.count(F.when(ok, 1)).alias("good"), F.count(F.when(failed, 1)).alias("bad"),
         F.count(F.when(labelled, 1)).alias("labelled"),
         F.count(F.when(labelled & (F.col("true_label") == F.col("predicted_label")), 1)).alias("hits"),
-    ).collect()[0]
-    n_good, n_bad = int(totals["good"]), int(totals["bad"])
+    ).collect()}
+    per_model = {v: (int(totals[v]["good"]), int(totals[v]["bad"]), hashed - int(totals[v]["good"]) -
+                     int(totals[v]["bad"])) if v in totals else (0, 0, hashed) for v in versions}
     log.info("candidates read and scored in %.1f s", time.perf_counter() - started)
-    counts = Counts(listed, plan.skipped, hashed, hashed - n_good - n_bad, n_good, n_bad)
-    accuracy = totals["hits"] / totals["labelled"] if totals["labelled"] else None
-    added: dict[str, list[str]] = {}
-    if n_good:
-        (scored.where(ok).drop("reason", "detail", "unchanged")
-         .write.parquet(store.batch_url("predictions", model.version, job_id)))
-        added["predictions"] = [job_id]
-    if n_bad:
-        (scored.where(failed).select(*KEY, "reason", "detail", *SOURCE, "model_name", "job_id", "scored_at")
-         .coalesce(1).write.parquet(store.batch_url("quarantine", model.version, job_id)))
-        added["quarantine"] = [job_id]
+    n_good, n_bad, n_unchanged = per_model[model.version]
+    counts = Counts(listed, plan.skipped, hashed, n_unchanged, n_good, n_bad)
+    first = totals.get(model.version)
+    accuracy = first["hits"] / first["labelled"] if first is not None and first["labelled"] else None
+    disagreement = _disagreement(scored.where(ok), versions) if len(versions) > 1 else None
+    added: dict[int, dict[str, list[str]]] = {v: {} for v in versions}
+    for version, (good, bad, _) in per_model.items():
+        mine = F.col("model_version") == version
+        if good:
+            (scored.where(ok & mine).drop("reason", "detail", "unchanged", "model_version")
+             .write.parquet(store.batch_url("predictions", version, job_id)))
+            added[version]["predictions"] = [job_id]
+        if bad:
+            (scored.where(failed & mine).select(*KEY, "reason", "detail", *SOURCE, "model_name", "job_id", "scored_at")
+             .coalesce(1).write.parquet(store.batch_url("quarantine", version, job_id)))
+            added[version]["quarantine"] = [job_id]
     scored.unpersist()
-    log.info("wrote %d predictions and %d quarantine rows in %.1f s", n_good, n_bad, time.perf_counter() - started)
-    if not added and not cfg.full_refresh:  # every hashed input was unchanged: nothing to commit
-        return result(counts, loads.value, accuracy, _compact(spark, cfg, store, model, lease, job_id))
+    log.info("wrote %d predictions and %d quarantine rows in %.1f s", sum(g for g, _, _ in per_model.values()),
+             sum(b for _, b, _ in per_model.values()), time.perf_counter() - started)
+    if not any(added.values()) and not cfg.full_refresh:  # every hashed input was unchanged: nothing to commit
+        return result(counts, loads.value, accuracy, _compact(spark, cfg, store, models, lease, job_id), per_model,
+                      disagreement)
     lease.check()  # a run whose lease was taken over must not commit over its successor
-    snap = store.commit(job_id, model.version, added, cfg.full_refresh, base)
+    snap = store.commit(job_id, added if cfg.full_refresh else {v: t for v, t in added.items() if t},
+                        cfg.full_refresh, base)
     lease.check()
     store.vacuum(cfg.output.retain_hours * 3600)
-    return result(counts, loads.value, accuracy, _compact(spark, cfg, store, model, lease, job_id) or snap.number)
+    return result(counts, loads.value, accuracy, _compact(spark, cfg, store, models, lease, job_id) or snap.number,
+                  per_model, disagreement)
 
 
-def _compact(spark: "SparkSession", cfg: BatchInferenceConfig, store: PredictionStore, model: ResolvedModel,
+@dataclass(frozen=True)
+class Disagreement:
+    """Where the models' predicted labels differ, over the inputs every model scored in this run."""
+
+    compared: int
+    differing: int
+    top_pairs: list[tuple[str, str, int]]  # (first model's label, another's, count), most frequent first
+
+    @property
+    def share(self) -> float:
+        return self.differing / self.compared if self.compared else 0.0
+
+
+def _disagreement(predictions: "DataFrame", versions: list[int], top: int = 5) -> Disagreement:
+    from pyspark.sql import functions as F
+
+    wide = (predictions.groupBy(*KEY).pivot("model_version", versions).agg(F.first("predicted_label"))
+            .dropna(subset=[str(v) for v in versions]))
+    first, others = str(versions[0]), [str(v) for v in versions[1:]]
+    differs = F.lit(False)
+    for other in others:
+        differs = differs | (F.col(first) != F.col(other))
+    compared, differing = wide.agg(F.count(F.lit(1)), F.count(F.when(differs, 1))).collect()[0]
+    pairs = (wide.where(F.col(first) != F.col(others[0])).groupBy(first, others[0]).count()
+             .orderBy(F.desc("count"), first, others[0]).limit(top).collect())
+    return Disagreement(int(compared), int(differing), [(r[0], r[1], int(r[2])) for r in pairs])
+
+
+def _compact(spark: "SparkSession", cfg: BatchInferenceConfig, store: PredictionStore, models: list[ResolvedModel],
              lease: Lease, job_id: str) -> int | None:
-    """With `compact=true`, rewrite this model version's batches as one (the commit's number)."""
+    """With `compact=true`, rewrite each model version's batches as one (the last commit's number)."""
     if not cfg.compact:
         return None
-    snap = store.compact(spark, model.version, job_id, store.current(), lease.check)
-    if snap is None:
-        return None
-    lease.check()
-    store.vacuum(cfg.output.retain_hours * 3600)
-    return snap.number
+    number = None
+    for model in models:
+        snap = store.compact(spark, model.version, job_id, store.current(), lease.check)
+        if snap is None:
+            continue
+        lease.check()
+        store.vacuum(cfg.output.retain_hours * 3600)
+        number = snap.number
+    return number
 
 
 def run_job(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult:
@@ -299,5 +406,13 @@ def run_job(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult
             metrics = {**result.counts.as_metrics(), "model_loads": result.model_loads, "seconds": result.seconds}
             if result.accuracy is not None:
                 metrics["accuracy"] = result.accuracy
+            if len(result.per_model) > 1:
+                for version, (good, bad, same) in result.per_model.items():
+                    metrics.update({f"v{version}_scored": good, f"v{version}_quarantined": bad,
+                                    f"v{version}_unchanged_content": same})
+            if result.disagreement is not None:
+                metrics.update(models_compared=result.disagreement.compared,
+                               models_disagree=result.disagreement.differing,
+                               models_disagree_share=result.disagreement.share)
             mlflow.log_metrics(metrics)
     return result

@@ -26,7 +26,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 from deepspark.locks import LOCK_FILE, ConcurrentRunError
 from deepspark.storage import HadoopFS, join, to_url
@@ -149,11 +149,16 @@ class PredictionStore:
             return None
         return frames[0] if len(frames) == 1 else frames[0].unionByName(frames[1])
 
-    def commit(self, job_id: str, version: int, added: dict[str, list[str]], replace: bool,
+    def commit(self, job_id: str, added: Mapping[int, dict[str, list[str]]], replace: bool,
                base: Snapshot) -> Snapshot:
-        """Make a run's batches visible (both tables at once): create log entry base+1. Fails if
-        another commit got there first (the lock should make that impossible)."""
-        snap = Snapshot(base.number + 1, base.with_batches(version, added, replace), job_id, time.time())
+        """Make a run's batches visible, every model version's and both tables at once: create log
+        entry base+1. `added`: model version -> table -> batch names; with `replace`, each listed
+        version's earlier batches leave. Fails if another commit got there first (the lock should
+        make that impossible)."""
+        batches = base.batches
+        for version, tables in added.items():
+            batches = Snapshot(base.number, batches).with_batches(version, tables, replace)
+        snap = Snapshot(base.number + 1, batches, job_id, time.time())
         if not self.fs.create_exclusive(self._entry_url(snap.number), snap.to_json()):
             raise ConcurrentRunError(f"{self.url}: commit {snap.number} was made by another run; nothing of "
                                      f"job {job_id} was committed")
@@ -179,7 +184,7 @@ class PredictionStore:
             rows.coalesce(files).write.parquet(self.batch_url(table, version, name))
             added[table] = [name]
         before_commit()  # e.g. the lease check
-        return self.commit(job_id, version, added, replace=True, base=base)
+        return self.commit(job_id, {version: added}, replace=True, base=base)
 
     def vacuum(self, retain_s: float) -> list[str]:
         """Delete batches no log entry kept lists (killed runs' and replaced ones) and old log

@@ -8,7 +8,7 @@ what training saw.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 SCORED_DDL = (
     "path string, content_hash string, predicted_index int, predicted_label string, "
     "top_k_labels array<string>, top_k_probabilities array<float>, true_label string, reason string, detail string, "
-    "source string, source_size long, source_modified long, unchanged boolean"
+    "source string, source_size long, source_modified long, unchanged boolean, model_version int"
 )
 
 
@@ -32,17 +32,21 @@ def top_k(probs: np.ndarray, k: int, labels: np.ndarray) -> tuple[np.ndarray, li
     return order[:, 0], labels[order].tolist(), np.take_along_axis(probs, order, 1).astype(np.float32).tolist()
 
 
-def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size: int, k: int, threads: int,
-                loads: "Accumulator[int]", read_in_workers: bool = False,
-                seen: "Broadcast[dict[str, list[str]]] | None" = None) -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
+def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, batch_size: int, k: int,
+                threads: int, loads: "Accumulator[int]", read_in_workers: bool = False,
+                seen: "Broadcast[dict[int, dict[str, list[str]]]] | None" = None
+                ) -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     """`source` is "files" (path, payload), "records" (path, payload, label_name) or "dataset"
     (path, <tensor column>, label_name); every row also brings the metadata of its source file,
     which passes through to the committed row. Its `content_hash` comes computed by Spark, or,
-    with `read_in_workers`, this function reads the file and hashes it, and a file whose hash is
-    among those its path was committed under (`seen`) comes out `unchanged`, unscored."""
-    labels = np.array(model.labels, dtype=object)
+    with `read_in_workers`, this function reads the file and hashes it. Each input is read and
+    preprocessed once (the models share one modality record) and scored by every model version
+    for which it is new: one output row per (input, model version); an input whose hash is among
+    those its path was committed under for a version (`seen[version]`) comes out `unchanged` for
+    that version, unscored."""
+    labels = np.array(models[0].labels, dtype=object)
     k = min(k, len(labels))
-    record = model.record
+    record = models[0].record
 
     def score(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
@@ -52,7 +56,7 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
         from pipelines.inputs import MALFORMED_DETAIL, payloads
         from pipelines.layout import Layout
 
-        def loaded():  # type: ignore[no-untyped-def]  # only when there is something to score
+        def loaded(model: ResolvedModel):  # type: ignore[no-untyped-def]  # only when there is something to score
             before = load_on_worker.cache_info().misses
             classifier = load_on_worker(model.shipped_as, threads, task_gpu())
             if load_on_worker.cache_info().misses > before:
@@ -65,57 +69,64 @@ def make_scorer(model: ResolvedModel, source: str, root: str | None, batch_size:
         preprocess = record.plugin.preprocessor(record.typed_rules(), record.state)
         for batch in batches:
             n = len(batch)
-            unchanged = np.zeros(n, bool)
+            unchanged = np.zeros((len(models), n), bool)  # per model version
             if source == "dataset":
                 stacked = record.plugin.decode(list(batch[record.spec.column]), record.spec)
-                tensors, failures = list(stacked), [None] * n
-                truth = list(batch["label_name"])
                 hashes = list(batch["content_hash"])
+                raw = None
             else:
                 raw = list(payloads(batch, read_in_workers))
                 hashes = [content_hash(b) for b in raw] if read_in_workers else list(batch["content_hash"])
-                if seen is not None:
-                    committed = seen.value
-                    unchanged[:] = [h in committed.get(p, ()) for p, h in zip(batch["path"], hashes)]
-                tensors, failures = preprocess_all(preprocess, [None if u else b for u, b in zip(unchanged, raw)])
+            if seen is not None:
+                for m, model in enumerate(models):
+                    committed = seen.value.get(model.version, {})
+                    unchanged[m] = [h in committed.get(p, ()) for p, h in zip(batch["path"], hashes)]
+            everywhere = unchanged.all(axis=0)  # committed for every version: not even preprocessed
+            if raw is None:
+                tensors, failures = list(stacked), [None] * n
+                truth = list(batch["label_name"])
+            else:
+                tensors, failures = preprocess_all(preprocess, [None if u else b for u, b in zip(everywhere, raw)])
                 truth = [layout.parse(p)[2] for p in batch["path"]] if layout else (
                     list(batch["label_name"]) if "label_name" in batch else [None] * n)
             malformed = list(batch["malformed"]) if "malformed" in batch else [None] * n
             for i, flag in enumerate(malformed):
                 if flag is not None:
                     tensors[i], failures[i] = None, (flag, MALFORMED_DETAIL)
-            for i in np.flatnonzero(unchanged):
+            for i in np.flatnonzero(everywhere):
                 tensors[i], failures[i] = None, None
-            good = [i for i, t in enumerate(tensors) if t is not None]
-            index = np.full(n, -1, np.int64)
-            top_labels: list = [None] * n
-            top_probs: list = [None] * n
-            if good:
-                best, best_labels, best_probs = top_k(loaded().probabilities(np.stack([tensors[i] for i in good]),
-                                                                              batch_size), k, labels)
-                index[good] = best
-                if len(good) == n:
-                    top_labels, top_probs = best_labels, best_probs
-                else:
-                    for row, i in enumerate(good):
-                        top_labels[i], top_probs[i] = best_labels[row], best_probs[row]
-            scored = index >= 0
-            predicted = pd.array(index, dtype="Int32")
-            predicted[~scored] = pd.NA
-            yield pd.DataFrame({
-                "path": batch["path"].to_numpy(),
-                "content_hash": hashes,
-                "predicted_index": predicted,
-                "predicted_label": np.where(scored, labels[np.maximum(index, 0)], None),
-                "top_k_labels": top_labels,
-                "top_k_probabilities": top_probs,
-                "true_label": truth,
-                "reason": [f[0] if f else None for f in failures],
-                "detail": [f[1] if f else None for f in failures],
-                "source": batch["source"].to_numpy(),
-                "source_size": pd.array(batch["source_size"], dtype="Int64"),
-                "source_modified": pd.array(batch["source_modified"], dtype="Int64"),
-                "unchanged": unchanged,
-            })
+            for m, model in enumerate(models):
+                good = [i for i, t in enumerate(tensors) if t is not None and not unchanged[m, i]]
+                index = np.full(n, -1, np.int64)
+                top_labels: list = [None] * n
+                top_probs: list = [None] * n
+                if good:
+                    best, best_labels, best_probs = top_k(
+                        loaded(model).probabilities(np.stack([tensors[i] for i in good]), batch_size), k, labels)
+                    index[good] = best
+                    if len(good) == n:
+                        top_labels, top_probs = best_labels, best_probs
+                    else:
+                        for row, i in enumerate(good):
+                            top_labels[i], top_probs[i] = best_labels[row], best_probs[row]
+                scored = index >= 0
+                predicted = pd.array(index, dtype="Int32")
+                predicted[~scored] = pd.NA
+                yield pd.DataFrame({
+                    "path": batch["path"].to_numpy(),
+                    "content_hash": hashes,
+                    "predicted_index": predicted,
+                    "predicted_label": np.where(scored, labels[np.maximum(index, 0)], None),
+                    "top_k_labels": top_labels,
+                    "top_k_probabilities": top_probs,
+                    "true_label": truth,
+                    "reason": [None if unchanged[m, i] else (f[0] if f else None) for i, f in enumerate(failures)],
+                    "detail": [None if unchanged[m, i] else (f[1] if f else None) for i, f in enumerate(failures)],
+                    "source": batch["source"].to_numpy(),
+                    "source_size": pd.array(batch["source_size"], dtype="Int64"),
+                    "source_modified": pd.array(batch["source_modified"], dtype="Int64"),
+                    "unchanged": unchanged[m],
+                    "model_version": np.full(n, model.version, np.int32),
+                })
 
     return score
