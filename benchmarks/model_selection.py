@@ -10,6 +10,12 @@
     1 and 2 epochs, so the marginal epoch (what hops, checkpoints and scheduling cost) is reported
     apart from the fixed cost (Spark, TensorFlow import, tracing, logging 8 models).
 
+(b) model batching: K = 2, 4, 8 small models (the `mlp`) on one core, fused into one graph per
+    step against the same K trained one after another with the same step, same rows, traced first.
+(c) multi-model inference: two registered versions over the same raw PNG folder into the same
+    sink, one job with model_uris=[v1, v2] against one job per model; each job on a fresh
+    SparkContext (its workers import TensorFlow and load the models).
+
 Usage: python benchmarks/model_selection.py [--quick] [--json PATH]
   --quick: 6,000 training rows (8,000 PNGs of the Debian package through the ETL, a quarter
   carved into val), horovod at 1 epoch only; without it, the demo dataset (make demo first).
@@ -49,18 +55,24 @@ def fresh_session():  # type: ignore[no-untyped-def]
     return build_session(SparkSettings(app_name="bench-select", conf={"spark.ui.enabled": "false"}))
 
 
-def search_config(root: str, name: str, tmp: Path, method: str, epochs: int) -> SelectConfig:
+def tracking(tmp: Path) -> list[str]:
+    """One sqlite store for every run of the benchmark: each search registers its winner as a new
+    version of `bench-select`, which the multi-model inference section then scores."""
+    return [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"tracking.artifact_root={tmp / 'artifacts'}"]
+
+
+def search_config(root: str, name: str, tmp: Path, method: str, epochs: int, *extra: str) -> SelectConfig:
     return load_config(SelectConfig, "select_models", [
-        f"data.root={root}", f"data.name={name}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-        f"tracking.artifact_root={tmp / 'artifacts'}", f"execution.store_root={tmp / 'store'}", "search.method=grid",
-        SPACE, f"epochs={epochs}", "optimizer.warmup_epochs=0", f"execution.method={method}", "registry.enabled=false",
+        f"data.root={root}", f"data.name={name}", *tracking(tmp.parent), f"execution.store_root={tmp / 'store'}",
+        "search.method=grid", SPACE, f"epochs={epochs}", "optimizer.warmup_epochs=0", f"execution.method={method}",
+        "registry.model_name=bench-select", *extra,
     ])
 
 
 def limit_worker(args: tuple) -> float:
     """One core trains its configurations for one epoch over the same rows, each followed by the
     same validation, after tracing every graph once: seconds of the timed part."""
-    data, trials = args
+    data, trials, barrier = args
     from training.fused import FusedModels
     from training.trainer import Solo, compiled_model, evaluate, set_threads
 
@@ -75,6 +87,7 @@ def limit_worker(args: tuple) -> float:
         batch = trial.cfg.optimizer.batch_size
         stepper.fit_rows(rows[0][: 2 * batch], rows[1][: 2 * batch], batch, 0)  # trace the step
         steppers.append(stepper)
+    barrier.wait()  # both cores start the timed part together: one's warm-up must not slow the other's epoch
     started = time.perf_counter()
     for trial, stepper in zip(trials, steppers):  # the same step and validation as the search's workers
         stepper.fit_rows(*rows, trial.cfg.optimizer.batch_size, trial.cfg.seed)
@@ -123,8 +136,10 @@ def limit_epoch(spark, cfg: SelectConfig) -> float:  # type: ignore[no-untyped-d
     ds = planned.dataset
     data = SplitData(ds.record, ds.split_url("train"), ds.split_url("val"), None, cfg.eval_batch_size, "dummy", 1)
     halves = [planned.trials[0::2], planned.trials[1::2]]
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        return max(pool.map(limit_worker, [(data, list(h)) for h in halves]))
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(2) as pool:
+        barrier = manager.Barrier(2)
+        return max(pool.map(limit_worker, [(data, list(h), barrier) for h in halves]))
 
 
 def run_search(root: str, name: str, tmp: Path, method: str, epochs: int):  # type: ignore[no-untyped-def]
@@ -135,6 +150,33 @@ def run_search(root: str, name: str, tmp: Path, method: str, epochs: int):  # ty
     started = time.perf_counter()
     result = run_job(spark, search_config(root, name, out, method, epochs))
     return result, time.perf_counter() - started, spark
+
+
+def inference_seconds(tmp: Path, folder: Path, out: Path, *models: str) -> tuple[float, object]:
+    """One batch-inference job over `folder` on a fresh SparkContext (its workers load TensorFlow
+    and the models), timed from the job's start."""
+    from deepspark.config import load_config as load
+    from inference.config import BatchInferenceConfig
+    from inference.job import run_inference
+
+    spark = fresh_session()
+    uris = f"model_uris=[{', '.join(models)}]"
+    started = time.perf_counter()
+    result = run_inference(spark, load(BatchInferenceConfig, "batch_inference", [
+        *tracking(tmp), f"input.path={folder}", f"output.path={out}", uris]))
+    seconds = time.perf_counter() - started
+    spark.stop()
+    return seconds, result
+
+
+def multi_model_inference(tmp: Path, folder: Path) -> tuple[float, float, float, object]:
+    """Two registered versions scored over the same raw folder and into the same sink: in one job
+    (ours), and as the two jobs a user runs without it, one per model."""
+    both_s, both = inference_seconds(tmp, folder, tmp / "pred-both", "models:/bench-select/1", "models:/bench-select/2")
+    one_s, one = inference_seconds(tmp, folder, tmp / "pred-each", "models:/bench-select/1")
+    two_s, two = inference_seconds(tmp, folder, tmp / "pred-each", "models:/bench-select/2")
+    assert both.per_model[1][0] == one.scored and both.per_model[2][0] == two.scored, (both.per_model, one.scored)
+    return both_s, one_s, two_s, both
 
 
 def quick_dataset(tmp: Path) -> tuple[str, str]:
@@ -160,8 +202,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         root, name = quick_dataset(tmp) if args.quick else ("data/datasets", "fashion-mnist")
+        raw = tmp / "raw" / "test" if args.quick else Path("data/raw/fashion-mnist/test")
+        from training.selection.job import run_job
+
+        run_job(fresh_session(), search_config(root, name, tmp / "warm-up", "task", 1, "registry.enabled=false",
+                                               "search.space={optimizer.batch_size: {choice: [128]}}"))  # driver warm-up
         runs = {}
-        for method, epochs in [("mop", 1), ("task", 1), ("mop", 2), ("task", 2), ("horovod", 1),
+        for method, epochs in [("mop", 1), ("task", 1), ("task", 2), ("mop", 2), ("horovod", 1),
                                *([] if args.quick else [("horovod", 2)])]:
             result, seconds, spark = run_search(root, name, tmp, method, epochs)
             runs[(method, epochs)] = (result, seconds)
@@ -178,6 +225,7 @@ def main() -> None:
 
         trials = plan(spark, search_config(root, name, tmp / "limit", "mop", 1)).trials
         spark.stop()
+        both_s, one_s, two_s, both = multi_model_inference(tmp, raw)
     rows = runs[("mop", 1)][0].leaderboard
     samples_per_epoch = sum(t.steps_per_epoch * t.cfg.optimizer.batch_size for t in trials)
     marginal = {m: runs[(m, 2)][1] - runs[(m, 1)][1] for m in ("mop", "task")}
@@ -188,8 +236,9 @@ def main() -> None:
     for method in ("mop", "task", "horovod"):
         one = runs[(method, 1)][1]
         two = runs.get((method, 2), (None, None))[1]
-        res = runs[(method, top if (method, top) in runs else 1)][0]
-        per_model = samples_per_epoch / len(rows) * (top if (method, top) in runs else 1) / runs[(method, top if (method, top) in runs else 1)][1]
+        epochs = top if (method, top) in runs else 1
+        res, seconds = runs[(method, epochs)]
+        per_model = samples_per_epoch / len(rows) * epochs / seconds
         print(f"{method:<28}{one:>11.1f}{(f'{two:.1f}' if two else '-'):>12}{(f'{marginal[method]:.1f}' if method in marginal else '-'):>12}"
               f"{(f'{fixed[method]:.1f}' if method in fixed else '-'):>9}{per_model:>17,.0f}"
               f"{max(r['val_accuracy'] for r in res.leaderboard):>10.4f}")
@@ -202,6 +251,12 @@ def main() -> None:
     print(f"\n{'small models (mlp) on one core, 3 passes':<44}{'separate s':>11}{'fused s':>9}{'speedup':>9}")
     for k, (alone_s, fused_s) in fused.items():
         print(f"{'K = ' + str(k):<44}{alone_s:>11.2f}{fused_s:>9.2f}{alone_s / fused_s:>9.2f}")
+    d = both.disagreement
+    print(f"\n{'two registered models over ' + format(both.counts.hashed, ',') + ' raw PNGs':<44}{'seconds':>9}")
+    print(f"{'ours: one job, model_uris=[v1, v2]':<44}{both_s:>9.2f}")
+    print(f"{'peer: one job per model (v1, then v2)':<44}{one_s + two_s:>9.2f}   ({one_s:.2f} + {two_s:.2f})")
+    print(f"multi_model_inference_speedup {(one_s + two_s) / both_s:.2f} (goal >= 1.5); the models disagree on "
+          f"{d.differing} of {d.compared}")
     figures = [
         {"name": "mop_over_ideal", "value": round(limit / marginal["mop"], 3), "goal": 0.9, "unit": "ratio"},
         {"name": "task_over_ideal", "value": round(limit / marginal["task"], 3), "goal": None, "unit": "ratio"},
@@ -216,6 +271,10 @@ def main() -> None:
         {"name": "mop_fixed_seconds", "value": round(fixed["mop"], 2), "goal": None, "unit": "s"},
         {"name": "task_fixed_seconds", "value": round(fixed["task"], 2), "goal": None, "unit": "s"},
         {"name": "horovod_seconds", "value": round(runs[("horovod", top)][1], 2), "goal": None, "unit": "s"},
+        {"name": "multi_model_inference_speedup", "value": round((one_s + two_s) / both_s, 3), "goal": 1.5,
+         "unit": "ratio"},
+        {"name": "multi_model_inference_seconds", "value": round(both_s, 2), "goal": None, "unit": "s"},
+        {"name": "one_job_per_model_seconds", "value": round(one_s + two_s, 2), "goal": None, "unit": "s"},
         *[{"name": f"fused_k{k}_speedup", "value": round(a / f, 3), "goal": 1.2 if k == 4 else None, "unit": "ratio"}
           for k, (a, f) in fused.items()],
         *[{"name": f"best_val_accuracy_{m}", "value": round(max(r["val_accuracy"] for r in runs[(m, top if (m, top) in runs else 1)][0].leaderboard), 4),

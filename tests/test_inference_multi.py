@@ -51,8 +51,10 @@ def test_two_models_one_pass_one_row_per_model_exactly_once(spark, two_versions,
     assert predictions.count() == 800
     assert predictions.select("path", "model_version").distinct().count() == 800
     assert sorted(r[0] for r in predictions.select("model_version").distinct().collect()) == [1, 2]
-    disagree = (predictions.groupBy("path").agg({"predicted_label": "count_distinct"})
-                .where("`count(DISTINCT predicted_label)` > 1").count())
+    from pyspark.sql import functions as F
+
+    disagree = (predictions.groupBy("path").agg(F.countDistinct("predicted_label").alias("labels"))
+                .where("labels > 1").count())
     assert disagree == first.disagreement.differing
     assert read_table(spark, str(out), "quarantine").count() == 6
     assert "models disagree on" in first.summary()

@@ -136,3 +136,21 @@ def test_select_config_rejects_unknown_keys_naming_them():
     with pytest.raises(ConfigError, match=r"execution\.method: Input should be 'mop', 'task' or 'horovod'"):
         select("execution.method=ray")
     assert math.isclose(select().optimizer.learning_rate, 1e-3)
+
+
+def test_progress_folds_units_into_epochs():
+    from training.selection.job import Progress
+
+    def unit(index, samples, loss, seconds, val=None):
+        metrics = {"loss": loss, "accuracy": 1 - loss}
+        if val is not None:
+            metrics["val_accuracy"] = val
+        return {"index": index, "samples": samples, "train_seconds": seconds, "seconds": seconds + 0.5,
+                "metrics": metrics}
+
+    progress = Progress(2, {0: [unit(0, 100, 0.9, 1.0), unit(1, 300, 0.5, 2.0, 0.7), unit(2, 100, 0.4, 1.0)]})
+    (epoch,) = progress.epochs(0)  # the third unit starts an epoch that has not finished
+    assert epoch["loss"] == pytest.approx((0.9 * 100 + 0.5 * 300) / 400)  # weighted by samples
+    assert epoch["val_accuracy"] == 0.7  # the epoch's last unit evaluated
+    assert epoch["samples_per_s"] == pytest.approx(400 / 3.0)
+    assert epoch["epoch_seconds"] == pytest.approx(4.0)

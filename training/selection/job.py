@@ -224,17 +224,19 @@ def run_job(spark: "SparkSession", cfg: SelectConfig) -> SelectResult:
             groups = fuse_groups(by_index, live, cfg.execution.fuse)
             log.info("stage %d/%d: %d configurations (%d groups) to epoch %d (%s)", rung + 1, len(searched.rungs),
                      len(live), len(groups), target, execution)
+            stage_started = time.perf_counter()
             try:
                 if execution == "mop":
-                    run_mop(stage, groups, target, on_marker)
+                    report = run_mop(stage, groups, target, on_marker)
                 elif execution == "task":
-                    run_task(stage, groups, target, on_marker)
+                    report = run_task(stage, groups, target, on_marker)
                 else:
-                    run_horovod(stage, groups, target, on_marker, tracker.child_ids,
-                                tracking_uri(cfg.tracking) if run else None)
+                    report = run_horovod(stage, groups, target, on_marker, tracker.child_ids,
+                                         tracking_uri(cfg.tracking) if run else None)
             except StageFailed as exc:
                 hint = f"; resume with resume={parent}" if parent else ""
                 raise SearchFailed(f"model selection failed in stage {rung + 1}{hint}: {exc}") from exc
+            log.info("stage %d took %.1f s: %s", rung + 1, time.perf_counter() - stage_started, report)
             if rung < len(searched.rungs) - 1:
                 scores = {t: _score(progress.epochs(t)[-1], cfg.search.metric) for t in live}
                 kept = search_space.survivors(scores, cfg.search.eta)
