@@ -20,7 +20,7 @@ from deepspark.storage import HadoopFS
 from inference.config import BatchInferenceConfig
 from inference.model import ResolvedModel, resolve_and_ship
 from inference.state import KEY, SOURCE, PredictionStore
-from inference.udf import SCORED_DDL, make_scorer
+from inference.udf import SCORED_DDL, CounterParam, make_scorer
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -298,8 +298,9 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
         seen = _hashes_under(spark, paths, committed, "path")
     loads = spark.sparkContext.accumulator(0)
     shared = spark.sparkContext.broadcast(seen) if seen else None
+    pairs = spark.sparkContext.accumulator({}, CounterParam()) if len(versions) > 1 else None
     scorer = make_scorer(models, plan.source, plan.root, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads,
-                         plan.hashed_in_workers, shared)
+                         plan.hashed_in_workers, shared, pairs)
     stamp = F.lit(datetime.now(timezone.utc).isoformat(timespec="seconds"))
     names = F.create_map(*[x for m in models for x in (F.lit(m.version), F.lit(m.run_id))])
     scored = (todo.mapInPandas(scorer, SCORED_DDL)
@@ -309,19 +310,18 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
     fresh = ~F.col("unchanged")  # unchanged: read and hashed by the scorer, committed before
     ok, failed = F.col("reason").isNull() & fresh, F.col("reason").isNotNull() & fresh
     labelled = ok & F.col("true_label").isNotNull() & F.col("true_label").isin(*model.labels)
-    totals = {r["model_version"]: r for r in scored.groupBy("model_version").agg(  # one pass: counts and accuracy
-        F.count(F.when(ok, 1)).alias("good"), F.count(F.when(failed, 1)).alias("bad"),
-        F.count(F.when(labelled, 1)).alias("labelled"),
-        F.count(F.when(labelled & (F.col("true_label") == F.col("predicted_label")), 1)).alias("hits"),
-    ).collect()}
-    per_model = {v: (int(totals[v]["good"]), int(totals[v]["bad"]), hashed - int(totals[v]["good"]) -
-                     int(totals[v]["bad"])) if v in totals else (0, 0, hashed) for v in versions}
+    hit = labelled & (F.col("true_label") == F.col("predicted_label"))
+    row = scored.agg(*[  # one pass, no shuffle: counts and accuracy of every model version
+        F.count(F.when(cond & (F.col("model_version") == v), 1)).alias(f"{name}_{v}") for v in versions
+        for name, cond in (("good", ok), ("bad", failed), ("labelled", labelled), ("hits", hit))]).collect()[0]
+    per_model = {v: (int(row[f"good_{v}"]), int(row[f"bad_{v}"]), hashed - int(row[f"good_{v}"]) - int(row[f"bad_{v}"]))
+                 for v in versions}
     log.info("candidates read and scored in %.1f s", time.perf_counter() - started)
     n_good, n_bad, n_unchanged = per_model[model.version]
     counts = Counts(listed, plan.skipped, hashed, n_unchanged, n_good, n_bad)
-    first = totals.get(model.version)
-    accuracy = first["hits"] / first["labelled"] if first is not None and first["labelled"] else None
-    disagreement = _disagreement(scored.where(ok), versions) if len(versions) > 1 else None
+    labelled_first = row[f"labelled_{model.version}"]
+    accuracy = row[f"hits_{model.version}"] / labelled_first if labelled_first else None
+    disagreement = Disagreement.from_counts(pairs.value) if pairs is not None else None
     added: dict[int, dict[str, list[str]]] = {v: {} for v in versions}
     for version, (good, bad, _) in per_model.items():
         mine = F.col("model_version") == version
@@ -360,20 +360,11 @@ class Disagreement:
     def share(self) -> float:
         return self.differing / self.compared if self.compared else 0.0
 
-
-def _disagreement(predictions: "DataFrame", versions: list[int], top: int = 5) -> Disagreement:
-    from pyspark.sql import functions as F
-
-    wide = (predictions.groupBy(*KEY).pivot("model_version", versions).agg(F.first("predicted_label"))
-            .dropna(subset=[str(v) for v in versions]))
-    first, others = str(versions[0]), [str(v) for v in versions[1:]]
-    differs = F.lit(False)
-    for other in others:
-        differs = differs | (F.col(first) != F.col(other))
-    compared, differing = wide.agg(F.count(F.lit(1)), F.count(F.when(differs, 1))).collect()[0]
-    pairs = (wide.where(F.col(first) != F.col(others[0])).groupBy(first, others[0]).count()
-             .orderBy(F.desc("count"), first, others[0]).limit(top).collect())
-    return Disagreement(int(compared), int(differing), [(r[0], r[1], int(r[2])) for r in pairs])
+    @classmethod
+    def from_counts(cls, counts: dict, top: int = 5) -> "Disagreement":
+        pairs = sorted(((a, b, n) for key, n in counts.items() if isinstance(key, tuple) for a, b in [key]),
+                       key=lambda p: (-p[2], p[0], p[1]))
+        return cls(int(counts.get("compared", 0)), int(counts.get("differing", 0)), pairs[:top])
 
 
 def _compact(spark: "SparkSession", cfg: BatchInferenceConfig, store: PredictionStore, models: list[ResolvedModel],

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
+from pyspark.accumulators import AccumulatorParam
 
 from inference.model import ResolvedModel
 
@@ -32,9 +33,22 @@ def top_k(probs: np.ndarray, k: int, labels: np.ndarray) -> tuple[np.ndarray, li
     return order[:, 0], labels[order].tolist(), np.take_along_axis(probs, order, 1).astype(np.float32).tolist()
 
 
+class CounterParam(AccumulatorParam):
+    """A Spark accumulator of counts by key (merged across tasks)."""
+
+    def zero(self, value: dict) -> dict:
+        return {}
+
+    def addInPlace(self, first: dict, second: dict) -> dict:
+        for key, count in second.items():
+            first[key] = first.get(key, 0) + count
+        return first
+
+
 def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, batch_size: int, k: int,
                 threads: int, loads: "Accumulator[int]", read_in_workers: bool = False,
-                seen: "Broadcast[dict[int, dict[str, list[str]]]] | None" = None
+                seen: "Broadcast[dict[int, dict[str, list[str]]]] | None" = None,
+                disagreements: "Accumulator[dict] | None" = None,
                 ) -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     """`source` is "files" (path, payload), "records" (path, payload, label_name) or "dataset"
     (path, <tensor column>, label_name); every row also brings the metadata of its source file,
@@ -43,7 +57,9 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
     preprocessed once (the models share one modality record) and scored by every model version
     for which it is new: one output row per (input, model version); an input whose hash is among
     those its path was committed under for a version (`seen[version]`) comes out `unchanged` for
-    that version, unscored."""
+    that version, unscored. With several models, `disagreements` counts the inputs every model
+    scored ("compared"), those where some model's label differs from the first's ("differing"),
+    and each (first model's label, second's) pair that differs, as the batches pass."""
     labels = np.array(models[0].labels, dtype=object)
     k = min(k, len(labels))
     record = models[0].record
@@ -95,9 +111,11 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
                     tensors[i], failures[i] = None, (flag, MALFORMED_DETAIL)
             for i in np.flatnonzero(everywhere):
                 tensors[i], failures[i] = None, None
+            indexes = []
             for m, model in enumerate(models):
                 good = [i for i, t in enumerate(tensors) if t is not None and not unchanged[m, i]]
                 index = np.full(n, -1, np.int64)
+                indexes.append(index)
                 top_labels: list = [None] * n
                 top_probs: list = [None] * n
                 if good:
@@ -128,5 +146,19 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
                     "unchanged": unchanged[m],
                     "model_version": np.full(n, model.version, np.int32),
                 })
+            if disagreements is not None:
+                disagreements.add(_disagreements(np.stack(indexes), labels))
 
     return score
+
+
+def _disagreements(indexes: np.ndarray, labels: np.ndarray) -> dict:
+    """Counts of one batch: (models, rows) predicted indexes, -1 where a model did not score."""
+    both = (indexes >= 0).all(axis=0)
+    scored = indexes[:, both]
+    differs = (scored != scored[0]).any(axis=0)
+    out: dict = {"compared": int(both.sum()), "differing": int(differs.sum())}
+    for a, b in zip(scored[0][scored[0] != scored[1]], scored[1][scored[0] != scored[1]]):
+        key = (str(labels[a]), str(labels[b]))
+        out[key] = out.get(key, 0) + 1
+    return out

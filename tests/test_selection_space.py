@@ -154,3 +154,16 @@ def test_progress_folds_units_into_epochs():
     assert epoch["val_accuracy"] == 0.7  # the epoch's last unit evaluated
     assert epoch["samples_per_s"] == pytest.approx(400 / 3.0)
     assert epoch["epoch_seconds"] == pytest.approx(4.0)
+
+
+def test_balanced_shards_deal_rows_evenly_and_deterministically():
+    from training.data import balanced_shards
+
+    rows = [376, 376, 376, 100, 376, 376, 376, 20, 376, 376]
+    shards = balanced_shards(rows, 2)
+    totals = [sum(r for r, s in zip(rows, shards) if s == k) for k in (0, 1)]
+    assert abs(totals[0] - totals[1]) <= 80 and sum(totals) == sum(rows)
+    modulo = [sum(rows[k::2]) for k in (0, 1)]  # Petastorm's every other row group: 1,880 vs 1,248
+    assert abs(totals[0] - totals[1]) <= abs(modulo[0] - modulo[1])
+    assert balanced_shards(rows, 2) == shards
+    assert sorted(set(balanced_shards([5, 4, 3], 3))) == [0, 1, 2]

@@ -39,6 +39,9 @@ class ShardSpec:
     size: int = 1
     pool_type: str = "dummy"
     workers: int = 1
+    # Shards of (nearly) equal rows, row groups dealt largest first to the lightest shard, instead
+    # of Petastorm's every size-th row group: model hopping waits on its largest partition.
+    balanced: bool = False
 
 
 class _ArrowRowGroups:
@@ -179,9 +182,24 @@ def _pass_reader_class(local: bool) -> type:
         """Petastorm's Reader (dataset metadata, row-group list, shard, worker pool) with our
         ventilator and worker."""
 
-        def __init__(self, seeds: PassSeeds, passes: int | None, *args: Any, **kwargs: Any) -> None:
-            self.seeds, self.passes, self.groups_per_pass = seeds, passes, 0
+        def __init__(self, seeds: PassSeeds, passes: int | None, balanced: bool, *args: Any, **kwargs: Any) -> None:
+            self.seeds, self.passes, self.groups_per_pass, self.balanced = seeds, passes, 0, balanced
             super().__init__(*args, worker_class=RowGroupWorker, **kwargs)
+
+        def _partition_row_groups(self, dataset, row_groups, shard_count, cur_shard, indexes, seed):  # type: ignore[no-untyped-def]
+            if not self.balanced:
+                return super()._partition_row_groups(dataset, row_groups, shard_count, cur_shard, indexes, seed)
+            if len(row_groups) < shard_count:
+                raise ValueError(f"{len(row_groups)} row groups cannot make {shard_count} shards")
+            footers: dict[str, Any] = {}
+            rows = []
+            for index in indexes:
+                piece = row_groups[index]
+                if piece.path not in footers:
+                    with dataset.fs.open(piece.path) as handle:
+                        footers[piece.path] = pq.ParquetFile(handle).metadata
+                rows.append(footers[piece.path].row_group(piece.row_group).num_rows)
+            return [i for i, shard in zip(indexes, balanced_shards(rows, shard_count)) if shard == cur_shard]
 
         def _create_ventilator(self, row_group_indexes, *unused):  # type: ignore[no-untyped-def]
             self.groups_per_pass = len(row_group_indexes)
@@ -197,6 +215,18 @@ def _pass_reader_class(local: bool) -> type:
                     files.popitem()[1][0].close()
 
     return PassReader
+
+
+def balanced_shards(rows: list[int], shards: int) -> list[int]:
+    """The shard of each row group (given its rows) so that shards hold nearly equal rows: largest
+    row group first, each to the shard holding the fewest rows so far (ties: lowest index)."""
+    totals = [0] * shards
+    out = [0] * len(rows)
+    for index in sorted(range(len(rows)), key=lambda i: (-rows[i], i)):
+        target = min(range(shards), key=lambda s: (totals[s], s))
+        out[index] = target
+        totals[target] += rows[index]
+    return out
 
 
 def open_reader(shard: ShardSpec, seeds: PassSeeds, passes: int | None) -> Any:
@@ -216,7 +246,7 @@ def open_reader(shard: ShardSpec, seeds: PassSeeds, passes: int | None) -> Any:
     fields = unischema(shard.spec, shard.modality).fields
     sharded = shard.size > 1
     reader = reader_class(
-        seeds, passes, filesystem, path,
+        seeds, passes, shard.balanced, filesystem, path,
         schema_fields=[fields[shard.spec.column], fields[LABEL]],  # fields, not name patterns: exact match
         reader_pool=ThreadPool(shard.workers) if shard.pool_type == "thread" else DummyPool(),
         num_epochs=None, is_batched_reader=True,

@@ -43,11 +43,12 @@ class SplitData:
     pool_workers: int
 
     def shard(self, url: str, part: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
-        """Partition `part` of `parts` of a split (Petastorm's row-group shards), in memory."""
+        """Partition `part` of `parts` of a split (whole row groups, balanced by rows), in memory."""
         from training.data import ShardSpec, read_row_groups
 
         spec = self.record.spec
-        shard = ShardSpec(url, spec, self.record.modality, part, parts, self.pool_type, self.pool_workers)
+        shard = ShardSpec(url, spec, self.record.modality, part, parts, self.pool_type, self.pool_workers,
+                          balanced=True)
         groups = list(read_row_groups(shard, seed=None, infinite=False))
         if not groups:
             return np.empty((0, *spec.shape), spec.dtype), np.empty((0,), np.int32)
