@@ -61,3 +61,21 @@ def test_fused_metrics_are_per_member(k):
     metrics, _ = fused.fit_rows(x, y, 32, seed=0)
     assert [set(m) for m in metrics] == [{"loss", "accuracy"}] * k
     assert len({round(m["loss"], 6) for m in metrics}) == k  # each member's own loss, not one shared value
+
+
+def test_state_bytes_round_trip_weights_and_optimizer():
+    from training.fused import FusedModels
+    from training.trainer import load_state, pack_checkpoint, state_bytes
+
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(64, 6)).astype("float32"), rng.integers(0, 3, 64).astype("int32")
+    trained = tiny_model(1, 0.01)
+    FusedModels([trained]).fit_rows(x, y, 16, seed=0)
+    for data in (state_bytes(trained), pack_checkpoint(trained, trained.optimizer)):
+        fresh = tiny_model(9, 0.01)
+        load_state(data, fresh)
+        for got, want in zip(fresh.get_weights(), trained.get_weights()):
+            np.testing.assert_array_equal(got, want)
+        assert int(fresh.optimizer.iterations.numpy()) == 4  # Adam's step counter came along
+        for got, want in zip(fresh.optimizer.variables, trained.optimizer.variables):
+            np.testing.assert_array_equal(got.numpy(), want.numpy())

@@ -179,6 +179,11 @@ def run_job(spark: "SparkSession", cfg: SelectConfig) -> SelectResult:
         if not cfg.tracking.enabled:
             raise ConfigError("resume: needs tracking.enabled=true (the search's runs and store are found through it)")
         resumed = SearchTracker.stored_search(cfg.tracking, cfg.resume)
+        for key, value in (("execution.method", cfg.execution.method), ("execution.workers", cfg.execution.workers)):
+            stored = resumed["execution" if key == "execution.method" else "workers"]
+            if value is not None and value != stored:
+                raise ConfigError(f"{key}={value}: search {cfg.resume} ran with {key}={stored}; resume it the same way")
+        cfg = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"workers": resumed["workers"]})})
     searched = plan(spark, cfg, resumed["params"] if resumed else None)
     dataset = searched.dataset
     method, execution = cfg.search.method, cfg.execution.method

@@ -114,11 +114,11 @@ class SearchTracker:
 
     def final_model(self, trial: int, units: int) -> Any:
         """The configuration's model holding the state of its last unit, built on the driver."""
-        from training.trainer import Solo, compiled_model, restore_checkpoint
+        from training.trainer import Solo, compiled_model, load_state
 
         spec = self.plan.trials[trial]
         model = compiled_model(spec.cfg, self.plan.dataset.record, spec.model_name, spec.steps_per_epoch, Solo())[0]
-        restore_checkpoint(self.store.read(unit_name(trial, units - 1, "ckpt")), model, model.optimizer)
+        load_state(self.store.read(unit_name(trial, units - 1, "ckpt")), model)
         return model
 
     def finish(self, progress: "Progress", leaderboard: list[dict[str, Any]], winner: int, stopped: dict[int, int],

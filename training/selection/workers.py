@@ -77,7 +77,7 @@ class ModelCache:
         """Trial's model holding the state after unit `unit - 1` (fresh, seeded weights for unit 0)."""
         import tensorflow as tf
 
-        from training.trainer import Solo, compiled_model, restore_checkpoint
+        from training.trainer import Solo, compiled_model, load_state
 
         spec = self.trials[trial]
         if trial not in self.models:
@@ -86,7 +86,7 @@ class ModelCache:
             self.holds[trial] = -1
         model = self.models[trial]
         if unit > 0 and self.holds.get(trial) != unit - 1:
-            restore_checkpoint(store.read(unit_name(trial, unit - 1, "ckpt")), model, model.optimizer)
+            load_state(store.read(unit_name(trial, unit - 1, "ckpt")), model)
         return model
 
     def fused(self, group: Sequence[int]) -> Any:
@@ -101,10 +101,10 @@ class ModelCache:
 
     def trained(self, store: Store, trial: int, unit: int, marker: dict[str, Any]) -> None:
         """Publish the state after `unit`, then its marker; drop the state two units back."""
-        from training.trainer import pack_checkpoint
+        from training.trainer import state_bytes
 
         model = self.models[trial]
-        store.write(unit_name(trial, unit, "ckpt"), pack_checkpoint(model, model.optimizer))
+        store.write(unit_name(trial, unit, "ckpt"), state_bytes(model))
         store.write_json(unit_name(trial, unit, "json"), marker)
         self.holds[trial] = unit
         if unit >= 2:
