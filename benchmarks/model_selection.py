@@ -179,6 +179,19 @@ def multi_model_inference(tmp: Path, folder: Path) -> tuple[float, float, float,
     return both_s, one_s, two_s, both
 
 
+def epoch_span(tmp: Path, result, epochs: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds between the moments every model had finished epoch `epochs - 1` and `epochs`, from
+    the units' markers: one steady-state epoch inside one run, no fixed cost, no run-to-run noise."""
+    import json
+
+    store = tmp / f"mop-{epochs}" / "store" / result.run_id
+    done: dict[int, float] = {}
+    for marker in store.glob("m*/unit-*.json"):
+        unit = json.loads(marker.read_text())
+        done[unit["epoch"]] = max(done.get(unit["epoch"], 0.0), unit["finished_at"])
+    return done[epochs - 1] - done[epochs - 2]
+
+
 def quick_dataset(tmp: Path) -> tuple[str, str]:
     from deepspark.spark import SparkSettings, build_session
     from pipelines.config import EtlConfig
@@ -212,6 +225,8 @@ def main() -> None:
                                *([] if args.quick else [("horovod", 2)])]:
             result, seconds, spark = run_search(root, name, tmp, method, epochs)
             runs[(method, epochs)] = (result, seconds)
+            if (method, epochs) == ("mop", 2):
+                span = epoch_span(tmp, result, 2)
             print(f"{method} x {epochs} epoch(s): {seconds:.1f} s, best val {max(r['val_accuracy'] for r in result.leaderboard):.4f}",
                   flush=True)
         limit = limit_epoch(spark, search_config(root, name, tmp / "limit", "mop", 1))
@@ -248,6 +263,7 @@ def main() -> None:
     gap = max(abs(mop_val[t] - task_val[t]) for t in mop_val)
     print("val accuracy at 2 epochs, mop vs task: " + ", ".join(f"{t}: {mop_val[t]:.4f}/{task_val[t]:.4f}" for t in sorted(mop_val)))
     print(f"mop_over_ideal (marginal epoch) {limit / marginal['mop']:.3f} (goal >= 0.9); task {limit / marginal['task']:.3f}")
+    print(f"mop's second epoch inside the 2-epoch run: {span:.1f} s, {limit / span:.3f} of the limit")
     print(f"\n{'small models (mlp) on one core, 3 passes':<44}{'separate s':>11}{'fused s':>9}{'speedup':>9}")
     for k, (alone_s, fused_s) in fused.items():
         print(f"{'K = ' + str(k):<44}{alone_s:>11.2f}{fused_s:>9.2f}{alone_s / fused_s:>9.2f}")
@@ -259,6 +275,7 @@ def main() -> None:
           f"{d.differing} of {d.compared}")
     figures = [
         {"name": "mop_over_ideal", "value": round(limit / marginal["mop"], 3), "goal": 0.9, "unit": "ratio"},
+        {"name": "mop_epoch_span_over_ideal", "value": round(limit / span, 3), "goal": 0.9, "unit": "ratio"},
         {"name": "task_over_ideal", "value": round(limit / marginal["task"], 3), "goal": None, "unit": "ratio"},
         {"name": "mop_over_task_wall", "value": round(runs[("task", 2)][1] / runs[("mop", 2)][1], 3), "goal": 1.0,
          "unit": "ratio"},

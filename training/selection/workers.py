@@ -130,7 +130,7 @@ def train_unit(cache: ModelCache, store: Store, group: Sequence[int], unit: int,
             metrics.update(evaluate(model, *val, len(cache.record.labels), data.eval_batch_size, "val_", Solo())[0])
         marker = {"trial": trial, "index": unit, "epoch": epoch, "partition": partition, "samples": samples,
                   "train_seconds": trained_s, "seconds": (time.perf_counter() - started) / len(group),
-                  "fused_with": [t for t in group if t != trial], "metrics": metrics}
+                  "fused_with": [t for t in group if t != trial], "finished_at": time.time(), "metrics": metrics}
         cache.trained(store, trial, unit, marker)
         markers.append(marker)
     return markers
