@@ -195,3 +195,32 @@ def test_sigkilled_search_resumes_after_each_models_last_finished_unit(fashion_s
         assert [m.step for m in client().get_metric_history(kid.info.run_id, "val_accuracy")] == [0, 1, 2]
     assert client().get_run(parent_id).info.status == "FINISHED"
     assert client().get_model_version_by_alias("fashion-mnist-classifier", "candidate").run_id in kids_before
+
+
+def test_a_failed_stage_ends_parent_and_children_failed_and_names_the_resume(spark, fashion_small, tmp_path,
+                                                                              mlflow_store):
+    """A real fault in the store: model state deleted as soon as it lands, so the next hop's
+    restore fails inside a Spark task; the search stops, saying how to resume."""
+    import threading
+
+    from training.selection.job import SearchFailed, run_job
+
+    stop = threading.Event()
+
+    def delete_states() -> None:
+        while not stop.is_set():
+            for state in (tmp_path / "store").glob("*/m*/unit-*.ckpt"):
+                state.unlink(missing_ok=True)
+            stop.wait(0.005)
+
+    deleter = threading.Thread(target=delete_states, daemon=True)
+    deleter.start()
+    try:
+        with pytest.raises(SearchFailed, match=r"model selection failed in stage 1; resume with resume=(\w+)") as err:
+            run_job(spark, select(fashion_small, mlflow_store, tmp_path))
+    finally:
+        stop.set()
+        deleter.join()
+    parent = err.value.args[0].split("resume=")[1].split(":")[0]
+    assert client().get_run(parent).info.status == "FAILED"
+    assert {k.info.status for k in children(parent)} == {"FAILED"}

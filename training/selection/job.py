@@ -239,6 +239,7 @@ def run_job(spark: "SparkSession", cfg: SelectConfig) -> SelectResult:
                     report = run_horovod(stage, groups, target, on_marker, tracker.child_ids,
                                          tracking_uri(cfg.tracking) if run else None)
             except StageFailed as exc:
+                tracker.interrupted()
                 hint = f"; resume with resume={parent}" if parent else ""
                 raise SearchFailed(f"model selection failed in stage {rung + 1}{hint}: {exc}") from exc
             log.info("stage %d took %.1f s: %s", rung + 1, time.perf_counter() - stage_started, report)

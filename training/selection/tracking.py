@@ -99,6 +99,12 @@ class SearchTracker:
                 if epoch not in done:
                     self.log_epoch(trial.index, epoch, metrics)
 
+    def interrupted(self) -> None:
+        """A stage failed: the child runs end FAILED with their parent (a resume reopens them)."""
+        for run_id in self.child_ids.values():
+            if run_id is not None:
+                self.client.set_terminated(run_id, "FAILED")
+
     def log_epoch(self, trial: int, epoch: int, metrics: dict[str, float]) -> None:
         run_id = self.child_ids.get(trial)
         print(f"trial {trial} epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
