@@ -88,8 +88,10 @@ class EarlyStoppingSettings(FrozenModel):
     restore_best: bool = False  # evaluate and register the best epoch's weights, not the last
 
 
-class TrainConfig(FrozenModel):
-    spark: SparkSettings = SparkSettings(app_name="deepspark-train")
+class TrainingSections(FrozenModel):
+    """What a training run and a model search share: the data, the model and how it trains, the
+    registry gate, evaluation and tracking."""
+
     tracking: TrackingSettings = TrackingSettings()
     data: DataSettings = DataSettings()
     model: ModelSettings = ModelSettings()
@@ -97,12 +99,16 @@ class TrainConfig(FrozenModel):
     optimizer: OptimizerSettings = OptimizerSettings()
     horovod: HorovodSettings = HorovodSettings()
     registry: RegistrySettings = RegistrySettings()
-    early_stopping: EarlyStoppingSettings = EarlyStoppingSettings()
-    epochs: PositiveInt = 12
-    steps_per_epoch: PositiveInt | None = None  # default: train rows // global batch
     eval_batch_size: PositiveInt = 1024
     max_eval_rows: PositiveInt | None = None  # cap val/test rows (tests and smoke runs)
     seed: int = 42
-    resume: str | None = None  # an MLflow run id to continue
     run_name: str | None = None
     extra_tags: dict[str, str] = Field(default_factory=dict)
+
+
+class TrainConfig(TrainingSections):
+    spark: SparkSettings = SparkSettings(app_name="deepspark-train")
+    early_stopping: EarlyStoppingSettings = EarlyStoppingSettings()
+    epochs: PositiveInt = 12
+    steps_per_epoch: PositiveInt | None = None  # default: train rows // global batch
+    resume: str | None = None  # an MLflow run id to continue

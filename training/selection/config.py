@@ -9,9 +9,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, ValidationError, conint
 
 from deepspark.config import ConfigError, FrozenModel
 from deepspark.spark import SparkSettings
-from deepspark.tracking import TrackingSettings
-from training.config import (DataSettings, HorovodSettings, LoaderSettings, ModelSettings, OptimizerSettings,
-                             RegistrySettings, TrainConfig)
+from training.config import TrainConfig, TrainingSections
 
 # The training-config sections a search may vary (any key below them).
 SEARCHABLE = ("model.", "optimizer.", "loader.", "horovod.")
@@ -38,24 +36,12 @@ class ExecutionSettings(FrozenModel):
     poll_s: PositiveFloat = 0.02  # how often the driver and hoppers look for finished units and assignments
 
 
-class SelectConfig(FrozenModel):
+class SelectConfig(TrainingSections):
     spark: SparkSettings = SparkSettings(app_name="deepspark-select-models")
-    tracking: TrackingSettings = TrackingSettings()
-    data: DataSettings = DataSettings()
-    model: ModelSettings = ModelSettings()
-    loader: LoaderSettings = LoaderSettings()
-    optimizer: OptimizerSettings = OptimizerSettings()
-    horovod: HorovodSettings = HorovodSettings()
-    registry: RegistrySettings = RegistrySettings()
     search: SearchSettings = SearchSettings()
     execution: ExecutionSettings = ExecutionSettings()
     epochs: PositiveInt = 4  # per configuration (halving: for those that reach the last rung)
-    eval_batch_size: PositiveInt = 1024
-    max_eval_rows: PositiveInt | None = None
-    seed: int = 42
     resume: str | None = None  # the search's MLflow parent run id to continue
-    run_name: str | None = None
-    extra_tags: dict[str, str] = Field(default_factory=dict)
 
 
 def trial_config(cfg: SelectConfig, params: dict[str, Any], index: int) -> TrainConfig:
