@@ -13,7 +13,6 @@ Every stage leaves one marker per finished unit in the store; `on_marker` sees e
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from dataclasses import dataclass
