@@ -323,16 +323,19 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
     accuracy = row[f"hits_{model.version}"] / labelled_first if labelled_first else None
     disagreement = Disagreement.from_counts(pairs.value) if pairs is not None else None
     added: dict[int, dict[str, list[str]]] = {v: {} for v in versions}
-    for version, (good, bad, _) in per_model.items():
-        mine = F.col("model_version") == version
-        if good:
-            (scored.where(ok & mine).drop("reason", "detail", "unchanged", "model_version")
-             .write.parquet(store.batch_url("predictions", version, job_id)))
-            added[version]["predictions"] = [job_id]
-        if bad:
-            (scored.where(failed & mine).select(*KEY, "reason", "detail", *SOURCE, "model_name", "job_id", "scored_at")
-             .coalesce(1).write.parquet(store.batch_url("quarantine", version, job_id)))
-            added[version]["quarantine"] = [job_id]
+    # One write job per table for every model version: Spark partitions the rows into
+    # model_version=<v>/batch=<job id>/ folders (each version's batch folder, as store.batch_url
+    # names it); nothing is visible until the commit below lists them.
+    tables = [("predictions", 0, scored.where(ok).drop("reason", "detail", "unchanged")),
+              ("quarantine", 1, scored.where(failed).select(*KEY, "reason", "detail", *SOURCE, "model_name", "job_id",
+                                                            "scored_at", "model_version").coalesce(1))]
+    for table, count, frame in tables:  # count: per_model's good (0) or bad (1) rows
+        holding = [v for v, counts in per_model.items() if counts[count]]
+        if holding:
+            (frame.withColumn("batch", F.lit(job_id)).write.mode("append")
+             .partitionBy("model_version", "batch").parquet(store.table_url(table)))
+            for version in holding:
+                added[version][table] = [job_id]
     scored.unpersist()
     log.info("wrote %d predictions and %d quarantine rows in %.1f s", sum(g for g, _, _ in per_model.values()),
              sum(b for _, b, _ in per_model.values()), time.perf_counter() - started)
