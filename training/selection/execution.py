@@ -111,24 +111,31 @@ def run_mop(stage: Stage, groups: tuple[tuple[int, ...], ...], target: int, on_m
         sent[part] += 1
 
     inflight: dict[int, Any] = {}
+    pause = 0.001  # look again soon after a unit finished (the next is due), then back off to poll_s
     try:
         while not scheduler.done:
-            for part in range(parts):
+            finished = []
+            for part, unit in list(inflight.items()):
+                if store.exists(unit_name(groups[unit.model][-1], unit.index, "json")):  # the last member is published last
+                    scheduler.finish(unit)
+                    del inflight[part]
+                    finished.append(unit)
+            for part in range(parts):  # orders before the markers' MLflow logging: no hopper waits on it
                 if part not in inflight and (unit := scheduler.next_for(part)) is not None:
                     send(part, {"trials": list(groups[unit.model]), "index": unit.index, "epoch": unit.epoch,
                                 "last_of_epoch": unit.last_of_epoch})
                     inflight[part] = unit
-            for part, unit in list(inflight.items()):
-                group = groups[unit.model]
-                if store.exists(unit_name(group[-1], unit.index, "json")):  # the last member is published last
-                    scheduler.finish(unit)
-                    del inflight[part]
-                    for trial in group:
-                        on_marker(store.read_json(unit_name(trial, unit.index, "json")))
+            for unit in finished:
+                for trial in groups[unit.model]:
+                    on_marker(store.read_json(unit_name(trial, unit.index, "json")))
             job.check()
             if not job.running:
                 raise StageFailed("the hopper tasks ended before the schedule did")
-            time.sleep(stage.poll_s)
+            if finished:
+                pause = 0.001
+            else:
+                time.sleep(pause)
+                pause = min(stage.poll_s, 2 * pause)
     except BaseException:
         job.cancel()
         raise

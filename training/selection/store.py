@@ -59,6 +59,18 @@ class Store:
         fs, path = self._path(rel)
         return fs.get_file_info(path).type == pafs.FileType.File
 
+    def wait_for(self, rel: str, poll_s: float) -> float:
+        """Block until `rel` exists: seconds waited. Looks again after 1 ms, then twice as long
+        each time up to `poll_s`, so an answer that comes quickly (the driver's next order, a few
+        ms after a marker) is seen quickly, and a long wait costs a remote store few requests."""
+        import time
+
+        started, pause = time.perf_counter(), 0.001
+        while not self.exists(rel):
+            time.sleep(pause)
+            pause = min(poll_s, 2 * pause)
+        return time.perf_counter() - started
+
     def delete(self, rel: str) -> None:
         fs, path = self._path(rel)
         try:

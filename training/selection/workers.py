@@ -165,10 +165,7 @@ class Hopper:
         units, waited, seq = 0, 0.0, 0
         while True:
             message = f"ctl/{self.attempt}/w{partition}/{seq:06d}.json"
-            wait_started = time.perf_counter()
-            while not store.exists(message):
-                time.sleep(self.poll_s)
-            waited += time.perf_counter() - wait_started
+            waited += store.wait_for(message, self.poll_s)
             seq += 1
             order = store.read_json(message)
             if order.get("stop"):
