@@ -15,9 +15,12 @@ import tensorflow as tf
 
 @tf.keras.utils.register_keras_serializable(package="deepspark")
 class WarmupThenDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int, kind: str = "cosine",
+    def __init__(self, peak: "float | tf.Variable", warmup_steps: int, total_steps: int, kind: str = "cosine",
                  final_fraction: float = 0.0) -> None:
-        self.peak, self.warmup_steps, self.total_steps = float(peak), int(warmup_steps), int(total_steps)
+        # A variable peak is read in the graph: one traced train step serves every configuration
+        # that differs only in its learning rate (model selection's workers share models so).
+        self.peak = peak if isinstance(peak, tf.Variable) else float(peak)
+        self.warmup_steps, self.total_steps = int(warmup_steps), int(total_steps)
         self.kind, self.final_fraction = kind, float(final_fraction)
 
     def __call__(self, step):  # type: ignore[no-untyped-def]
@@ -30,5 +33,5 @@ class WarmupThenDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
         return tf.where(step < self.warmup_steps, warm, self.peak * cosine)
 
     def get_config(self) -> dict:
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+        return {"peak": float(self.peak), "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
                 "kind": self.kind, "final_fraction": self.final_fraction}

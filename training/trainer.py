@@ -64,17 +64,19 @@ def set_threads(intra_op: int, inter_op: int) -> None:
 
 
 def compiled_model(cfg: TrainConfig, record: ModalityRecord, model_name: str, steps_per_epoch: int,
-                   collective: Collective) -> tuple[Any, Any]:
+                   collective: Collective, variable_rate: bool = False) -> tuple[Any, Any]:
     """A fresh model of `model_name` with the config's optimizer, compiled for training, and its
-    learning-rate schedule (peak learning rate x processes, warm-up, decay over `cfg.epochs`)."""
+    learning-rate schedule (peak learning rate x processes, warm-up, decay over `cfg.epochs`).
+    `variable_rate`: the peak is a variable (`schedule.peak.assign(...)` changes it after tracing)."""
     import tensorflow as tf
 
     from training.schedules import WarmupThenDecay
 
     model = record.plugin.build_model(model_name, record)
     opt = cfg.optimizer
-    schedule = WarmupThenDecay(opt.learning_rate * collective.size, opt.warmup_epochs * steps_per_epoch,
-                               cfg.epochs * steps_per_epoch, opt.schedule)
+    peak = opt.learning_rate * collective.size
+    schedule = WarmupThenDecay(tf.Variable(peak, trainable=False, dtype=tf.float32) if variable_rate else peak,
+                               opt.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, opt.schedule)
     optimizer = collective.distributed_optimizer(tf.keras.optimizers.Adam(learning_rate=schedule), cfg)
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   jit_compile=cfg.horovod.xla)

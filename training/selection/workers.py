@@ -3,8 +3,9 @@
 
 Both train through the trainer seam (training/trainer.py) with the `Solo` collective: no
 gradients are exchanged. A unit's state is read from and written to the search's store; a
-worker keeps the Keras models it has built (traced once per worker and configuration) and skips
-the restore when it wrote a model's latest state itself.
+worker keeps the Keras models it has built (one per graph, shared by configurations that differ
+only in learning rate and seed; traced once per worker) and skips the restore when its model
+still holds the state it wrote itself.
 """
 
 from __future__ import annotations
@@ -63,50 +64,97 @@ class SplitData:
                                       self.pool_workers), self.max_eval_rows)
 
 
+def graph_key(trial: Trial) -> str:
+    """What decides a configuration's traced train step: all of its config but the learning rate
+    (a variable of the step, training/schedules.py) and the seed (initial weights only)."""
+    cfg = trial.cfg
+    neutral = cfg.model_copy(update={"seed": 0, "optimizer": cfg.optimizer.model_copy(update={"learning_rate": 1.0})})
+    return f"{trial.model_name}/{trial.steps_per_epoch}/{neutral.model_dump_json()}"
+
+
+@dataclass
+class Slot:
+    """One built and compiled Keras model of a worker, and whose state it holds now."""
+
+    model: Any
+    schedule: Any  # its learning-rate schedule, whose peak is a variable
+    holds: tuple[int, int] | None = None  # (trial, unit): the state after that unit (-1: initial weights)
+
+
 class ModelCache:
-    """The Keras models one worker process has built, by trial, and which unit's state each holds."""
+    """The Keras models one worker process has built. Configurations with the same graph (they
+    differ only in learning rate and seed) share models: a worker builds and traces one model per
+    graph and member of a fused group, not one per configuration (in a model hopper, every
+    worker meets every configuration), and loads a configuration's state (weights, optimizer
+    variables, its learning rate) when its model does not hold it already."""
 
     def __init__(self, trials: Iterable[Trial], record: ModalityRecord) -> None:
         self.trials = {t.index: t for t in trials}
         self.record = record
-        self.models: dict[int, Any] = {}
-        self.holds: dict[int, int] = {}  # trial -> index of the unit whose state the model holds
-        self.groups: dict[tuple[int, ...], Any] = {}  # fused groups, traced once each
+        self.slots: dict[str, list[Slot]] = {}
+        self.training: dict[int, Slot] = {}  # trial -> the slot its current unit trains in
+        self.groups: dict[tuple[int, ...], Any] = {}  # fused groups of slots, traced once each
 
-    def ready(self, store: Store, trial: int, unit: int) -> Any:
-        """Trial's model holding the state after unit `unit - 1` (fresh, seeded weights for unit 0)."""
+    def ready(self, store: Store, group: Sequence[int], unit: int) -> list[Any]:
+        """The group's models, each holding its trial's state after unit `unit - 1` (its seeded
+        initial weights for unit 0), in distinct slots."""
         import tensorflow as tf
 
         from training.trainer import Solo, compiled_model, load_state
 
-        spec = self.trials[trial]
-        if trial not in self.models:
-            tf.keras.utils.set_random_seed(spec.cfg.seed)  # the same initial weights on any worker
-            self.models[trial] = compiled_model(spec.cfg, self.record, spec.model_name, spec.steps_per_epoch, Solo())[0]
-            self.holds[trial] = -1
-        model = self.models[trial]
-        if unit > 0 and self.holds.get(trial) != unit - 1:
-            load_state(store.read(unit_name(trial, unit - 1, "ckpt")), model)
-        return model
+        taken: list[Slot] = []
+        for trial in group:
+            spec = self.trials[trial]
+            slots = self.slots.setdefault(graph_key(spec), [])
+            free = [s for s in slots if all(s is not t for t in taken)]
+            wanted = (trial, unit - 1)
+            slot = next((s for s in free if s.holds == wanted), free[0] if free else None)
+            if slot is None:  # built with this trial's seed: it holds its initial weights
+                tf.keras.utils.set_random_seed(spec.cfg.seed)
+                slot = Slot(*compiled_model(spec.cfg, self.record, spec.model_name, spec.steps_per_epoch, Solo(),
+                                            variable_rate=True), holds=(trial, -1))
+                slots.append(slot)
+            if slot.holds != wanted:
+                if unit == 0:
+                    self._initial_state(slot, spec)
+                else:
+                    load_state(store.read(unit_name(trial, unit - 1, "ckpt")), slot.model)
+                slot.holds = wanted
+            slot.schedule.peak.assign(spec.cfg.optimizer.learning_rate)
+            taken.append(slot)
+            self.training[trial] = slot
+        return [s.model for s in taken]
+
+    def _initial_state(self, slot: Slot, spec: Trial) -> None:
+        """The weights a fresh model of this trial starts from (the same on any worker: built
+        under its seed) and an optimizer that has taken no step."""
+        import tensorflow as tf
+
+        tf.keras.utils.set_random_seed(spec.cfg.seed)
+        slot.model.set_weights(self.record.plugin.build_model(spec.model_name, self.record).get_weights())
+        slot.model.optimizer.build(slot.model.trainable_variables)
+        for variable in slot.model.optimizer.variables:
+            variable.assign(tf.zeros_like(variable))
 
     def fused(self, group: Sequence[int]) -> Any:
-        """The members' models as one graph per step (one member: the plain trainer), built and
-        traced once per group and worker."""
+        """The group's slots as one graph per step (one member: the plain trainer), built and
+        traced once per combination of slots and worker."""
         from training.fused import FusedModels
 
-        key = tuple(group)
+        slots = [self.training[t] for t in group]
+        key = tuple(id(s) for s in slots)
         if key not in self.groups:
-            self.groups[key] = FusedModels([self.models[t] for t in key])
+            self.groups[key] = FusedModels([s.model for s in slots])
         return self.groups[key]
 
     def trained(self, store: Store, trial: int, unit: int, marker: dict[str, Any]) -> None:
         """Publish the state after `unit`, then its marker; drop the state two units back."""
         from training.trainer import state_bytes
 
-        model = self.models[trial]
-        store.write(unit_name(trial, unit, "ckpt"), state_bytes(model))
+        slot = self.training[trial]
+        store.write(unit_name(trial, unit, "ckpt"), state_bytes(slot.model))
         store.write_json(unit_name(trial, unit, "json"), marker)
-        self.holds[trial] = unit
+        slot.holds = (trial, unit)
         if unit >= 2:
             store.delete(unit_name(trial, unit - 2, "ckpt"))
 
@@ -119,7 +167,7 @@ def train_unit(cache: ModelCache, store: Store, group: Sequence[int], unit: int,
     from training.trainer import Solo, evaluate
 
     started = time.perf_counter()
-    models = [cache.ready(store, trial, unit) for trial in group]
+    models = cache.ready(store, group, unit)
     first = cache.trials[group[0]].cfg
     seed = first.seed * 1_000_003 + unit * 7919 + partition
     per_member, samples = cache.fused(group).fit_rows(*rows, first.optimizer.batch_size, seed)
