@@ -4,7 +4,7 @@
     same epochs by `jobs/select_models.py` with execution.method = mop, task and horovod: wall time
     of the whole job (a fresh SparkContext each, MLflow logging included), samples/s per model and
     the best validation accuracy per method, and each configuration's validation accuracy under
-    mop against task (validated on the test split: 8,000 rows with --quick). The limit is the no-communication ideal: 2 processes, one core each, each
+    mop against task. The limit is the no-communication ideal: 2 processes, one core each, each
     training its half of the configurations on the same in-memory rows with the same per-epoch
     validation, warm (graphs traced first), no Spark, no hops, no checkpoints. mop and task run at
     1 and 2 epochs, so the marginal epoch (what hops, checkpoints and scheduling cost) is reported
@@ -44,13 +44,6 @@ from training.selection.config import SelectConfig  # noqa: E402
 SPACE = "search.space={optimizer.learning_rate: {choice: [0.0005, 0.001, 0.002, 0.004]}, optimizer.batch_size: {choice: [64, 128]}}"
 
 
-# The searches validate on the dataset's largest held-out split: two models that disagree on ~10 %
-# of the rows measure ~0.7 pp apart on 1,990 rows (the quick val split) by chance alone, ~0.35 pp
-# on 8,000, and the mop-vs-task check is about the methods, not about that sampling noise. (The
-# benchmark compares methods; it picks no model for use, so validating on the test split is fine.)
-VALIDATION = "test"
-
-
 def fresh_session():  # type: ignore[no-untyped-def]
     """A new SparkContext: its Python workers start empty (TensorFlow not imported yet)."""
     from pyspark.sql import SparkSession
@@ -73,7 +66,7 @@ def search_config(root: str, name: str, tmp: Path, method: str, epochs: int, *ex
     return load_config(SelectConfig, "select_models", [
         f"data.root={root}", f"data.name={name}", *tracking(tmp.parent), f"execution.store_root={tmp / 'store'}",
         "search.method=grid", SPACE, f"epochs={epochs}", "optimizer.warmup_epochs=0", f"execution.method={method}",
-        "registry.model_name=bench-select", f"data.val_split={VALIDATION}", *extra,
+        "registry.model_name=bench-select", *extra,
     ])
 
 
@@ -142,8 +135,7 @@ def limit_epoch(spark, cfg: SelectConfig) -> float:  # type: ignore[no-untyped-d
 
     planned = plan(spark, cfg)
     ds = planned.dataset
-    data = SplitData(ds.record, ds.split_url("train"), ds.split_url(cfg.data.val_split), None, cfg.eval_batch_size,
-                     "dummy", 1)
+    data = SplitData(ds.record, ds.split_url("train"), ds.split_url("val"), None, cfg.eval_batch_size, "dummy", 1)
     halves = [planned.trials[0::2], planned.trials[1::2]]
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager, context.Pool(2) as pool:
