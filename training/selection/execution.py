@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from training.selection.schedule import HopScheduler
-from training.selection.store import Store, unit_name
+from training.selection.store import Backoff, Store, unit_name
 from training.selection.workers import Hopper, SplitData, Trial, WholeDataTrainer
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def run_mop(stage: Stage, groups: tuple[tuple[int, ...], ...], target: int, on_m
         sent[part] += 1
 
     inflight: dict[int, Any] = {}
-    pause = 0.001  # look again soon after a unit finished (the next is due), then back off to poll_s
+    backoff = Backoff(stage.poll_s)  # looks again soon after a unit finished: the next is due
     try:
         while not scheduler.done:
             finished = []
@@ -132,10 +132,9 @@ def run_mop(stage: Stage, groups: tuple[tuple[int, ...], ...], target: int, on_m
             if not job.running:
                 raise StageFailed("the hopper tasks ended before the schedule did")
             if finished:
-                pause = 0.001
+                backoff.reset()
             else:
-                time.sleep(pause)
-                pause = min(stage.poll_s, 2 * pause)
+                backoff.sleep()
     except BaseException:
         job.cancel()
         raise

@@ -14,6 +14,7 @@ reader sees a unit's marker only after its state:
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,24 @@ from typing import Any
 from deepspark.filesystem import location, reaches
 
 TRIALS = "trials.json"
+
+
+@dataclass
+class Backoff:
+    """How long to wait before looking at the store again: 1 ms, then twice as long each time up
+    to `cap_s`, so an answer that comes quickly (the driver's next order, a few ms after a
+    marker) is seen quickly, and a long wait costs a remote store few requests."""
+
+    cap_s: float
+    pause: float = 0.001
+
+    def sleep(self) -> None:
+        time.sleep(self.pause)
+        self.pause = min(self.cap_s, 2 * self.pause)
+
+    def reset(self) -> None:
+        """Something happened: the next answer may be due soon."""
+        self.pause = 0.001
 
 
 def unit_name(trial: int, index: int, suffix: str) -> str:
@@ -60,15 +79,10 @@ class Store:
         return fs.get_file_info(path).type == pafs.FileType.File
 
     def wait_for(self, rel: str, poll_s: float) -> float:
-        """Block until `rel` exists: seconds waited. Looks again after 1 ms, then twice as long
-        each time up to `poll_s`, so an answer that comes quickly (the driver's next order, a few
-        ms after a marker) is seen quickly, and a long wait costs a remote store few requests."""
-        import time
-
-        started, pause = time.perf_counter(), 0.001
+        """Block until `rel` exists (looking with a `Backoff` up to `poll_s`): seconds waited."""
+        started, backoff = time.perf_counter(), Backoff(poll_s)
         while not self.exists(rel):
-            time.sleep(pause)
-            pause = min(poll_s, 2 * pause)
+            backoff.sleep()
         return time.perf_counter() - started
 
     def delete(self, rel: str) -> None:

@@ -90,8 +90,9 @@ class ModelCache:
 
     def __init__(self, trials: Iterable[Trial], record: ModalityRecord) -> None:
         self.trials = {t.index: t for t in trials}
+        self.graphs = {index: graph_key(t) for index, t in self.trials.items()}
         self.record = record
-        self.slots: dict[str, list[Slot]] = {}
+        self.slots: dict[str, list[Slot]] = {}  # graph key -> its models
         self.training: dict[int, Slot] = {}  # trial -> the slot its current unit trains in
         self.groups: dict[tuple[int, ...], Any] = {}  # fused groups of slots, traced once each
 
@@ -105,7 +106,7 @@ class ModelCache:
         taken: list[Slot] = []
         for trial in group:
             spec = self.trials[trial]
-            slots = self.slots.setdefault(graph_key(spec), [])
+            slots = self.slots.setdefault(self.graphs[trial], [])
             free = [s for s in slots if all(s is not t for t in taken)]
             wanted = (trial, unit - 1)
             slot = next((s for s in free if s.holds == wanted), free[0] if free else None)
