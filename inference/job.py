@@ -326,11 +326,12 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
     # One write job per table for every model version: Spark partitions the rows into
     # model_version=<v>/batch=<job id>/ folders (each version's batch folder, as store.batch_url
     # names it); nothing is visible until the commit below lists them.
-    tables = [("predictions", 0, scored.where(ok).drop("reason", "detail", "unchanged")),
-              ("quarantine", 1, scored.where(failed).select(*KEY, "reason", "detail", *SOURCE, "model_name", "job_id",
-                                                            "scored_at", "model_version").coalesce(1))]
-    for table, count, frame in tables:  # count: per_model's good (0) or bad (1) rows
-        holding = [v for v, counts in per_model.items() if counts[count]]
+    tables = [("predictions", [v for v, (good, _, _) in per_model.items() if good],
+               scored.where(ok).drop("reason", "detail", "unchanged")),
+              ("quarantine", [v for v, (_, bad, _) in per_model.items() if bad],
+               scored.where(failed).select(*KEY, "reason", "detail", *SOURCE, "model_name", "job_id", "scored_at",
+                                           "model_version").coalesce(1))]
+    for table, holding, frame in tables:  # holding: the versions with rows for this table
         if holding:
             (frame.withColumn("batch", F.lit(job_id)).write.mode("append")
              .partitionBy("model_version", "batch").parquet(store.table_url(table)))
