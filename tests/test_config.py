@@ -26,9 +26,14 @@ def test_layers_apply_in_order(conf_dir):
 
 
 def test_config_is_frozen(conf_dir):
+    from pydantic import ValidationError
+
     cfg = load_config(EtlConfig, "etl", [], None, conf_dir)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen_instance"):
         cfg.image.height = 3  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen_instance"):
+        cfg.input = cfg.input  # type: ignore[misc]
+    assert cfg.image.height == 32
 
 
 def test_unknown_key_in_file_names_key_and_file(conf_dir):
@@ -94,11 +99,43 @@ def test_profiles_stack_and_all_yaml_applies_to_every_job(conf_dir):
     assert cfg.image.width == 48  # gpu/etl.yaml still applies
 
 
-def test_shipped_profiles_are_valid_for_every_job():
+def _leaves(node: object, prefix: tuple[str, ...] = ()):
+    """(path, value) of every leaf of a nested mapping (a YAML file's keys)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, (*prefix, str(key)))
+    else:
+        yield prefix, node
+
+
+def _lookup(node: object, path: tuple[str, ...]) -> object:
+    for key in path:
+        assert isinstance(node, dict) and key in node, f"{'.'.join(path)} missing from the loaded config"
+        node = node[key]
+    return node
+
+
+@pytest.mark.parametrize("profile", ["local", "standalone", "yarn", "k8s", "gpu", "standalone,gpu",
+                                     "text", "audio"])
+def test_shipped_profiles_are_valid_and_applied_for_every_job(profile):
+    """Every shipped profile loads for every job, and every key its files set is the value the
+    loaded config holds (the last profile's file winning), so no profile is silently ignored."""
+    import yaml
+
+    from deepspark.config import default_conf_dir
     from inference.config import BatchInferenceConfig
     from training.config import TrainConfig
+    from training.selection.config import SelectConfig
 
-    for profile in ("local", "standalone", "yarn", "k8s", "gpu", "standalone,gpu"):
-        for job, model in (("etl", EtlConfig), ("train", TrainConfig),
-                           ("batch_inference", BatchInferenceConfig)):
-            load_config(model, job, [], profile)
+    conf = default_conf_dir()
+    for job, model in (("etl", EtlConfig), ("train", TrainConfig), ("batch_inference", BatchInferenceConfig),
+                       ("select_models", SelectConfig)):
+        dumped = load_config(model, job, [], profile).model_dump(mode="json")
+        expected: dict[tuple[str, ...], object] = {}
+        for name in profile.split(","):
+            for path in (conf / name / "all.yaml", conf / name / f"{job}.yaml"):
+                if path.is_file():
+                    expected.update(_leaves(yaml.safe_load(path.read_text()) or {}))
+        assert expected, f"profile {profile} sets nothing for {job}"
+        for path, value in expected.items():
+            assert _lookup(dumped, path) == value, (profile, job, ".".join(path))

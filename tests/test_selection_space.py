@@ -159,11 +159,20 @@ def test_progress_folds_units_into_epochs():
 def test_balanced_shards_deal_rows_evenly_and_deterministically():
     from training.data import balanced_shards
 
-    rows = [376, 376, 376, 100, 376, 376, 376, 20, 376, 376]
-    shards = balanced_shards(rows, 2)
-    totals = [sum(r for r, s in zip(rows, shards) if s == k) for k in (0, 1)]
-    assert abs(totals[0] - totals[1]) <= 80 and sum(totals) == sum(rows)
-    modulo = [sum(rows[k::2]) for k in (0, 1)]  # Petastorm's every other row group: 1,880 vs 1,248
-    assert abs(totals[0] - totals[1]) <= abs(modulo[0] - modulo[1])
-    assert balanced_shards(rows, 2) == shards
+    import itertools
+
+    def largest(rows: list[int], shards: list[int], n: int) -> int:
+        return max(sum(r for r, s in zip(rows, shards) if s == k) for k in range(n))
+
+    for rows in ([376, 376, 376, 100, 376, 376, 376, 20, 376, 376], [600, 360, 300, 240, 180]):
+        shards = balanced_shards(rows, 2)
+        assert len(shards) == len(rows) and set(shards) == {0, 1}
+        # The most even deal there is (a partition waits on its largest share), found by brute force.
+        best = min(largest(rows, list(deal), 2) for deal in itertools.product((0, 1), repeat=len(rows)))
+        assert largest(rows, shards, 2) == best
+        modulo = largest(rows, [i % 2 for i in range(len(rows))], 2)  # Petastorm's every other row group
+        assert best < modulo
+        assert balanced_shards(rows, 2) == shards
+    by_size = sorted(range(5), key=lambda i: -[600, 360, 300, 240, 180][i])  # largest first, dealt in turn
+    assert largest([600, 360, 300, 240, 180], [by_size.index(i) % 2 for i in range(5)], 2) > 840
     assert sorted(set(balanced_shards([5, 4, 3], 3))) == [0, 1, 2]

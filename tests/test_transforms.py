@@ -20,10 +20,31 @@ def test_zoo_file_gets_its_reason(name):
     if reason is None:
         out = T.decode_image(data, RULES)
         assert out.shape == (28, 28, 1) and out.dtype == np.uint8
+        reference, tolerance = _odd_reference(name)
+        # Mean absolute difference from the same picture stored plainly (lossless 8-bit gray, or
+        # the 16-bit samples' high bytes): 0 for lossless inputs, JPEG's own loss for JPEGs; an
+        # all-zero or garbled decode is ~80-100 away.
+        assert np.abs(out[:, :, 0].astype(int) - reference.astype(int)).mean() <= tolerance, name
     else:
         with pytest.raises(T.BadImage) as bad:
             T.decode_image(data, RULES)
         assert bad.value.reason == reason
+
+
+def _odd_reference(name: str) -> tuple[np.ndarray, float]:
+    """What a correct decode of a zoo file gives, computed without the decoder's colour handling."""
+    from PIL import Image
+
+    rgb = np.random.default_rng(7).integers(0, 256, size=(40, 30, 3), dtype=np.uint8)  # as in _zoo
+    plain_gray = T.decode_image(encode(np.asarray(Image.fromarray(rgb).convert("L")), "PNG"), RULES)[:, :, 0]
+    wide = np.random.default_rng(8).integers(0, 65536, size=(28, 28)).astype(np.uint16)
+    return {
+        "train/Coat/cmyk.jpg": (plain_gray, 4.0),  # measured 1.4
+        "train/Coat/rgba.png": (plain_gray, 0.0),  # alpha dropped, colour converted exactly
+        "train/Coat/gray.jpg": (T.decode_image(encode(rgb[:, :, 0], "PNG"), RULES)[:, :, 0], 4.0),  # measured 1.9
+        "train/Coat/sixteen.png": ((wide >> 8).astype(np.uint8), 0.0),  # scaled to 8 bits, not clipped
+        "stray.png": (gray(99), 0.0),
+    }[name]
 
 
 def test_same_size_image_keeps_exact_pixels():
