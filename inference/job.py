@@ -214,13 +214,13 @@ def resolve_models(spark: "SparkSession", cfg: BatchInferenceConfig, workdir: st
     """Every configured URI as one concrete version (a version named twice is scored once); the
     versions must belong to one registered model (the output is keyed by its version) and
     preprocess alike (each input is decoded once for all of them)."""
-    models: dict[int, ResolvedModel] = {}
+    models: dict[tuple[str, int], ResolvedModel] = {}  # by name too: `other/1` is not `mine/1` named twice
     for uri in cfg.uris:
         try:
             model = resolve_and_ship(spark, uri, workdir)
         except ConfigError as exc:  # named by the key the user set
             raise ConfigError(str(exc).replace("model_uri:", "model_uris:", 1) if cfg.model_uris else str(exc)) from None
-        models.setdefault(model.version, model)
+        models.setdefault((model.name, model.version), model)
     chosen = list(models.values())
     first = chosen[0]
     for other in chosen[1:]:

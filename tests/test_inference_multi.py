@@ -82,11 +82,44 @@ def test_a_model_added_later_scores_everything_the_other_already_has(spark, two_
 
 
 def test_one_version_named_twice_is_scored_once(spark, two_versions, raw_copy, tmp_path):
-    result = infer(spark, two_versions, raw_copy, tmp_path / "out", f"model_uris=[models:/{NAME}/1, models:/{NAME}@champion]")
+    result = infer(
+        spark, two_versions, raw_copy, tmp_path / "out", f"model_uris=[models:/{NAME}/1, models:/{NAME}@champion]"
+    )
     assert result.per_model == {1: (400, 3, 0)} and result.disagreement is None  # @champion is v1
 
 
-def test_versions_of_different_models_are_refused_before_any_task(spark, two_versions, raw_copy, tmp_path):
+@pytest.fixture(scope="module")
+def foreign_versions(two_versions, tmp_path_factory):
+    """v1's Keras model registered again, really: as `other` v1 (another registered model), and
+    as this model's v3 with a different label vocabulary (so it preprocesses and labels unlike v1)."""
+    import dataclasses
+
+    import mlflow
+
+    from inference.serving import log_classifier
+
+    mlflow.set_tracking_uri(next(o.split("=", 1)[1] for o in two_versions if o.startswith("tracking.uri=")))
+    # The training job's experiment (the store's artifact root), by id: set_experiment() would
+    # leave a process-wide active experiment behind for later tests.
+    experiment = mlflow.MlflowClient().get_experiment_by_name("deepspark").experiment_id
+    v1 = mlflow.pyfunc.load_model(f"models:/{NAME}/1").unwrap_python_model()
+    relabelled = dataclasses.replace(v1.record, labels=tuple(reversed(v1.record.labels)))
+    assert relabelled != v1.record
+    for name, record in (("other", v1.record), (NAME, relabelled)):
+        with mlflow.start_run(experiment_id=experiment, run_name=f"registered again as {name}"):
+            log_classifier(v1.keras_model, record, name, str(tmp_path_factory.mktemp("again")))
+    return two_versions
+
+
+def test_versions_of_different_models_are_refused_before_any_task(spark, foreign_versions, raw_copy, tmp_path):
     with pytest.raises(ConfigError, match="model_uris: 'models:/other@x' does not resolve"):
-        infer(spark, two_versions, raw_copy, tmp_path / "out", f"model_uris=[models:/{NAME}/1, models:/other@x]")
+        infer(spark, foreign_versions, raw_copy, tmp_path / "out", f"model_uris=[models:/{NAME}/1, models:/other@x]")
+    with pytest.raises(
+        ConfigError, match="models:/other/1 and models:/fashion-mnist-classifier/1 are different registered models"
+    ):
+        infer(spark, foreign_versions, raw_copy, tmp_path / "out", f"model_uris=[models:/{NAME}/1, models:/other/1]")
+    with pytest.raises(
+        ConfigError, match=f"models:/{NAME}/3 preprocesses its inputs differently from models:/{NAME}/1"
+    ):
+        infer(spark, foreign_versions, raw_copy, tmp_path / "out", f"model_uris=[models:/{NAME}/1, models:/{NAME}/3]")
     assert not (tmp_path / "out").exists()
