@@ -140,9 +140,9 @@ def fashion_small(spark, tmp_path_factory) -> SmallDataset:
     """400 train + 400 test Fashion-MNIST images (Debian package) through the real ETL, with
     small row groups so 2 ranks get uneven shards."""
     from deepspark.config import load_config
-    from pipelines.images.demo_data import write_raw_folder
     from pipelines.config import EtlConfig
     from pipelines.etl import run_etl
+    from pipelines.images.demo_data import write_raw_folder
 
     base = tmp_path_factory.mktemp("fashion")
     write_raw_folder(base / "raw", limit=400)

@@ -142,7 +142,15 @@ def test_val_carved_from_train_when_folders_lack_val(spark, first_run, raw_folde
     train, val = read_split(carved.url, "train"), read_split(carved.url, "val")
     assert not set(train) & set(val)
     assert set(train) | set(val) == set(read_split(whole.url, "train"))
-    assert 0 < len(val) < len(train) + len(val)
+    # Each train file goes to val by the documented rule: a hash of its relative path seeded with
+    # input.seed + 1 against the fraction (a seeded coin per file, not a quota), so the carve holds
+    # exactly these files.
+    from pipelines.layout import assign_split
+
+    seed = carved.manifest["config"]["input"]["seed"]
+    expected = {p for p in set(train) | set(val)
+                if assign_split(p.split("/images/", 1)[1], seed + 1, {"train": 0.5, "val": 0.5}) == "val"}
+    assert set(val) == expected and 0 < len(val) < len(train) + len(val)
 
 
 def test_row_group_size_is_configurable(spark, tmp_path):
@@ -196,18 +204,25 @@ def test_killed_job_leaves_the_previous_version_current(spark, raw_folder, tmp_p
     assert not any((base / "_staging").iterdir())  # stale staging removed, this run's own published
 
 
-def test_a_dataset_that_does_not_reconcile_is_never_published(spark, raw_folder, tmp_path, monkeypatch):
-    """One row lost between processing and the written split: the on-disk count check refuses to
-    publish, and the staging folder is removed."""
+@pytest.mark.parametrize("lost", ["train row", "quarantine row"])
+def test_a_dataset_that_does_not_reconcile_is_never_published(spark, raw_folder, tmp_path, monkeypatch, lost):
+    """One row lost between processing and the written split, or between processing and the
+    written quarantine: the on-disk count check refuses to publish, and the staging folder is removed."""
     from pyspark.sql import functions as F
 
-    write_splits = etl._write_splits
+    write_splits, write_quarantine = etl._write_splits, etl._write_quarantine
 
     def lossy(spark_, fs, good, *args, **kwargs):
         dropped = good.where(F.col("split") == "train").limit(1)
         return write_splits(spark_, fs, good.join(dropped.select("path"), "path", "left_anti"), *args, **kwargs)
 
-    monkeypatch.setattr(etl, "_write_splits", lossy)
+    def lossy_quarantine(rows, url, n_rows):
+        return write_quarantine(rows.join(rows.limit(1).select("path"), "path", "left_anti"), url, n_rows)
+
+    if lost == "train row":
+        monkeypatch.setattr(etl, "_write_splits", lossy)
+    else:
+        monkeypatch.setattr(etl, "_write_quarantine", lossy_quarantine)
     with pytest.raises(RuntimeError, match="does not reconcile"):
         run(spark, [f"input.path={raw_folder.root}", f"output.root={tmp_path}", "output.name=zoo",
                     "tracking.enabled=false", "image.max_pixels=1000000", "input.val_from_train=0"])

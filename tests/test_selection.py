@@ -17,6 +17,7 @@ from training.selection.config import SelectConfig
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
+REGISTERED = "fashion-mnist-classifier"
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 SPACE = 'search.space={optimizer.learning_rate: {choice: [0.003, 0.001, 0.0003]}, optimizer.batch_size: {choice: [16]}}'
 
@@ -53,7 +54,25 @@ def mop_search(spark, fashion_small, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("select")
     store = [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"tracking.artifact_root={tmp / 'artifacts'}"]
+    better_champion(f"sqlite:///{tmp / 'mlflow.db'}", tmp / "artifacts")
     return run_job(spark, select(fashion_small, store, tmp)), tmp
+
+
+def better_champion(uri: str, artifacts: Path) -> str:
+    """A registry whose @champion (v1) already scored test accuracy 0.999: no winner of a tiny
+    search may take the alias from it. Returns the champion's run id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    c = client()
+    experiment = c.create_experiment("earlier", artifact_location=f"file://{artifacts}/earlier")
+    run = c.create_run(experiment)
+    c.log_metric(run.info.run_id, "test_accuracy", 0.999)
+    c.set_terminated(run.info.run_id)
+    c.create_registered_model(REGISTERED)
+    version = c.create_model_version(REGISTERED, f"{run.info.artifact_uri}/model", run.info.run_id)
+    c.set_registered_model_alias(REGISTERED, "champion", version.version)
+    return run.info.run_id
 
 
 def test_mop_visits_every_model_partition_pair_once_per_epoch(mop_search):
@@ -86,13 +105,16 @@ def test_parent_and_child_runs_with_metrics_models_and_leaderboard(mop_search):
 
 
 def test_winner_is_registered_through_the_gate(mop_search):
+    """The registry already has a better @champion (0.999): the winner becomes v2 @candidate and
+    the champion stays v1 (the search on an empty registry, below, takes the alias)."""
     result, _ = mop_search
     winner_run = next(r for r in result.leaderboard if r["trial"] == result.winner)["run_id"]
-    version = client().get_model_version_by_alias("fashion-mnist-classifier", "candidate")
-    assert version.run_id == winner_run
-    assert client().get_model_version_by_alias("fashion-mnist-classifier", "champion").version == version.version
-    assert client().get_run(winner_run).data.metrics["test_accuracy"] == pytest.approx(result.test["test_accuracy"])
-    assert "now @champion" in result.summary()
+    version = client().get_model_version_by_alias(REGISTERED, "candidate")
+    assert (version.run_id, int(version.version)) == (winner_run, 2)
+    assert int(client().get_model_version_by_alias(REGISTERED, "champion").version) == 1
+    assert result.test["test_accuracy"] < 0.999
+    assert client().get_run(winner_run).data.metrics["test_accuracy"] == result.test["test_accuracy"]
+    assert "@champion remains v1" in result.summary()
 
 
 def test_mop_and_task_reach_the_same_accuracy_from_the_same_seed(spark, fashion_small, tmp_path):
@@ -126,22 +148,51 @@ def test_horovod_execution_makes_the_same_artefacts(spark, fashion_small, tmp_pa
 def test_halving_stops_the_worse_half_after_the_first_rung(spark, fashion_small, tmp_path, mlflow_store):
     from training.selection.job import run_job
 
-    result = run_job(spark, select(fashion_small, mlflow_store, tmp_path, "search.method=halving",
-                                   "search.num_models=4", "search.space={optimizer.learning_rate: {loguniform: [0.0001, 0.01]}}",
-                                   "execution.method=task"))
+    result = run_job(
+        spark,
+        select(
+            fashion_small,
+            mlflow_store,
+            tmp_path,
+            "search.method=halving",
+            "search.num_models=4",
+            "search.space={optimizer.learning_rate: {loguniform: [0.0001, 0.01]}}",
+            "execution.method=task",
+        ),
+    )
     epochs = sorted(r["epochs"] for r in result.leaderboard)
     assert epochs == [1, 1, 2, 2]
-    stopped = [k for k in children(result.run_id) if "deepspark.selection.stopped_at_epoch" in k.data.tags]
+    kids = children(result.run_id)
+    stopped = {k.info.run_id for k in kids if "deepspark.selection.stopped_at_epoch" in k.data.tags}
     assert len(stopped) == 2
+    # The better half after the first rung went on: every survivor's epoch-1 validation accuracy
+    # is at least every stopped configuration's.
+    first_rung = {k.info.run_id: client().get_metric_history(k.info.run_id, "val_accuracy")[0].value for k in kids}
+    went_on = {r["run_id"] for r in result.leaderboard if r["epochs"] == 2}
+    assert went_on == set(first_rung) - stopped
+    assert min(first_rung[r] for r in went_on) >= max(first_rung[r] for r in stopped), first_rung
+    # An empty registry has no champion to beat: the winner takes both aliases.
+    winner_run = next(r for r in result.leaderboard if r["trial"] == result.winner)["run_id"]
+    assert winner_run in went_on
+    assert client().get_model_version_by_alias(REGISTERED, "champion").run_id == winner_run
 
 
-@pytest.mark.parametrize("override, key", [
-    ("search.space={optimizer.lr: {choice: [0.1]}}", "search.space.optimizer.lr: unknown key"),
-    ("search.space={optimizer.learning_rate: {loguniform: [0, 1]}}", "search.space.optimizer.learning_rate: loguniform"),
-    ("search.space={model.name: {choice: [convnet, vgg]}}", "search.space.model.name: 'vgg' is not a image model"),
-    ("search.space={optimizer.batch_size: {choice: [4096]}}", "search.space.optimizer.batch_size: 4096 leaves fewer"),
-    ("execution.workers=3", "execution.workers=3 exceeds Spark's 2 task slots"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("search.space={optimizer.lr: {choice: [0.1]}}", "search.space.optimizer.lr: unknown key"),
+        (
+            "search.space={optimizer.learning_rate: {loguniform: [0, 1]}}",
+            "search.space.optimizer.learning_rate: loguniform",
+        ),
+        ("search.space={model.name: {choice: [convnet, vgg]}}", "search.space.model.name: 'vgg' is not a image model"),
+        (
+            "search.space={optimizer.batch_size: {choice: [4096]}}",
+            "search.space.optimizer.batch_size: 4096 leaves fewer",
+        ),
+        ("execution.workers=3", "execution.workers=3 exceeds Spark's 2 task slots"),
+    ],
+)
 def test_bad_search_fails_before_any_task_naming_the_key(spark, fashion_small, tmp_path, mlflow_store, override, key):
     from training.selection.job import run_job
 
@@ -177,8 +228,9 @@ def test_sigkilled_search_resumes_after_each_models_last_finished_unit(fashion_s
     before = len(list((tmp_path / "store").glob("*/m*/unit-*.json")))
     assert before < 3 * 3 * 2  # killed mid-way
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent = mlflow.search_runs(filter_string="tags.`deepspark.job` = 'select_models'", search_all_experiments=True,
-                                output_format="list")
+    parent = mlflow.search_runs(
+        filter_string="tags.`deepspark.job` = 'select_models'", search_all_experiments=True, output_format="list"
+    )
     assert len(parent) == 1 and parent[0].info.status == "RUNNING"
     parent_id = parent[0].info.run_id
     kids_before = {k.info.run_id for k in children(parent_id)}
@@ -188,7 +240,7 @@ def test_sigkilled_search_resumes_after_each_models_last_finished_unit(fashion_s
         history = unit_partitions(tmp_path / "store", parent_id, trial)
         assert len(history) == 6
         for epoch in range(3):
-            assert sorted(history[2 * epoch:2 * epoch + 2]) == [0, 1]
+            assert sorted(history[2 * epoch : 2 * epoch + 2]) == [0, 1]
     kids = children(parent_id)
     assert {k.info.run_id for k in kids} == kids_before and {k.info.status for k in kids} == {"FINISHED"}
     for kid in kids:
@@ -197,8 +249,9 @@ def test_sigkilled_search_resumes_after_each_models_last_finished_unit(fashion_s
     assert client().get_model_version_by_alias("fashion-mnist-classifier", "candidate").run_id in kids_before
 
 
-def test_a_failed_stage_ends_parent_and_children_failed_and_names_the_resume(spark, fashion_small, tmp_path,
-                                                                              mlflow_store):
+def test_a_failed_stage_ends_parent_and_children_failed_and_names_the_resume(
+    spark, fashion_small, tmp_path, mlflow_store
+):
     """A real fault in the store: model state deleted as soon as it lands, so the next hop's
     restore fails inside a Spark task; the search stops, saying how to resume."""
     import threading

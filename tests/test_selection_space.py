@@ -157,9 +157,9 @@ def test_progress_folds_units_into_epochs():
 
 
 def test_balanced_shards_deal_rows_evenly_and_deterministically():
-    from training.data import balanced_shards
-
     import itertools
+
+    from training.data import balanced_shards
 
     def largest(rows: list[int], shards: list[int], n: int) -> int:
         return max(sum(r for r, s in zip(rows, shards) if s == k) for k in range(n))

@@ -63,6 +63,22 @@ def test_vocabulary_is_fitted_on_train_only(csv_dataset):
     assert not vocabulary & (markers["test"] | markers.get("val", set()))
 
 
+def test_vocabulary_is_exactly_the_train_tokens_by_count(csv_dataset, text_corpus):
+    """The whole vocabulary, in order, recomputed from the texts of the rows that landed in train:
+    every token they hold (min_count 1), most frequent first, ties alphabetical; nothing else."""
+    from collections import Counter
+
+    from deepspark.modality import content_hash
+    from pipelines.text import transforms as T
+
+    result = csv_dataset
+    text_of = {content_hash(text): text for text in text_corpus.good}
+    counts = Counter(token for row in read_rows(result.url, "train")
+                     for token in T.tokens(text_of[row.content_hash], T.TextRules()))
+    expected = sorted(counts, key=lambda t: (-counts[t], t))
+    assert result.manifest["state"]["vocabulary"] == expected
+
+
 def _marker(row) -> str | None:
     """The marker token of a stored row, found by decoding its ids is not possible for test-only
     tokens (they are OOV); it is read from the source text via the row's content hash instead."""

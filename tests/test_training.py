@@ -3,6 +3,7 @@ Petastorm readers, a real sqlite MLflow store. Tiny step counts keep each run sh
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from deepspark.config import ConfigError, load_config
@@ -37,30 +38,70 @@ def trained(spark, fashion_small, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("train")
     store = [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"tracking.artifact_root={tmp / 'artifacts'}"]
-    result = run_job(spark, config(fashion_small, store))
-    return result, store
+    cfg = config(fashion_small, store)
+    result = run_job(spark, cfg)
+    return result, store, cfg
 
 
 def test_two_ranks_make_exactly_one_finished_run(trained):
-    result, _ = trained
+    """One run; its params are the whole resolved config (defaults and conf/base included, not
+    only what the test set), and config/resolved.yaml holds the same config."""
+    import yaml
+
+    result, _, cfg = trained
     runs = runs_of()
     assert [r.info.run_id for r in runs] == [result.run_id]
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert result.num_proc == 2
-    assert run.data.params["resolved.num_proc"] == "2"
-    assert run.data.params["optimizer.batch_size"] == "16"  # the resolved config, as params
+    assert run.data.params["resolved.num_proc"] == "2"  # not set by the test: Spark's 2 task slots
+    params = {k: v for k, v in run.data.params.items() if not k.startswith("resolved.")}
+    dumped = cfg.model_dump(mode="json")
+    assert set(params) == set(flat_keys(dumped))
+    assert params["optimizer.learning_rate"] == str(dumped["optimizer"]["learning_rate"])  # a default
+    assert params["loader.shuffle_buffer"] == str(dumped["loader"]["shuffle_buffer"])
+    with open(client().download_artifacts(result.run_id, "config/resolved.yaml")) as fh:
+        logged = yaml.safe_load(fh)
+    assert logged == dumped
     assert run.data.tags["dataset.name"] == "fashion-small"
 
 
-def test_per_epoch_metrics_dataset_and_artifacts(trained):
-    result, _ = trained
+def flat_keys(node: dict, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key, value in node.items():
+        out += flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]  # {}: no leaf
+    return out
+
+
+def evaluated_test_rows(spark, dataset, max_rows: int) -> tuple:
+    """The test split's first rows as stored: the rows the training job evaluates."""
+    from deepspark.datasets import open_dataset
+    from training.data import ShardSpec, strided_rows
+
+    opened = open_dataset(spark, str(dataset.root), dataset.name)
+    return strided_rows(ShardSpec(opened.split_url("test"), opened.spec, "image", 0, 1), max_rows)
+
+
+def registered_probabilities(model_uri: str, tensors):
+    import mlflow
+
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().probabilities(tensors)
+
+
+def test_per_epoch_metrics_dataset_and_artifacts(trained, spark, fashion_small):
+    result, *_ = trained
     c = client()
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "samples_per_s", "input_stall_share"):
         assert [m.step for m in c.get_metric_history(result.run_id, key)] == [0, 1], key
     run = c.get_run(result.run_id)
-    assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
-    assert run.data.metrics["test_accuracy"] == pytest.approx(result.test["test_accuracy"])
+    # The logged test accuracy is the registered model's accuracy on the evaluated test rows,
+    # recomputed here from its own predictions (max_eval_rows: the split's first 200 rows as stored).
+    xs, ys = evaluated_test_rows(spark, fashion_small, 200)
+    predicted = registered_probabilities("models:/fashion-mnist-classifier@candidate", xs).argmax(axis=1)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(float((predicted == ys).mean()), abs=1e-6)
+    confusion = np.array(result.confusion)
+    assert confusion.sum(axis=1).tolist() == np.bincount(ys, minlength=confusion.shape[0]).tolist()
+    assert confusion.sum(axis=0).tolist() == np.bincount(predicted, minlength=confusion.shape[0]).tolist()
     inputs = run.inputs.dataset_inputs
     assert len(inputs) == 1 and inputs[0].dataset.name.startswith("fashion-small@v")
     artifacts = {a.path for a in c.list_artifacts(result.run_id, "plots")}
@@ -70,13 +111,19 @@ def test_per_epoch_metrics_dataset_and_artifacts(trained):
     assert sum(map(sum, result.confusion)) == 200  # max_eval_rows test images, each counted once
 
 
-def test_registered_model_has_signature_and_predicts(trained, fashion_small):
+def test_registered_model_has_signature_and_predicts(trained, spark, fashion_small):
     """The registered model takes raw file bytes (its signature says so), carries its modality
-    record, and predicts a label per file; a bad file gets its quarantine reason."""
+    record, and predicts from raw bytes exactly what its Keras model gives for the ETL's stored
+    tensors of the same files; a bad file gets its quarantine reason."""
+    from urllib.parse import urlparse
+
     import mlflow
     import pandas as pd
+    import pyarrow.parquet as pq
 
-    result, _ = trained
+    from deepspark.datasets import open_dataset
+
+    result, *_ = trained
     version = client().get_model_version_by_alias("fashion-mnist-classifier", "candidate")
     assert int(version.version) == result.model_version
     model_uri = "models:/fashion-mnist-classifier@champion"
@@ -85,25 +132,43 @@ def test_registered_model_has_signature_and_predicts(trained, fashion_small):
     model = mlflow.pyfunc.load_model(model_uri)
     record = model.unwrap_python_model().record
     assert (record.modality, record.spec.shape, record.spec.dtype) == ("image", (28, 28, 1), "uint8")
-    files = sorted((fashion_small.root.parent / "raw" / "test" / "Bag").iterdir())[:3]
+    raw = fashion_small.root.parent / "raw" / "test"
+    files = [f for label in ("Bag", "Coat") for f in sorted((raw / label).iterdir())[:4]]
     out = model.predict(pd.DataFrame({"content": [f.read_bytes() for f in files] + [b""]}))
     assert list(out.columns) == ["predicted_label", "probability", "reason"]
-    assert set(out["predicted_label"][:3]) <= set(record.labels) and out["reason"][:3].isna().all()
-    assert out["predicted_label"][3] is None and out["reason"][3] == "empty_file"
+    assert out["reason"][:-1].isna().all()
+    assert out["predicted_label"].iloc[-1] is None and out["reason"].iloc[-1] == "empty_file"
+    opened = open_dataset(spark, str(fashion_small.root), fashion_small.name)
+    stored = pq.read_table(urlparse(opened.split_url("test")).path, columns=["path", record.spec.column]).to_pandas()
+    tensor_of = {p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1]: t for p, t in zip(stored["path"], stored[record.spec.column])}
+    tensors = record.plugin.decode([tensor_of[f"{f.parent.name}/{f.name}"] for f in files], record.spec)
+    probabilities = model.unwrap_python_model().probabilities(np.stack(tensors))
+    assert out["predicted_label"][:-1].tolist() == [record.labels[i] for i in probabilities.argmax(axis=1)]
+    assert out["probability"][:-1].to_numpy() == pytest.approx(probabilities.max(axis=1), abs=1e-5)
 
 
 def test_champion_gate_both_ways(trained, spark, fashion_small):
     from training.job import run_job
 
-    result, store = trained
-    worse = run_job(spark, config(fashion_small, store, "epochs=1", "steps_per_epoch=1",
-                                  "optimizer.learning_rate=0.00001"))
+    result, store, _ = trained
+    worse = run_job(
+        spark, config(fashion_small, store, "epochs=1", "steps_per_epoch=1", "optimizer.learning_rate=0.00001")
+    )
     c = client()
     assert worse.test["test_accuracy"] < result.test["test_accuracy"]
     assert int(c.get_model_version_by_alias("fashion-mnist-classifier", "candidate").version) == worse.model_version
     assert int(c.get_model_version_by_alias("fashion-mnist-classifier", "champion").version) == result.model_version
-    forced = run_job(spark, config(fashion_small, store, "epochs=1", "steps_per_epoch=1",
-                                   "optimizer.learning_rate=0.00001", "registry.gate_min_delta=-1.0"))
+    forced = run_job(
+        spark,
+        config(
+            fashion_small,
+            store,
+            "epochs=1",
+            "steps_per_epoch=1",
+            "optimizer.learning_rate=0.00001",
+            "registry.gate_min_delta=-1.0",
+        ),
+    )
     assert int(c.get_model_version_by_alias("fashion-mnist-classifier", "champion").version) == forced.model_version
 
 
@@ -163,8 +228,9 @@ def test_sigkilled_rank_fails_clearly_then_resumes_from_its_weights_and_optimize
     assert resumed.run_id == run_id
     assert len(runs_of()) == 2  # the uninterrupted run and this one: the resume made no new run
     assert c.get_run(run_id).info.status == "FINISHED"
-    history = {m.step: m.value for m in c.get_metric_history(run_id, "loss")}
-    assert sorted(history) == [0, 1, 2]
+    logged = sorted(c.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in logged] == [0, 1, 2]  # each epoch exactly once: none logged again on resume
+    history = {m.step: m.value for m in logged}
     first_resumed = done[-1] + 1
     fresh = uninterrupted[0]  # a model trained from scratch for one epoch
     # Within 15 % (threaded input and 2 ranks are not bit-reproducible: 0 % and 5.5 % seen); a fresh
@@ -180,8 +246,10 @@ def test_uneven_shards_finish(spark, fashion_small):
 
     dataset = open_dataset(spark, str(fashion_small.root), fashion_small.name)
     url = dataset.split_url("train")
-    shard_rows = [sum(len(y) for _, y in read_row_groups(ShardSpec(url, dataset.spec, "image", rank, 2), None, False))
-                  for rank in (0, 1)]
+    shard_rows = [
+        sum(len(y) for _, y in read_row_groups(ShardSpec(url, dataset.spec, "image", rank, 2), None, False))
+        for rank in (0, 1)
+    ]
     assert sum(shard_rows) == dataset.rows("train")
     assert shard_rows[0] != shard_rows[1], f"fixture should shard unevenly, got {shard_rows}"
     steps = max(shard_rows) // 16 + 2  # more steps than the smaller shard holds: it must cycle, not hang
@@ -190,13 +258,16 @@ def test_uneven_shards_finish(spark, fashion_small):
     assert result.num_proc == 2 and sum(map(sum, result.confusion)) == min(200, dataset.rows("test"))
 
 
-@pytest.mark.parametrize("override,key", [
-    ("horovod.num_proc=3", "horovod.num_proc"),
-    ("data.name=missing", "data.name"),
-    ("data.test_split=holdout", "data.test_split"),
-    ("optimizer.batch_size=100000", "optimizer.batch_size"),
-    ("model.name=vgg99", "model.name"),  # valid names depend on the dataset's modality
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("horovod.num_proc=3", "horovod.num_proc"),
+        ("data.name=missing", "data.name"),
+        ("data.test_split=holdout", "data.test_split"),
+        ("optimizer.batch_size=100000", "optimizer.batch_size"),
+        ("model.name=vgg99", "model.name"),  # valid names depend on the dataset's modality
+    ],
+)
 def test_driver_side_errors_name_the_key(spark, fashion_small, override, key):
     from training.job import plan
 
@@ -205,7 +276,6 @@ def test_driver_side_errors_name_the_key(spark, fashion_small, override, key):
         cfg = cfg.model_copy(update={"steps_per_epoch": None})
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         plan(spark, cfg)
-
 
 
 def test_early_stopping_without_a_validation_split_is_refused(spark, fashion_small):

@@ -13,8 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from deepspark.modality import TensorSpec
-from training.data import (ShardSpec, StallMeter, pass_batches, prefetched, read_row_groups, shuffled_batches,
-                           strided_rows, training_batches)
+from training.data import (
+    ShardSpec,
+    StallMeter,
+    pass_batches,
+    prefetched,
+    read_row_groups,
+    shuffled_batches,
+    strided_rows,
+    training_batches,
+)
 
 
 def groups(n_groups: int, rows: int):
