@@ -167,8 +167,9 @@ def main() -> None:
             for scale in (1, 4):
                 root = work / f"{name}-{scale}x"
                 make_folder(root, scale * n, fmt, side)
-                runs = [("ours", lambda: run_etl(spark, root, work / f"{name}-{scale}x-out", target, channels)[0]),
-                        ("limit", lambda: run_limit(pool, root, rules, spec, work / f"{name}-{scale}x-limit"))]
+                # Both are called within this iteration, so the loop variables they read are current.
+                runs = [("ours", lambda: run_etl(spark, root, work / f"{name}-{scale}x-out", target, channels)[0]),  # noqa: B023
+                        ("limit", lambda: run_limit(pool, root, rules, spec, work / f"{name}-{scale}x-limit"))]  # noqa: B023
                 for who, run in (runs if scale == 1 else runs[::-1]):  # alternate who goes first
                     times[who, scale] = run()
             ours_rate, ours_fixed = marginal(n, times["ours", 1], 4 * n, times["ours", 4])

@@ -32,7 +32,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -285,8 +284,10 @@ def main() -> None:
                 loader = loader_rates(r1.url, record, 1_000 if args.quick else 4_000)
                 shape = f"{record.spec.dtype}{list(record.spec.shape)}"
                 table += [
-                    (modality, f"ETL {n1:,} inputs, whole job", f"{n1 / t1:,.0f} /s", f"limit {n1 / l1:,.0f} /s = {t1 and (n1 / t1) / (n1 / l1):.2f}"),
-                    (modality, "ETL marginal rate (1x -> 2x)", f"{ours_marginal:,.0f} /s", f"limit {limit_marginal:,.0f} /s = {ours_marginal / limit_marginal:.2f}"),
+                    (modality, f"ETL {n1:,} inputs, whole job", f"{n1 / t1:,.0f} /s",
+                     f"limit {n1 / l1:,.0f} /s = {t1 and (n1 / t1) / (n1 / l1):.2f}"),
+                    (modality, "ETL marginal rate (1x -> 2x)", f"{ours_marginal:,.0f} /s",
+                     f"limit {limit_marginal:,.0f} /s = {ours_marginal / limit_marginal:.2f}"),
                     (modality, "ETL fixed cost", f"{ours_fixed:.1f} s", f"limit {limit_fixed:.1f} s"),
                     (modality, f"loader {shape}, after the first batch", f"{loader['ours_rate']:,.0f} /s",
                      f"limit {loader['limit_rate']:,.0f} /s = {loader['ours_rate'] / loader['limit_rate']:.2f}"),

@@ -42,7 +42,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from deepspark.config import load_config  # noqa: E402
 from training.selection.config import SelectConfig  # noqa: E402
 
-SPACE = "search.space={optimizer.learning_rate: {choice: [0.0005, 0.001, 0.002, 0.004]}, optimizer.batch_size: {choice: [64, 128]}}"
+SPACE = ("search.space={optimizer.learning_rate: {choice: [0.0005, 0.001, 0.002, 0.004]}, "
+         "optimizer.batch_size: {choice: [64, 128]}}")
 
 
 def fresh_session():  # type: ignore[no-untyped-def]
@@ -120,8 +121,8 @@ def fused_worker(args: tuple) -> dict[int, tuple[float, float]]:
         for stepper in (*alone, fused):
             stepper.fit_rows(x[: 2 * batch], y[: 2 * batch], batch, 0)
         timings = []
-        for run in (lambda: [s.fit_rows(x, y, batch, p) for s in alone for p in range(3)],
-                    lambda: [fused.fit_rows(x, y, batch, p) for p in range(3)]):
+        for run in (lambda: [s.fit_rows(x, y, batch, p) for s in alone for p in range(3)],  # noqa: B023 (called here)
+                    lambda: [fused.fit_rows(x, y, batch, p) for p in range(3)]):  # noqa: B023
             started = time.perf_counter()
             run()
             timings.append(time.perf_counter() - started)
@@ -242,8 +243,8 @@ def main() -> None:
             runs[(method, epochs)] = (result, seconds)
             if (method, epochs) == ("mop", 2):
                 span = epoch_span(tmp, result, 2)
-            print(f"{method} x {epochs} epoch(s): {seconds:.1f} s, best val {max(r['val_accuracy'] for r in result.leaderboard):.4f}",
-                  flush=True)
+            best = max(r["val_accuracy"] for r in result.leaderboard)
+            print(f"{method} x {epochs} epoch(s): {seconds:.1f} s, best val {best:.4f}", flush=True)
         limit = limit_epoch(spark, search_config(root, name, tmp / "limit", "mop", 1))
         from training.selection.job import plan
         from training.selection.workers import SplitData
@@ -262,21 +263,24 @@ def main() -> None:
     fixed = {m: runs[(m, 1)][1] - marginal[m] for m in marginal}
     top = 2 if not args.quick else 1
     print(f"\n8 configurations ({len(rows)} trained), {samples_per_epoch:,} samples per epoch over all of them")
-    print(f"{'method':<28}{'1 epoch s':>11}{'2 epochs s':>12}{'marginal s':>12}{'fixed s':>9}{'samples/s/model':>17}{'best val':>10}")
+    print(f"{'method':<28}{'1 epoch s':>11}{'2 epochs s':>12}{'marginal s':>12}{'fixed s':>9}"
+          f"{'samples/s/model':>17}{'best val':>10}")
     for method in ("mop", "task", "horovod"):
         one = runs[(method, 1)][1]
         two = runs.get((method, 2), (None, None))[1]
         epochs = top if (method, top) in runs else 1
         res, seconds = runs[(method, epochs)]
         per_model = samples_per_epoch / len(rows) * epochs / seconds
-        print(f"{method:<28}{one:>11.1f}{(f'{two:.1f}' if two else '-'):>12}{(f'{marginal[method]:.1f}' if method in marginal else '-'):>12}"
+        print(f"{method:<28}{one:>11.1f}{(f'{two:.1f}' if two else '-'):>12}"
+              f"{(f'{marginal[method]:.1f}' if method in marginal else '-'):>12}"
               f"{(f'{fixed[method]:.1f}' if method in fixed else '-'):>9}{per_model:>17,.0f}"
               f"{max(r['val_accuracy'] for r in res.leaderboard):>10.4f}")
     print(f"{'limit (2 cores, no comms)':<28}{limit:>11.1f}{'':>12}{limit:>12.1f}")
     mop_val = {r["trial"]: r["val_accuracy"] for r in runs[("mop", 2)][0].leaderboard}
     task_val = {r["trial"]: r["val_accuracy"] for r in runs[("task", 2)][0].leaderboard}
     gap = max(abs(mop_val[t] - task_val[t]) for t in mop_val)
-    print("val accuracy at 2 epochs, mop vs task: " + ", ".join(f"{t}: {mop_val[t]:.4f}/{task_val[t]:.4f}" for t in sorted(mop_val)))
+    print("val accuracy at 2 epochs, mop vs task: "
+          + ", ".join(f"{t}: {mop_val[t]:.4f}/{task_val[t]:.4f}" for t in sorted(mop_val)))
     print(f"mop_over_ideal (marginal epoch) {limit / marginal['mop']:.3f} (goal >= 0.9); task {limit / marginal['task']:.3f}")
     print(f"mop's second epoch inside the 2-epoch run: {span:.1f} s, {limit / span:.3f} of the limit")
     print(f"\n{'small models (mlp) on one core, 3 passes':<44}{'separate s':>11}{'fused s':>9}{'speedup':>9}")
@@ -309,7 +313,8 @@ def main() -> None:
         {"name": "one_job_per_model_seconds", "value": round(one_s + two_s, 2), "goal": None, "unit": "s"},
         *[{"name": f"fused_k{k}_speedup", "value": round(a / f, 3), "goal": 1.2 if k == 4 else None, "unit": "ratio"}
           for k, (a, f) in fused.items()],
-        *[{"name": f"best_val_accuracy_{m}", "value": round(max(r["val_accuracy"] for r in runs[(m, top if (m, top) in runs else 1)][0].leaderboard), 4),
+        *[{"name": f"best_val_accuracy_{m}",
+           "value": round(max(r["val_accuracy"] for r in runs[(m, top if (m, top) in runs else 1)][0].leaderboard), 4),
            "goal": None, "unit": "accuracy"} for m in ("mop", "task", "horovod")],
     ]
     if args.json:

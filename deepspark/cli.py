@@ -7,15 +7,15 @@ job behaves the same whichever way it is started. Heavy modules load only when a
 from __future__ import annotations
 
 import importlib
-import logging
-import warnings
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import click
 
 from deepspark.config import ConfigError, load_config
+from deepspark.logs import configure_logging
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,7 @@ def job_command(job: str) -> click.Command:
     @click.argument("overrides", nargs=-1)
     def command(profile: str | None, overrides: tuple[str, ...]) -> None:
         """Run the job; overrides are key=value with dotted keys, e.g. image.height=32."""
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for ours in ("deepspark", "pipelines", "training", "inference"):
-            logging.getLogger(ours).setLevel(logging.INFO)
+        configure_logging()
         # py4j reports (at INFO, on the root logger) a connection it then retries successfully
         # when Horovod drives Spark from another thread: noise, not an error.
         for noisy in ("petastorm", "pyarrow"):  # legacy-dataset API notices, not actionable by users

@@ -125,9 +125,8 @@ def load_on_worker(shipped_as: str, intra_op_threads: int, gpu: str | None = Non
     the task's GPU by a device scope instead."""
     import contextlib
 
-    from pyspark import SparkFiles
-
     import tensorflow as tf
+    from pyspark import SparkFiles
 
     gpus = tf.config.list_physical_devices("GPU")
     try:  # only possible before TensorFlow initialises; a reused worker already did this

@@ -24,9 +24,21 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from deepspark.config import ConfigError, config_to_yaml
 from deepspark.datasets import MANIFEST
-from deepspark.modality import (LABEL, LABEL_NAME, PATH, QUARANTINE_COLUMNS, Modality, ModalityRecord, TensorSpec,
-                                content_hash, get_modality, or_reason, rules_to_dict, unischema)
 from deepspark.locks import LOCK_FILE, Lease
+from deepspark.modality import (
+    LABEL,
+    LABEL_NAME,
+    PATH,
+    QUARANTINE_COLUMNS,
+    Modality,
+    ModalityRecord,
+    TensorSpec,
+    content_hash,
+    get_modality,
+    or_reason,
+    rules_to_dict,
+    unischema,
+)
 from deepspark.storage import HadoopFS, VersionedLocation, join, to_url
 from pipelines import layout
 from pipelines.config import EtlConfig

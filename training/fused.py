@@ -36,7 +36,7 @@ class FusedModels:
                 outputs = [m(x, training=True) for m in self.models]
                 losses = [loss(y, out) for out in outputs]
                 # regularisation terms, as Keras' own train step adds them
-                total = tf.add_n([l + tf.add_n(m.losses) if m.losses else l for l, m in zip(losses, self.models)])
+                total = tf.add_n([loss + tf.add_n(m.losses) if m.losses else loss for loss, m in zip(losses, self.models)])
             variables = [m.trainable_variables for m in self.models]
             grads = tape.gradient(total, variables)
             for m, g, v in zip(self.models, grads, variables):
@@ -63,5 +63,5 @@ class FusedModels:
             step_losses, step_hits = self._step(xs[batch], ys[batch])
             losses += step_losses.numpy()
             hits += step_hits.numpy()
-        return ([{"loss": float(l / steps), "accuracy": float(h / steps)} for l, h in zip(losses, hits)],
+        return ([{"loss": float(loss / steps), "accuracy": float(h / steps)} for loss, h in zip(losses, hits)],
                 steps * batch_size)

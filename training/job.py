@@ -176,8 +176,8 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
         start_epoch = last + 1
         log.info("resuming run %s after epoch %d", cfg.resume, last + 1)
     started = time.perf_counter()
-    tags = {"deepspark.job": "train", "deepspark.modality": dataset.record.modality, "dataset.name": dataset.name, "dataset.version": str(dataset.version),
-            "dataset.id": dataset.dataset_id, **cfg.extra_tags}
+    tags = {"deepspark.job": "train", "deepspark.modality": dataset.record.modality, "dataset.name": dataset.name,
+            "dataset.version": str(dataset.version), "dataset.id": dataset.dataset_id, **cfg.extra_tags}
     run_name = cfg.run_name or f"train:{planned.model_name}:{dataset.name}@v{dataset.version}"
     with job_run(cfg.tracking, run_name, cfg, tags, resume_run_id=cfg.resume) as run:
         run_id = run.info.run_id if run else None

@@ -4,6 +4,7 @@ and Horovod lazily; shards data by rank; only rank 0 logs to MLflow and writes c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from training.config import TrainConfig
 from training.trainer import Collective, pack_checkpoint
 
 CHECKPOINT_DIR = "checkpoints"
+log = logging.getLogger(__name__)
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -44,6 +46,9 @@ class RankTask:
     epoch_results: bool = False  # rank 0 also returns each epoch's metrics and the final checkpoint
 
     def __call__(self) -> dict[str, Any] | None:
+        from deepspark.logs import configure_logging
+
+        configure_logging()  # a fresh process per rank: its epoch lines go to the task's stderr
         try:
             return self._train()
         except BaseException:
@@ -116,7 +121,8 @@ class RankTask:
                     metrics.update(task._evaluate(self.model, *val, "val_", collective)[0])
                 slowest = collective.allreduce(np.array([elapsed]), "max", f"elapsed{epoch}")[0]
                 metrics["samples_per_s"] = task.steps_per_epoch * batch * size / slowest
-                metrics["input_stall_share"] = collective.allreduce(np.array([wait / elapsed]), "sum", f"stall{epoch}")[0] / size
+                stall = collective.allreduce(np.array([wait / elapsed]), "sum", f"stall{epoch}")[0]
+                metrics["input_stall_share"] = stall / size
                 metrics["epoch_seconds"] = slowest
                 metrics["learning_rate"] = schedule(self.model.optimizer.iterations)
                 metrics = {k: float(v) for k, v in metrics.items()}
@@ -177,7 +183,7 @@ class RankTask:
         return MlflowClient(tracking_uri=self.tracking_uri)
 
     def _log_epoch(self, client: Any, epoch: int, metrics: dict[str, float], model: Any) -> None:
-        print(f"epoch {epoch + 1}/{self.cfg.epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        log.info("epoch %d/%d: %s", epoch + 1, self.cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if client is None:
             return
         from mlflow.entities import Metric

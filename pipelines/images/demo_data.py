@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Real class names; "/" cannot be in a folder name, so T-shirt/top is stored as T-shirt_top.
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+
 def _normalise(inputs):  # type: ignore[no-untyped-def]
     import tensorflow as tf
 

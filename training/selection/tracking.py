@@ -5,6 +5,7 @@ The store's `trials.json` ties child runs to configurations, so a resumed search
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,8 @@ import numpy as np
 from deepspark.config import ConfigError, flatten
 from deepspark.tracking import TrackingSettings, ensure_experiment
 from training.selection.store import TRIALS, Store, unit_name
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -107,7 +110,7 @@ class SearchTracker:
 
     def log_epoch(self, trial: int, epoch: int, metrics: dict[str, float]) -> None:
         run_id = self.child_ids.get(trial)
-        print(f"trial {trial} epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        log.info("trial %d epoch %d: %s", trial, epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if run_id is None or epoch in self.logged.setdefault(trial, set()):
             return
         import time
