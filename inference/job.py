@@ -331,6 +331,8 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
               ("quarantine", [v for v, (_, bad, _) in per_model.items() if bad],
                scored.where(failed).select(*KEY, "reason", "detail", *SOURCE, "model_name", "job_id", "scored_at",
                                            "model_version").coalesce(1))]
+    if any(holding for _, holding, _ in tables):
+        store.begin()  # before the first batch lands: an uncommitted batch is never read as a pre-log output's
     for table, holding, frame in tables:  # holding: the versions with rows for this table
         if holding:
             (frame.withColumn("batch", F.lit(job_id)).write.mode("append")
@@ -377,6 +379,7 @@ def _compact(spark: "SparkSession", cfg: BatchInferenceConfig, store: Prediction
     if not cfg.compact:
         return None
     number = None
+    store.begin()
     for model in models:
         snap = store.compact(spark, model.version, job_id, store.current(), lease.check)
         if snap is None:

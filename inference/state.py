@@ -111,6 +111,14 @@ class PredictionStore:
             return Snapshot(0, self._folders())
         return self._entry(entries[-1])
 
+    def begin(self) -> None:
+        """Call before a run writes its first batch (holding the lock). An output with no log
+        entry gets entry 0, listing the batch folders it holds now: none for a new output, its own
+        for one written before the log. A batch written after it stays invisible to readers until
+        a commit lists it, also when the first run ever is killed before committing."""
+        if not self._entries():
+            self.fs.create_exclusive(self._entry_url(0), Snapshot(0, self._folders(), "adopted", time.time()).to_json())
+
     def _entry(self, number: int) -> Snapshot:
         data = json.loads(self.fs.read_text(self._entry_url(number)))
         return Snapshot(data["number"], data["batches"], data.get("job_id"), data.get("committed_at"))

@@ -18,6 +18,19 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Each test's time limit by tier (pytest-timeout; setup of the module fixtures it is first to use
+# counts too): generous, so only a hang trips it, and then with a stack dump instead of eating
+# CI's 90 minutes. The first marker found wins; a test's own @pytest.mark.timeout wins over all.
+TIER_TIMEOUTS_S = (("airflow", 1200), ("cluster", 1500), ("slow", 900), ("spark", 600))
+UNIT_TIMEOUT_S = 120
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            seconds = next((s for tier, s in TIER_TIMEOUTS_S if item.get_closest_marker(tier)), UNIT_TIMEOUT_S)
+            item.add_marker(pytest.mark.timeout(seconds))
+
 
 @pytest.fixture(scope="session")
 def spark():

@@ -102,6 +102,24 @@ def test_rerun_gives_identical_split_and_id_as_new_version(spark, first_run):
         assert set(read_split(again.url, split)) == set(read_split(result.url, split))
 
 
+def test_dataset_id_changes_with_any_file_content(spark, tmp_path):
+    """Two folders with the same paths, labels and splits, one file's pixels different: the ids
+    differ (the id digests content, not only counts); the unchanged folder keeps its id."""
+    from tests.conftest import encode, gray
+
+    same = make_flat_folder(tmp_path / "same", 12)
+    other = make_flat_folder(tmp_path / "other", 12)
+    (other / "a" / "3.png").write_bytes(encode(gray(12345), "PNG"))
+
+    def dataset_id(root: Path, out: str) -> str:
+        return run(spark, [f"input.path={root}", f"output.root={tmp_path / out}", "output.name=flat",
+                           "tracking.enabled=false"]).manifest["dataset_id"]
+
+    first = dataset_id(same, "one")
+    assert dataset_id(same, "two") == first
+    assert dataset_id(other, "three") != first
+
+
 def test_hash_split_on_flat_layout(spark, tmp_path):
     root = make_flat_folder(tmp_path / "flat", 30)
     overrides = [f"input.path={root}", f"output.root={tmp_path / 'out'}", "output.name=flat",
@@ -136,7 +154,7 @@ def test_failed_write_leaves_previous_version_current(spark, raw_folder, tmp_pat
 def test_val_carved_from_train_when_folders_lack_val(spark, first_run, raw_folder, tmp_path):
     overrides, whole = first_run
     carved = run(spark, [o for o in overrides if not o.startswith(("output.root", "input.val_from_train"))]
-                 + [f"output.root={tmp_path}", "input.val_from_train=0.5"])
+                 + [f"output.root={tmp_path}", "input.val_from_train=0.3"])
     assert set(carved.manifest["counts"]) == {"train", "val", "test"}
     assert carved.manifest["counts"]["test"] == whole.manifest["counts"]["test"]
     train, val = read_split(carved.url, "train"), read_split(carved.url, "val")
@@ -149,7 +167,7 @@ def test_val_carved_from_train_when_folders_lack_val(spark, first_run, raw_folde
 
     seed = carved.manifest["config"]["input"]["seed"]
     expected = {p for p in set(train) | set(val)
-                if assign_split(p.split("/images/", 1)[1], seed + 1, {"train": 0.5, "val": 0.5}) == "val"}
+                if assign_split(p.split("/images/", 1)[1], seed + 1, {"train": 0.7, "val": 0.3}) == "val"}
     assert set(val) == expected and 0 < len(val) < len(train) + len(val)
 
 
@@ -204,13 +222,20 @@ def test_killed_job_leaves_the_previous_version_current(spark, raw_folder, tmp_p
     assert not any((base / "_staging").iterdir())  # stale staging removed, this run's own published
 
 
-@pytest.mark.parametrize("lost", ["train row", "quarantine row"])
+@pytest.mark.parametrize("lost", ["input row", "train row", "quarantine row"])
 def test_a_dataset_that_does_not_reconcile_is_never_published(spark, raw_folder, tmp_path, monkeypatch, lost):
-    """One row lost between processing and the written split, or between processing and the
-    written quarantine: the on-disk count check refuses to publish, and the staging folder is removed."""
+    """One row lost between the listing and processing, between processing and the written
+    split, or between processing and the written quarantine: the count checks refuse to publish,
+    and the staging folder is removed."""
+    import dataclasses
+
     from pyspark.sql import functions as F
 
-    write_splits, write_quarantine = etl._write_splits, etl._write_quarantine
+    open_inputs, write_splits, write_quarantine = etl.open_inputs, etl._write_splits, etl._write_quarantine
+
+    def losing_inputs(*args, **kwargs):
+        inputs = open_inputs(*args, **kwargs)
+        return dataclasses.replace(inputs, frame=inputs.frame.exceptAll(inputs.frame.limit(1)))
 
     def lossy(spark_, fs, good, *args, **kwargs):
         dropped = good.where(F.col("split") == "train").limit(1)
@@ -219,7 +244,9 @@ def test_a_dataset_that_does_not_reconcile_is_never_published(spark, raw_folder,
     def lossy_quarantine(rows, url, n_rows):
         return write_quarantine(rows.join(rows.limit(1).select("path"), "path", "left_anti"), url, n_rows)
 
-    if lost == "train row":
+    if lost == "input row":
+        monkeypatch.setattr(etl, "open_inputs", losing_inputs)
+    elif lost == "train row":
         monkeypatch.setattr(etl, "_write_splits", lossy)
     else:
         monkeypatch.setattr(etl, "_write_quarantine", lossy_quarantine)

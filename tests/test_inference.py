@@ -39,7 +39,7 @@ def test_end_to_end_from_a_raw_folder(spark, registry, raw_copy, tmp_path):
     import pandas as pd
 
     out = tmp_path / "predictions"
-    result = infer(spark, registry, raw_copy, out)
+    result = infer(spark, registry, raw_copy, out, "arrow_batch_rows=64")  # >= 7 Arrow batches of inputs
     c = result.counts
     assert (c.listed, c.skipped, c.hashed, c.scored, c.quarantined, c.unchanged) == (403, 0, 403, 400, 3, 0)
     assert result.commit == 1 and 1 <= result.model_loads <= 2  # once per Python worker, not per batch or task
@@ -161,6 +161,57 @@ def test_a_live_lock_is_refused_and_a_dead_one_is_taken_over(spark, registry, ra
     lock.write_text(json.dumps({"job_id": "other", "host": socket.gethostname(), "pid": os.getpid(), "ttl_s": 60}))
     (raw_copy / "Bag" / "one-more.png").write_bytes(next((raw_copy / "Coat").iterdir()).read_bytes())
     assert infer(spark, registry, raw_copy, out, "force_unlock=true").scored == 1
+
+
+def test_a_run_whose_lease_was_taken_over_commits_nothing(spark, registry, raw_copy, tmp_path):
+    """While the job scores, a second job takes its lock over for real (the Lease API with
+    force_unlock, as `force_unlock=true` does): the first job's writes are never committed."""
+    import threading
+    import time
+
+    from deepspark.locks import Lease, LockLostError
+    from deepspark.storage import HadoopFS
+    from inference.state import PredictionStore
+
+    out = tmp_path / "predictions"
+    fs = HadoopFS(spark)
+    store = PredictionStore.open(fs, str(out))
+    taken = threading.Event()
+
+    def take_over_once_held() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (out / "_LOCK").exists():
+            time.sleep(0.005)
+        Lease(fs, store.lock_url, "the-successor", 60).acquire(force=True)
+        taken.set()
+
+    thief = threading.Thread(target=take_over_once_held, daemon=True)
+    thief.start()
+    with pytest.raises(LockLostError, match="lost its lock"):
+        infer(spark, registry, raw_copy, out)
+    thief.join(timeout=10)
+    assert taken.is_set()
+    assert PredictionStore.open(fs, str(out)).current().number == 0  # no commit: readers see nothing
+    with pytest.raises(FileNotFoundError, match="no committed predictions"):  # not its batches as a pre-log output's
+        table(spark, out)
+    assert list(out.glob("model_version=*/batch=*")), "the loser's batch was written, so only the log hides it"
+    assert json.loads((out / "_LOCK").read_text())["job_id"] == "the-successor"  # not released by the loser
+
+
+def test_a_commit_never_overwrites_another_runs_commit(spark, tmp_path):
+    """Two runs committing on the same base: the second finds entry 1 made and fails, and entry 1
+    still holds the first run's batches (the log entry is an exclusive create, not a write)."""
+    from deepspark.locks import ConcurrentRunError
+    from deepspark.storage import HadoopFS
+    from inference.state import PredictionStore
+
+    store = PredictionStore.open(HadoopFS(spark), str(tmp_path / "predictions"))
+    base = store.current()
+    store.commit("first", {1: {"predictions": ["first"]}}, False, base)
+    with pytest.raises(ConcurrentRunError, match="commit 1 was made by another run"):
+        store.commit("second", {1: {"predictions": ["second"]}}, False, base)
+    current = PredictionStore.open(HadoopFS(spark), str(tmp_path / "predictions")).current()
+    assert (current.number, current.job_id, current.live("predictions")) == (1, "first", [(1, "first")])
 
 
 @pytest.mark.parametrize("uri,message", [
