@@ -156,6 +156,18 @@ def test_progress_folds_units_into_epochs():
     assert epoch["epoch_seconds"] == pytest.approx(4.0)
 
 
+def test_the_winner_is_the_best_finalist_never_a_stopped_configuration():
+    from training.selection.job import choose_winner
+
+    board = [{"trial": 0, "epochs": 1, "val_accuracy": 0.99, "val_loss": 0.1},  # stopped by halving
+             {"trial": 1, "epochs": 4, "val_accuracy": 0.80, "val_loss": 0.5},
+             {"trial": 2, "epochs": 4, "val_accuracy": 0.85, "val_loss": 0.6},
+             {"trial": 3, "epochs": 4, "val_accuracy": 0.85, "val_loss": 0.4}]
+    assert choose_winner(board, 4, "val_accuracy") == 2  # the tie goes to the lower index
+    assert choose_winner(board, 4, "val_loss") == 3  # lower is better for a loss
+    assert choose_winner(board, 1, "val_accuracy") == 0
+
+
 def test_balanced_shards_deal_rows_evenly_and_deterministically():
     import itertools
 

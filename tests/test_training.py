@@ -239,6 +239,49 @@ def test_sigkilled_rank_fails_clearly_then_resumes_from_its_weights_and_optimize
     assert abs(history[first_resumed] - fresh) > 3 * abs(history[first_resumed] - uninterrupted[first_resumed])
 
 
+def test_early_stopping_decides_on_the_shared_validation_metric_and_tests_the_best_epoch(
+        spark, fashion_small, mlflow_store):
+    """patience 1 with restore_best: the epochs the run logged, and the best epoch it tested,
+    are exactly what the rule gives on the logged (exact, allreduced) validation accuracies."""
+    from training.job import run_job
+
+    result = run_job(spark, config(fashion_small, mlflow_store, "epochs=5", "steps_per_epoch=6",
+                                   "early_stopping.patience=1", "early_stopping.restore_best=true",
+                                   "registry.enabled=false"))
+    logged = sorted(client().get_metric_history(result.run_id, "val_accuracy"), key=lambda m: m.step)
+    values = [m.value for m in logged]
+    best, best_epoch, ran = None, None, 5
+    for epoch, value in enumerate(values):  # KeepBest's rule, replayed
+        if best is None or value > best:
+            best, best_epoch = value, epoch
+        elif epoch - best_epoch >= 1:
+            ran = epoch + 1
+            break
+    assert [m.step for m in logged] == list(range(ran)), values
+    assert result.test["best_epoch"] == best_epoch
+
+
+def test_more_ranks_than_train_row_groups_fails_naming_the_key(spark, tmp_path):
+    """A train split of one row group cannot feed 2 ranks (Petastorm shards by row group): the
+    job says so before launching, naming horovod.num_proc."""
+    from pipelines.config import EtlConfig
+    from pipelines.etl import run_etl
+    from pipelines.layout import assign_split
+    from tests.conftest import make_flat_folder
+    from training.job import run_job
+
+    halves = {"train": 0.5, "test": 0.5}  # two files, one per split: a seed that deals them so
+    seed = next(s for s in range(100) if {assign_split(f"{c}/0.png", s, halves) for c in "ab"} == set(halves))
+    result = run_etl(spark, load_config(EtlConfig, "etl", [
+        f"input.path={make_flat_folder(tmp_path / 'raw', 1)}", f"output.root={tmp_path / 'datasets'}",
+        "output.name=one-group", "tracking.enabled=false", f"input.seed={seed}",
+        "input.split_fractions={train: 0.5, test: 0.5}"]))
+    assert result.manifest["counts"]["train"] == {"a": 1} or result.manifest["counts"]["train"] == {"b": 1}
+    dataset = type("Dataset", (), {"root": tmp_path / "datasets", "name": "one-group"})
+    with pytest.raises(ConfigError, match=r"horovod\.num_proc=2 but the train split has 1 row group"):
+        run_job(spark, config(dataset, ["tracking.enabled=false"], "horovod.num_proc=2", "model.name=mlp"))
+
+
 def test_uneven_shards_finish(spark, fashion_small):
     from deepspark.datasets import open_dataset
     from training.data import ShardSpec, read_row_groups

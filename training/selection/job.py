@@ -169,6 +169,14 @@ def _score(metrics: dict[str, float], metric: str) -> float:
     return value if metric.endswith("accuracy") else -value  # higher is better
 
 
+def choose_winner(leaderboard: list[dict[str, Any]], epochs: int, metric: str) -> int:
+    """The trial with the best final `metric` among those that trained every epoch (a
+    configuration halving stopped early is never the winner, however its last epoch scored);
+    ties go to the lowest trial index."""
+    finalists = [r for r in leaderboard if r["epochs"] == epochs]
+    return max(finalists, key=lambda r: (_score(r, metric), -r["trial"]))["trial"]
+
+
 def run_job(spark: "SparkSession", cfg: SelectConfig) -> SelectResult:
     """Plan, open the runs, train stage by stage, then log models, leaderboard and the winner."""
     from training.selection.tracking import SearchTracker
@@ -260,8 +268,7 @@ def run_job(spark: "SparkSession", cfg: SelectConfig) -> SelectResult:
                                 "best_val_accuracy": max(e.get("val_accuracy", float("nan")) for e in epochs),
                                 "samples_per_s": samples / max(busy, 1e-9),
                                 "run_id": tracker.child_ids.get(trial.index)})
-        finalists = [r for r in leaderboard if r["epochs"] == cfg.epochs]
-        winner = max(finalists, key=lambda r: (_score(r, cfg.search.metric), -r["trial"]))["trial"]
+        winner = choose_winner(leaderboard, cfg.epochs, cfg.search.metric)
         seconds = time.perf_counter() - started
         test, registry_line = tracker.finish(progress, leaderboard, winner, stopped, seconds)
     return SelectResult(parent, method, execution, seconds, leaderboard, winner, test, registry_line)
