@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 UI_PORT ?= 5000
 SUBMIT := $(VENV)/bin/spark-submit --master local[2] --driver-java-options "-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties)"
 
-.PHONY: setup demo demo-text demo-audio demo-select infer test test-fast ui bench dist clean
+.PHONY: setup demo demo-text demo-audio demo-select infer test test-fast lint mutants ui bench dist clean
 
 setup:
 	@bash scripts/setup.sh
@@ -43,6 +43,16 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
+
+lint: setup     ## ruff (pyflakes, pycodestyle, import order, bugbear, no print) and mypy, as .ci/run does
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# The guarantee table's mutation check (tests/guarantees.yaml): each guarantee's code removed in a
+# scratch copy, only its tests run, KILLED or SURVIVED printed. A development tool, not part of
+# `make test`; e.g. make mutants MUTANTS="--only lock-heartbeat,etl-latest-pointer".
+mutants: setup
+	$(PY) scripts/mutants.py $(MUTANTS)
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath data/mlflow/mlflow.db) \

@@ -113,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%-40s %s  <- %s", m.id, m.file, ", ".join(m.tests))
         return 0
     results: list[tuple[str, str, float]] = []
+    # One snapshot of the working tree, taken now: edits made while the check runs change nothing.
+    pristine = scratch_copy(Path(tempfile.mkdtemp(prefix="mutants-base-")))
     for m in mutants:
         work = Path(tempfile.mkdtemp(prefix=f"mutant-{m.id}-"))
         try:
-            root = scratch_copy(work)
+            root = work / "project"
+            shutil.copytree(pristine, root, symlinks=True)
             if args.baseline:
                 code, output = run_tests(root, m.tests)
                 if code != 0:
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("  scratch copy: %s", work)
             else:
                 shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(pristine.parent, ignore_errors=True)
     killed = sum(r == "KILLED" for _, r, _ in results)
     log.info("\n%d of %d guarantees KILLED", killed, len(results))
     for mid, result, _ in results:
