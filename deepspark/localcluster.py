@@ -30,7 +30,7 @@ def _wait_for(check: Callable[[], bool], what: str, timeout_s: float, procs: Seq
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"{what}: {proc.args[:2]} exited with {proc.returncode}")
+                raise RuntimeError(f"{what}: {proc.args!r:.120} exited with {proc.returncode}")
         try:
             if check():
                 return

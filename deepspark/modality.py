@@ -17,7 +17,7 @@ import hashlib
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -60,7 +60,10 @@ class BadInput(Exception):
         self.detail = detail
 
 
-def or_reason(convert: Callable[[Any], np.ndarray], payload: Any) -> tuple[np.ndarray | None, Failure | None]:
+T = TypeVar("T")
+
+
+def or_reason(convert: Callable[[Any], T], payload: Any) -> tuple[T | None, Failure | None]:
     """`convert(payload)` that never raises on bad data: (tensor, None) or (None, (reason, detail)).
     One bad input, or a decoder bug, becomes a quarantine row, never a failed job; MemoryError is
     transient (the same input may fit next time), so it fails the task instead."""

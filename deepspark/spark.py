@@ -99,7 +99,7 @@ def frame_from_pandas(spark: "SparkSession", frame: "pd.DataFrame", schema: str 
     """A driver-side table (a listing) as a DataFrame through Arrow: the JVM reads the batches as
     they are, with no Python worker unpickling rows (seconds for 100,000 rows), on any master."""
     key = "spark.sql.execution.arrow.pyspark.enabled"
-    before = spark.conf.get(key, "false")
+    before = str(spark.conf.get(key, "false"))
     spark.conf.set(key, "true")
     try:
         return spark.createDataFrame(frame, schema) if schema else spark.createDataFrame(frame)

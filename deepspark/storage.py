@@ -67,7 +67,7 @@ class HadoopFS:
     spark: "SparkSession"
 
     def _fs(self, url: str) -> tuple[Any, Any]:
-        jvm = self.spark.sparkContext._jvm
+        jvm: Any = self.spark.sparkContext._jvm  # py4j's gateway (None only before the context starts)
         path = jvm.org.apache.hadoop.fs.Path(url)
         conf = self.spark.sparkContext._jsc.hadoopConfiguration()
         return path.getFileSystem(conf), path
@@ -145,9 +145,8 @@ class HadoopFS:
         fs, path = self._fs(url)
         stream = fs.open(path)
         try:
-            reader = self.spark.sparkContext._jvm.java.io.BufferedReader(
-                self.spark.sparkContext._jvm.java.io.InputStreamReader(stream, "UTF-8")
-            )
+            jvm: Any = self.spark.sparkContext._jvm
+            reader = jvm.java.io.BufferedReader(jvm.java.io.InputStreamReader(stream, "UTF-8"))
             lines = []
             line = reader.readLine()
             while line is not None:

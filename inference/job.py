@@ -102,7 +102,8 @@ class Candidates:
     listed: int
     skipped: int
     hashed_in_workers: bool = False  # rows hold no bytes and no hash: the scorer reads and hashes
-    seen: dict[str, list[str]] = field(default_factory=dict)  # candidate path -> hashes committed under it
+    # model version -> candidate path -> the hashes it was committed under
+    seen: dict[int, dict[str, list[str]]] = field(default_factory=dict)
 
 
 def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
@@ -122,7 +123,8 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     root, kind = resolve_input(fs, cfg.input.path, "input.path", cfg.input.format, "records" in plugin.input_kinds)
     listing = list_inputs(fs, root, "input.path", kind, glob)
     in_workers = kind == "files" and filesystem.reaches(root)  # else binaryFile + sha2 and a JVM anti-join
-    fresh, seen = listing, {}
+    seen: dict[int, dict[str, list[str]]] = {}
+    fresh = listing
     if all(c is not None for c in committed.values()) and listing:
         fresh, seen = _changed_files(spark, listing, committed, with_hashes=in_workers)
     elif listing and in_workers and any(c is not None for c in committed.values()):  # one version scored none yet

@@ -61,7 +61,7 @@ def resolve(model_uri: str) -> tuple[str, int, str]:
             mv = client.get_model_version(name, match["version"])
     except MlflowException as exc:
         raise ConfigError(f"model_uri: {model_uri!r} does not resolve in the registry: {exc.message}") from None
-    return name, int(mv.version), mv.run_id
+    return name, int(mv.version), mv.run_id or ""  # a version registered from a path has no run
 
 
 def resolve_and_ship(spark: "SparkSession", model_uri: str, workdir: str) -> ResolvedModel:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import mlflow.pyfunc
 import numpy as np
+from mlflow.pyfunc.model import PythonModel
 
 from deepspark.modality import Failure, ModalityRecord, preprocess_all
 
@@ -28,7 +29,7 @@ def input_column(modality: str) -> str:
     return INPUT_COLUMN.get(modality, "content")
 
 
-class ModalityClassifier(mlflow.pyfunc.PythonModel):
+class ModalityClassifier(PythonModel):
     """Raw inputs -> predicted label and probability; bad inputs get a quarantine reason instead."""
 
     record: ModalityRecord

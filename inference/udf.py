@@ -8,7 +8,7 @@ what training saw.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from pyspark.accumulators import AccumulatorParam
@@ -18,6 +18,8 @@ from inference.model import ResolvedModel
 if TYPE_CHECKING:
     import pandas as pd
     from pyspark import Accumulator, Broadcast
+
+    from deepspark.modality import Failure
 
 SCORED_DDL = (
     "path string, content_hash string, predicted_index int, predicted_label string, "
@@ -49,7 +51,7 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
                 threads: int, loads: "Accumulator[int]", read_in_workers: bool = False,
                 seen: "Broadcast[dict[int, dict[str, list[str]]]] | None" = None,
                 disagreements: "Accumulator[dict] | None" = None,
-                ) -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
+                ) -> Callable[[Iterable["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     """`source` is "files" (path, payload), "records" (path, payload, label_name) or "dataset"
     (path, <tensor column>, label_name); every row also brings the metadata of its source file,
     which passes through to the committed row. Its `content_hash` comes computed by Spark, or,
@@ -64,7 +66,7 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
     k = min(k, len(labels))
     record = models[0].record
 
-    def score(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
+    def score(batches: Iterable["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
         from deepspark.modality import content_hash, preprocess_all
@@ -98,6 +100,8 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
                     committed = seen.value.get(model.version, {})
                     unchanged[m] = [h in committed.get(p, ()) for p, h in zip(batch["path"], hashes)]
             everywhere = unchanged.all(axis=0)  # committed for every version: not even preprocessed
+            tensors: list[np.ndarray | None]
+            failures: list[Failure | None]
             if raw is None:
                 tensors, failures = list(stacked), [None] * n
                 truth = list(batch["label_name"])
@@ -120,7 +124,8 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
                 top_probs: list = [None] * n
                 if good:
                     best, best_labels, best_probs = top_k(
-                        loaded(model).probabilities(np.stack([tensors[i] for i in good]), batch_size), k, labels)
+                        loaded(model).probabilities(np.stack([tensors[i] for i in good]), batch_size),  # type: ignore[misc]
+                        k, labels)  # (good: the rows whose tensor is not None)
                     index[good] = best
                     if len(good) == n:
                         top_labels, top_probs = best_labels, best_probs
@@ -134,7 +139,7 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
                     "path": batch["path"].to_numpy(),
                     "content_hash": hashes,
                     "predicted_index": predicted,
-                    "predicted_label": np.where(scored, labels[np.maximum(index, 0)], None),
+                    "predicted_label": np.where(scored, labels[np.maximum(index, 0)], np.array(None, dtype=object)),
                     "top_k_labels": top_labels,
                     "top_k_probabilities": top_probs,
                     "true_label": truth,

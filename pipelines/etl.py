@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from deepspark.config import ConfigError, config_to_yaml
 from deepspark.datasets import MANIFEST
@@ -107,12 +107,12 @@ def _label_row(label_of: layout.RowLabeller, path: str, payload: Any, given_labe
 
 def make_processor(modality: Modality, rules: Any, state: dict, spec: TensorSpec,
                    labeller: "Broadcast[layout.RowLabeller]", payload_in_workers: bool = False
-                   ) -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
+                   ) -> Callable[[Iterable["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     """Build, on the driver, the picklable pandas function the executors run: label and split,
     then the modality's preprocessing, one row out per input in."""
     columns = [c.split()[0] for c in processed_ddl(spec).split(", ")]
 
-    def process(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
+    def process(batches: Iterable["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
         preprocess = modality.preprocessor(rules, state)  # once per task (e.g. a token index)
@@ -125,12 +125,13 @@ def make_processor(modality: Modality, rules: Any, state: dict, spec: TensorSpec
                     batch["split"], batch["malformed"]):
                 digest, split, label_name, failure = _label_row(label_of, path, payload, given_label, given_split,
                                                                 malformed)
-                stored = label = None
+                stored: bytes | None = None
+                label: int | None = None
                 if failure is None:
                     tensor, failure = preprocess(payload)
                     if tensor is not None:  # a plug-in's tensor off its spec is a row's failure too
                         stored, failure = or_reason(lambda t: modality.encode(t, spec), tensor)
-                    if stored is not None:
+                    if stored is not None and label_name is not None:  # no failure: labelled
                         label = index[label_name]
                 reason, detail = failure if failure else (None, None)
                 for column, value in zip(columns, (stored, label, label_name, path, digest, split, size, reason, detail)):
@@ -193,7 +194,7 @@ def _fit(spark: "SparkSession", modality: Modality, rules: Any, inputs: RawInput
 
     in_workers = inputs.payload_in_workers  # the closure must not hold the DataFrame
 
-    def train_payloads(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
+    def train_payloads(batches: Iterable["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
         label_of = labeller.value
@@ -339,7 +340,7 @@ def run_etl(spark: "SparkSession", cfg: EtlConfig) -> EtlResult:
 
 
 def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: VersionedLocation, lease: Lease,
-                modality: Modality, root: str, kind: Any, from_folders: bool, val_from_train: bool,
+                modality: Modality, root: str, kind: Any, from_folders: bool, val_from_train: float,
                 started: float) -> EtlResult:
     """The ETL proper, while this run holds the dataset's lease."""
     from pyspark import StorageLevel

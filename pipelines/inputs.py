@@ -102,7 +102,7 @@ def read_files(spark: "SparkSession", root: str | list[str], glob: str, files_pe
     # distributed job (~1 s here for 400 local files); statting them on the driver takes ~0.15 s.
     # Local files always, remote ones up to a few thousand (one RPC each), are cheaper that way.
     key = "spark.sql.sources.parallelPartitionDiscovery.threshold"
-    before = spark.conf.get(key)
+    before = spark.conf.get(key) or "32"  # Spark's default
     if all(p.startswith("file:") for p in root) or len(root) <= 2000:
         spark.conf.set(key, str(max(int(before), len(root) + 1)))
     try:
@@ -252,5 +252,5 @@ def _records(spark: "SparkSession", root: str, key: str, columns: RecordColumns,
 
 def _uri(spark: "SparkSession", path: str) -> str:
     """A listed path in the form Spark's input_file_name() reports (percent-encoded URI)."""
-    jvm = spark.sparkContext._jvm
+    jvm: Any = spark.sparkContext._jvm
     return str(jvm.org.apache.hadoop.fs.Path(path).toUri().toString())

@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             result = verdict(code)
             results.append((m.id, result, seconds))
             log.info("%-9s %-40s %6.0f s  %s", result, m.id, seconds, m.readme[:70])
-            if result != "KILLED":
+            if result == "KILLED":  # which guard failed, and how: a kill for an unrelated reason shows here
+                for line in [ln for ln in output.splitlines() if ln.startswith(("FAILED", "ERROR"))][:2]:
+                    log.info("          %s", line[:160])
+            else:
                 log.info("%s", output[-3000:])
         finally:
             if args.keep:

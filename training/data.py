@@ -256,7 +256,8 @@ def open_reader(shard: ShardSpec, seeds: PassSeeds, passes: int | None) -> Any:
     return reader
 
 
-def read_passes(shard: ShardSpec, seeds: PassSeeds, passes: int | None) -> Iterator[tuple[int | None, Iterator[Batch]]]:
+def read_passes(shard: ShardSpec, seeds: PassSeeds, passes: int | None
+                ) -> Generator[tuple[int | None, Iterator[Batch]], None, None]:
     """(pass seed, its (tensors, labels) per row group) for each pass over this rank's shard, all
     from one reader; the next row groups are read ahead across pass boundaries."""
     with open_reader(shard, seeds, passes) as reader:
@@ -289,7 +290,7 @@ def shuffled_batches(
         if carry is not None:
             x, y = np.concatenate([carry[0], x]), np.concatenate([carry[1], y])
             carry = None
-        if bx is None:
+        if bx is None or by is None:
             bx, by = np.empty((capacity, *x.shape[1:]), x.dtype), np.empty((capacity,), y.dtype)
         pos = min(capacity - filled, len(y))
         bx[filled : filled + pos], by[filled : filled + pos] = x[:pos], y[:pos]

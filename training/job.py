@@ -138,8 +138,9 @@ def _log_dataset(dataset: DatasetRef) -> None:
 
     source = resolve_dataset_source(dataset.url.replace("file:", "file://", 1) if dataset.url.startswith("file:/") and
                                     not dataset.url.startswith("file://") else dataset.url)
-    mlflow.log_input(MetaDataset(source, name=f"{dataset.name}@v{dataset.version}", digest=dataset.dataset_id),
-                     context="training", tags={"version": str(dataset.version)})
+    # MetaDataset is concrete at run time; mlflow's annotations declare its `profile` abstract.
+    meta = MetaDataset(source, name=f"{dataset.name}@v{dataset.version}", digest=dataset.dataset_id)  # type: ignore[abstract]
+    mlflow.log_input(meta, context="training", tags={"version": str(dataset.version)})
 
 
 def _log_model(cfg: TrainConfig, dataset: DatasetRef, model_name: str, weights: list[np.ndarray]) -> int | None:
@@ -212,7 +213,7 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
             with tempfile.TemporaryDirectory() as tmp:
                 from training import plots
 
-                history = _metric_history(run_id, ("loss", "accuracy", "val_loss", "val_accuracy"))
+                history = _metric_history(run.info.run_id, ("loss", "accuracy", "val_loss", "val_accuracy"))
                 plots.training_curves(history, os.path.join(tmp, "training_curves.png"))
                 plots.confusion_matrix(np.array(outcome["confusion"]), dataset.labels, os.path.join(tmp, "confusion_matrix.png"))
                 mlflow.log_artifacts(tmp, "plots")

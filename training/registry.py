@@ -36,7 +36,7 @@ def promote(settings: RegistrySettings, version: int, metric: float) -> Promotio
     except MlflowException:
         champion = None
     previous_metric = None
-    if champion is not None:
+    if champion is not None and champion.run_id:
         previous_metric = client.get_run(champion.run_id).data.metrics.get(settings.gate_metric)
     promoted = champion is None or previous_metric is None or metric >= previous_metric + settings.gate_min_delta
     if promoted:

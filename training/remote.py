@@ -114,6 +114,7 @@ class RankTask:
                 meter.reset()
 
             def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                assert logs is not None  # Keras passes each epoch's logs (and KeepBest reads what we add)
                 elapsed = time.perf_counter() - self.started
                 wait, _ = meter.reset()
                 metrics = {"loss": logs["loss"], "accuracy": logs["accuracy"]}
@@ -138,7 +139,8 @@ class RankTask:
             model.fit(dataset, initial_epoch=self.start_epoch, epochs=stop_epoch, steps_per_epoch=self.steps_per_epoch,
                       verbose=0, callbacks=[*collective.fit_callbacks(), EpochEnd(), keep_best])
 
-        test_metrics, confusion = {}, np.zeros((0, 0), np.int64)
+        test_metrics: dict[str, float] = {}
+        confusion = np.zeros((0, 0), np.int64)
         if self.test_url is not None:
             test_metrics, confusion = self._evaluate(model, *strided_rows(
                 ShardSpec(self.test_url, spec, self.record.modality, rank, size, *pool), cfg.max_eval_rows), "test_",

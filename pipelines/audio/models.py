@@ -10,7 +10,7 @@ import tensorflow as tf
 L = tf.keras.layers
 
 @tf.keras.utils.register_keras_serializable(package="deepspark")
-class LogMelSpectrogram(L.Layer):
+class LogMelSpectrogram(tf.keras.layers.Layer):
     """int16 waveform (N, samples) -> log-mel spectrogram (N, frames, mel_bins, 1)."""
 
     def __init__(self, sample_rate: int = 16_000, frame_length: int = 400, frame_step: int = 160,
@@ -38,7 +38,7 @@ class LogMelSpectrogram(L.Layer):
 
 
 @tf.keras.utils.register_keras_serializable(package="deepspark")
-class RandomTimeShift(L.Layer):
+class RandomTimeShift(tf.keras.layers.Layer):
     """While training, roll each waveform by up to `max_shift` samples; the identity at inference."""
 
     def __init__(self, max_shift: int = 1_600, **kwargs: Any) -> None:
@@ -57,7 +57,7 @@ class RandomTimeShift(L.Layer):
 
 
 @tf.keras.utils.register_keras_serializable(package="deepspark")
-class FrequencyMask(L.Layer):
+class FrequencyMask(tf.keras.layers.Layer):
     """While training, zero a random band of up to `max_bins` mel bins per clip (SpecAugment)."""
 
     def __init__(self, max_bins: int = 8, **kwargs: Any) -> None:

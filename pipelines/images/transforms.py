@@ -120,7 +120,7 @@ def decode_image(data: bytes, rules: ImageRules) -> np.ndarray:
     if fmt is None:
         raise BadImage(NOT_AN_IMAGE, f"unknown signature {data[:8].hex()}")
     try:
-        img = Image.open(io.BytesIO(data), formats=[fmt])
+        img: Image.Image = Image.open(io.BytesIO(data), formats=[fmt])
     except Exception as exc:  # header does not parse
         raise BadImage(UNREADABLE, f"{fmt} header: {exc}") from None
     w, h = img.size

@@ -4,7 +4,7 @@ the registered model, so serving tokenises exactly as the ETL did."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from deepspark.modality import Modality, ModalityRecord, Preprocess, TensorSpec
 from pipelines.text import transforms
@@ -37,7 +37,7 @@ class TextModality(Modality):
         tokens seen at least `min_count` times, ties broken alphabetically (deterministic)."""
         from pyspark.sql import functions as F
 
-        def tokenised(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
+        def tokenised(batches: Iterable["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
             import pandas as pd
 
             for batch in batches:

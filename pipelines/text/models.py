@@ -14,7 +14,7 @@ import tensorflow as tf
 L = tf.keras.layers
 
 @tf.keras.utils.register_keras_serializable(package="deepspark")
-class HashedBigrams(L.Layer):
+class HashedBigrams(tf.keras.layers.Layer):
     """(N, L) ids -> (N, L-1) ids of adjacent pairs, hashed into 1..buckets; 0 where either side
     is padding. Computed in the graph from the ids, so serving needs nothing else."""
 
@@ -36,7 +36,7 @@ class HashedBigrams(L.Layer):
 
 
 @tf.keras.utils.register_keras_serializable(package="deepspark")
-class MaskedMean(L.Layer):
+class MaskedMean(tf.keras.layers.Layer):
     """[embeddings (N, T, D), ids (N, T)] -> mean over non-padding positions; 0 (not NaN, as
     Keras' masked average pooling gives) for a row with none, e.g. a one-token review's bigrams."""
 

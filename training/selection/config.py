@@ -3,9 +3,9 @@ configuration starts from, the search (space, method, budget) and how it execute
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, ValidationError, conint
+from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
 
 from deepspark.config import ConfigError, FrozenModel
 from deepspark.spark import SparkSettings
@@ -21,7 +21,7 @@ class SearchSettings(FrozenModel):
     seed: int = 0
     space: dict[str, Any] = Field(default_factory=lambda: {"optimizer.learning_rate": {"loguniform": [1e-4, 1e-2]}})
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"  # what ranks configurations
-    eta: conint(ge=2) = 2  # halving: the best 1/eta of a rung go on
+    eta: Annotated[int, Field(ge=2)] = 2  # halving: the best 1/eta of a rung go on
     min_epochs: PositiveInt = 1  # halving: the first rung
 
 

@@ -62,7 +62,7 @@ class SearchTracker:
 
         parent = self.run.info.run_id if self.run else None
         for trial in self.plan.trials:
-            if parent is None:
+            if parent is None or self.run is None:
                 self.child_ids[trial.index] = None
                 continue
             tags = {"mlflow.parentRunId": parent, "deepspark.job": "select_models.trial",

@@ -198,7 +198,7 @@ class Hopper:
     intra_op_threads: int
     poll_s: float
 
-    def __call__(self, _: Iterator[Any]) -> Iterator[dict[str, Any]]:
+    def __call__(self, _: Iterable[Any]) -> Iterator[dict[str, Any]]:
         from pyspark import BarrierTaskContext
 
         from training.trainer import set_threads
@@ -238,7 +238,7 @@ class WholeDataTrainer:
     target: int  # epochs done when this stage ends
     intra_op_threads: int
 
-    def __call__(self, indices: Iterator[int]) -> Iterator[dict[str, Any]]:
+    def __call__(self, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
         from training.trainer import set_threads
 
         set_threads(self.intra_op_threads, 1)
