@@ -8,10 +8,13 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 UI_PORT ?= 5000
 SUBMIT := $(VENV)/bin/spark-submit --master local[2] --driver-java-options "-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties)"
 
-.PHONY: setup demo demo-text demo-audio demo-select infer test test-fast lint mutants ui bench dist clean
+.PHONY: setup setup-test demo demo-text demo-audio demo-select infer test test-fast lint mutants ui bench dist clean
 
 setup:
 	@bash scripts/setup.sh
+
+setup-test:     ## the demo's set-up plus what only the tests need (a real Airflow in its own venv)
+	@bash scripts/setup.sh --with-airflow
 
 demo: setup
 	$(PY) jobs/demo_data.py
@@ -38,10 +41,10 @@ demo-select: setup
 infer: setup
 	$(SUBMIT) jobs/batch_inference.py
 
-test: setup
+test: setup-test
 	$(PY) -m pytest
 
-test-fast: setup
+test-fast: setup-test
 	$(PY) -m pytest -m "not slow"
 
 lint: setup     ## ruff (pyflakes, pycodestyle, import order, bugbear, no print) and mypy, as .ci/run does

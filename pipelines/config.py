@@ -89,6 +89,9 @@ class OutputSettings(FrozenModel):
     stale_staging_hours: PositiveFloat = 24.0  # staging folders of killed runs older than this are deleted
     force_unlock: bool = False  # take over the dataset's lock left by a run known to be gone
     lock_ttl_s: PositiveFloat = 120.0  # a lock not heartbeated for this long belongs to a dead run
+    # An input with no row to write is an error (a scheduled ETL over an empty or all-bad drop must
+    # not hide the last good version behind an empty one); true publishes an empty version on purpose.
+    allow_empty: bool = False
 
 
 class EtlConfig(FrozenModel):

@@ -377,6 +377,7 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
         log.info("preprocessed and validated in %.1f s", time.perf_counter() - started)
         version = location.next_version()  # once, under the lock
         manifest = _build_manifest(cfg, record, stats, inputs_in, version, root)
+        _refuse_empty(cfg, root, manifest)
         _write_splits(spark, fs, processed.where(F.col("reason").isNull()), staging, record,
                       {s: sum(c.values()) for s, c in manifest["counts"].items()}, cfg, inputs.shuffled)
         _write_quarantine(processed.where(F.col("reason").isNotNull()), join(staging, QUARANTINE_DIR),
@@ -394,6 +395,21 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
         inputs.frame.unpersist()
     return EtlResult(version, url, inputs_in, manifest["totals"]["rows_written"],
                      manifest["totals"]["quarantined"], time.perf_counter() - started, manifest)
+
+
+def _refuse_empty(cfg: EtlConfig, root: str, manifest: dict) -> None:
+    """No row to write fails the run before anything is written or published (naming the input and
+    what became of its inputs), unless output.allow_empty; a split training reads by default that
+    the data did not fill is said in the log at ETL time."""
+    totals = manifest["totals"]
+    if totals["rows_written"] == 0 and not cfg.output.allow_empty:
+        reasons = ", ".join(f"{n} {r}" for r, n in totals["quarantine_by_reason"].items()) or "none"
+        raise ConfigError(f"input.path: {root} gave no row to write ({totals['inputs_in']} input(s); quarantined: "
+                          f"{reasons}); nothing was published (output.allow_empty=true publishes an empty version)")
+    missing = [s for s in ("train", "val", "test") if not sum(manifest["counts"].get(s, {}).values())]
+    if missing and totals["rows_written"]:
+        log.warning("dataset %s has no rows in split(s) %s: training needs train and test (data.train_split, "
+                    "data.test_split) and early stopping a val split", cfg.output.name, ", ".join(missing))
 
 
 def _write_quarantine(rows: "DataFrame", url: str, n_rows: int) -> None:

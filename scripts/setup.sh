@@ -12,11 +12,32 @@ VENV=.venv
 STAMP="$VENV/.deepspark-setup"
 WANT=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/python" ]]; then
-  exit 0
-fi
 say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
 die() { printf '\033[1;31msetup failed:\033[0m %s\n' "$*" >&2; exit 1; }
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+
+# A real Airflow for the scheduling test only (`--with-airflow`, which `make test` passes; the
+# demos never need it), in its own venv (its pins clash with ours: protobuf), outside the checkout
+# so fresh clones reuse it; about 25 s from a warm pip cache. Its own stamp: idempotent too.
+AIRFLOW_VERSION=3.3.2
+AIRFLOW_VENV=${DEEPSPARK_AIRFLOW_VENV:-$HOME/.cache/deepspark/airflow-$AIRFLOW_VERSION}
+install_airflow() {
+  [[ "$(cat "$AIRFLOW_VENV/.deepspark-airflow" 2>/dev/null)" == "$AIRFLOW_VERSION" ]] && return 0
+  say "installing Airflow $AIRFLOW_VERSION in $AIRFLOW_VENV (for the scheduling test)"
+  rm -rf "$AIRFLOW_VENV"
+  "$PYTHON" -m venv "$AIRFLOW_VENV"
+  "$AIRFLOW_VENV/bin/python" -m pip --disable-pip-version-check -q install "apache-airflow==$AIRFLOW_VERSION" \
+    || die "pip install of apache-airflow $AIRFLOW_VERSION failed"
+  "$AIRFLOW_VENV/bin/airflow" version >/dev/null 2>&1 || die "Airflow in $AIRFLOW_VENV does not start"
+  echo "$AIRFLOW_VERSION" > "$AIRFLOW_VENV/.deepspark-airflow"
+}
+WITH_AIRFLOW=0
+[[ "${1:-}" == "--with-airflow" ]] && WITH_AIRFLOW=1
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/python" ]]; then
+  if (( WITH_AIRFLOW )); then install_airflow; fi
+  exit 0
+fi
 
 # 1. Debian packages
 missing=()
@@ -38,7 +59,6 @@ if (( ${#missing[@]} )); then
 fi
 
 # 2. Python 3.11 venv with the pinned stack
-PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null \
   || die "Python 3.11 is required (found $("$PYTHON" --version 2>&1)); set PYTHON=/path/to/python3.11"
 rm -f "$STAMP"
@@ -60,21 +80,7 @@ if ! "$VENV/bin/python" -c 'import horovod.tensorflow as h, horovod.spark; asser
     || die "Horovod build failed (needs g++ and cmake; see the pip output above)"
 fi
 
-# 4. A real Airflow for the scheduling test, in its own venv (its pins clash with ours: protobuf),
-# outside the checkout so fresh clones reuse it; about 25 s from a warm pip cache.
-AIRFLOW_VERSION=3.3.2
-AIRFLOW_VENV=${DEEPSPARK_AIRFLOW_VENV:-$HOME/.cache/deepspark/airflow-$AIRFLOW_VERSION}
-if [[ "$(cat "$AIRFLOW_VENV/.deepspark-airflow" 2>/dev/null)" != "$AIRFLOW_VERSION" ]]; then
-  say "installing Airflow $AIRFLOW_VERSION in $AIRFLOW_VENV (for the scheduling test)"
-  rm -rf "$AIRFLOW_VENV"
-  "$PYTHON" -m venv "$AIRFLOW_VENV"
-  "$AIRFLOW_VENV/bin/python" -m pip --disable-pip-version-check -q install "apache-airflow==$AIRFLOW_VERSION" \
-    || die "pip install of apache-airflow $AIRFLOW_VERSION failed"
-  "$AIRFLOW_VENV/bin/airflow" version >/dev/null 2>&1 || die "Airflow in $AIRFLOW_VENV does not start"
-  echo "$AIRFLOW_VERSION" > "$AIRFLOW_VENV/.deepspark-airflow"
-fi
-
-# 5. Verify the whole stack imports at the pinned versions before declaring success.
+# 4. Verify the whole stack imports at the pinned versions before declaring success.
 "$VENV/bin/python" - <<'PY' || die "the venv does not import cleanly; delete .venv and run again"
 import importlib.metadata as md, tomllib
 pins = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] + ["horovod==0.28.1"]
@@ -94,3 +100,4 @@ import deepspark, pipelines, training, inference  # noqa: F401
 PY
 echo "$WANT" > "$STAMP"
 say "ready: $VENV"
+if (( WITH_AIRFLOW )); then install_airflow; fi

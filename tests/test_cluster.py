@@ -96,10 +96,20 @@ def test_etl_train_and_inference_through_spark_submit(submit, mlflow_server, fas
     # The credentials reached the jobs and the ranks only through the environment: no run holds them.
     for logged in client.search_runs([client.get_experiment_by_name("cluster").experiment_id]):
         assert mlflow_server.password not in json.dumps([logged.data.params, logged.data.tags])
-        config = [a.path for a in client.list_artifacts(logged.info.run_id) if a.path.endswith((".yaml", ".json"))]
-        for path in config:
+        texts = [p for p in artifact_files(client, logged.info.run_id)
+                 if p.endswith((".yaml", ".json", ".txt", ".csv", "MLmodel"))]
+        assert "config/resolved.yaml" in texts  # the logged config is among what is searched
+        for path in texts:
             assert mlflow_server.password not in Path(client.download_artifacts(logged.info.run_id, path,
                                                                                 str(tmp_path))).read_text()
+
+
+def artifact_files(client, run_id: str, folder: str | None = None) -> list[str]:
+    """Every artifact file of a run, folders walked (config/resolved.yaml, model/MLmodel, ...)."""
+    found: list[str] = []
+    for artifact in client.list_artifacts(run_id, folder):
+        found += artifact_files(client, run_id, artifact.path) if artifact.is_dir else [artifact.path]
+    return found
 
 
 def test_the_tracking_server_refuses_anonymous_and_wrong_credentials(mlflow_server):

@@ -120,6 +120,26 @@ def test_dataset_id_changes_with_any_file_content(spark, tmp_path):
     assert dataset_id(other, "three") != first
 
 
+def test_an_input_with_no_row_to_write_publishes_nothing_and_names_the_input(spark, tmp_path):
+    """Five files, none an image: the run fails naming input.path and what became of its inputs,
+    before anything is published; output.allow_empty=true publishes the empty version on purpose."""
+    raw = tmp_path / "bad" / "a"
+    raw.mkdir(parents=True)
+    for i in range(5):
+        (raw / f"{i}.png").write_bytes(b"not a picture at all" * 3)
+    overrides = [f"input.path={raw.parent}", f"output.root={tmp_path / 'out'}", "output.name=bad",
+                 "tracking.enabled=false"]
+    with pytest.raises(ConfigError, match=r"input\.path: .*bad gave no row to write \(5 input\(s\); "
+                                          r"quarantined: 5 not_an_image\); nothing was published"):
+        run(spark, overrides)
+    base = tmp_path / "out" / "bad"
+    assert not list(base.glob("v=*")) and not (base / "_LATEST").exists() and not (base / "_LOCK").exists()
+    assert not any((base / "_staging").iterdir())
+    empty = run(spark, [*overrides, "output.allow_empty=true"])
+    assert (empty.version, empty.rows_written, empty.quarantined) == (1, 0, 5)
+    assert (base / "_LATEST").read_text().strip() == "1"
+
+
 def test_hash_split_on_flat_layout(spark, tmp_path):
     root = make_flat_folder(tmp_path / "flat", 30)
     overrides = [f"input.path={root}", f"output.root={tmp_path / 'out'}", "output.name=flat",

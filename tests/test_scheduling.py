@@ -27,7 +27,8 @@ def airflow(home: Path, *args: str, variables: dict[str, str] | None = None) -> 
 def test_the_dag_parses_and_its_task_runs_batch_inference(spark, registry, raw_copy, tmp_path):
     from inference.state import read_table
 
-    assert (AIRFLOW_VENV / "bin" / "airflow").exists(), f"no Airflow in {AIRFLOW_VENV}: run scripts/setup.sh"
+    assert (AIRFLOW_VENV / "bin" / "airflow").exists(), \
+        f"no Airflow in {AIRFLOW_VENV}: run scripts/setup.sh --with-airflow (make test does)"
     home = tmp_path / "airflow"
     home.mkdir()
     assert airflow(home, "db", "migrate").returncode == 0

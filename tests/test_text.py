@@ -114,6 +114,16 @@ def test_stored_ids_decode_to_the_train_vocabulary(csv_dataset, text_corpus):
         assert row.label_name == text_corpus.good[text_of[row.content_hash]]
 
 
+def test_a_csv_with_only_a_header_publishes_nothing(spark, tmp_path):
+    from deepspark.config import ConfigError
+
+    path = tmp_path / "header.csv"
+    path.write_text("text,category,movie_name\n")
+    with pytest.raises(ConfigError, match=r"input\.path: .*header\.csv gave no row to write \(0 input\(s\)"):
+        text_etl(spark, path, tmp_path / "out")
+    assert not list((tmp_path / "out" / "reviews").glob("v=*"))
+
+
 def test_duplicate_texts_share_a_split(spark, tmp_path):
     """Without a split column, records are split by a hash of their text: copies never straddle
     train and test."""
