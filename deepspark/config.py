@@ -134,6 +134,18 @@ def default_conf_dir() -> Path:
     return checkout if checkout.is_dir() else Path.cwd() / "conf"
 
 
+def java_charset(name: str) -> str:
+    """A character set name as Spark's readers (Java) take it: Python's canonical name for it
+    (`latin-1` -> `iso8859-1`, `utf8` -> `utf-8`), so a name Python knows works and an unknown one
+    is a config error, not a failed task."""
+    import codecs
+
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        raise ValueError(f"unknown character set {name!r} (e.g. UTF-8, latin-1, cp1252, utf-16)") from None
+
+
 def load_config(
     model: type[C],
     job: str,

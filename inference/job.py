@@ -132,7 +132,8 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     if not fresh:
         return Candidates(None, kind, root, len(listing), len(listing))
     inputs = open_inputs(spark, fs, root, "input.path", kind, glob, cfg.files_per_task,
-                         RecordColumns(cfg.input.text_column, cfg.input.label_column, label_required=False),
+                         RecordColumns(cfg.input.text_column, cfg.input.label_column, label_required=False,
+                                       encoding=cfg.input.encoding),
                          listing=fresh, whole=len(fresh) == len(listing), read_in_workers=in_workers)
     meta = frame_from_pandas(spark, pd.DataFrame(fresh, columns=SOURCE))
     rows = inputs.frame.join(F.broadcast(meta), "source", "left")  # left: a row without metadata is still scored

@@ -351,7 +351,8 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
 
     inputs = open_inputs(spark, fs, root, "input.path", kind, cfg.input.glob or modality.default_glob,
                          cfg.files_per_task,
-                         RecordColumns(cfg.input.text_column, cfg.input.label_column, cfg.input.split_column),
+                         RecordColumns(cfg.input.text_column, cfg.input.label_column, cfg.input.split_column,
+                                       encoding=cfg.input.encoding),
                          read_in_workers=True, shuffle_seed=cfg.input.seed)
     if kind == "records":  # read, numbered and shuffled once, not again by each job below
         inputs = dataclasses.replace(inputs, frame=inputs.frame.persist(StorageLevel.MEMORY_AND_DISK))

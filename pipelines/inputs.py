@@ -198,6 +198,7 @@ class RecordColumns:
     label: str | None = "label"
     split: str | None = None
     label_required: bool = True  # inference scores records without a label column too
+    encoding: str = "UTF-8"  # the files' character set (Spark's reader option)
     text_key: str = "input.text_column"
     label_key: str = "input.label_column"
     split_key: str = "input.split_column"
@@ -214,9 +215,10 @@ def _records(spark: "SparkSession", root: str, key: str, columns: RecordColumns,
     paths = [p for p, _, _ in listing]
     if formats == {"csv"}:
         raw = (spark.read.option("header", "true").option("multiLine", "true").option("escape", '"')
-               .option("mode", "PERMISSIVE").csv(paths))
+               .option("mode", "PERMISSIVE").option("encoding", columns.encoding).csv(paths))
     else:
-        raw = spark.read.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", "_corrupt_record").json(paths)
+        raw = (spark.read.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", "_corrupt_record")
+               .option("encoding", columns.encoding).json(paths))
     label = columns.label
     for config_key, column, required in ((columns.text_key, columns.text, True),
                                          (columns.label_key, columns.label, columns.label_required),

@@ -12,7 +12,7 @@ import pytest
 
 from deepspark.config import load_config
 from pipelines.config import EtlConfig
-from tests.conftest import TextCorpus, review
+from tests.conftest import TextCorpus, marker, review
 
 pytestmark = pytest.mark.spark
 
@@ -122,6 +122,33 @@ def test_a_csv_with_only_a_header_publishes_nothing(spark, tmp_path):
     with pytest.raises(ConfigError, match=r"input\.path: .*header\.csv gave no row to write \(0 input\(s\)"):
         text_etl(spark, path, tmp_path / "out")
     assert not list((tmp_path / "out" / "reviews").glob("v=*"))
+
+
+def test_a_latin1_csv_is_read_whole_with_input_encoding(spark, tmp_path):
+    """A CSV exported as latin-1: read as UTF-8 its accented records are quarantined `undecodable`
+    with a detail that names input.encoding; with input.encoding=latin-1 every record is a row
+    and its accented words are in the vocabulary."""
+    import csv
+
+    from deepspark.config import ConfigError
+    from pipelines.config import EtlConfig
+
+    path = tmp_path / "latin1.csv"
+    with open(path, "w", newline="", encoding="latin-1") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "category"])
+        for i in range(30):
+            writer.writerow([f"{'café crème superbe' if i % 3 == 0 else 'a fine film'} {marker(i)}",
+                             "fresh" if i % 2 else "rotten"])
+    as_utf8 = text_etl(spark, path, tmp_path / "utf8")
+    assert as_utf8.manifest["totals"]["quarantine_by_reason"] == {"undecodable": 10}
+    details = {r.detail for r in spark.read.parquet(f"{as_utf8.url}/quarantine").collect()}
+    assert all("input.encoding" in d for d in details), details
+    as_latin1 = text_etl(spark, path, tmp_path / "latin1", "input.encoding=latin-1")
+    assert (as_latin1.rows_written, as_latin1.quarantined) == (30, 0)
+    assert {"café", "crème"} <= set(as_latin1.manifest["state"]["vocabulary"])
+    with pytest.raises(ConfigError, match="input.encoding: .*unknown character set 'klingon'"):
+        load_config(EtlConfig, "etl", ["input.encoding=klingon"])
 
 
 def test_duplicate_texts_share_a_split(spark, tmp_path):

@@ -58,7 +58,8 @@ def decode_text(payload: bytes | str | None, rules: TextRules) -> str:
         except UnicodeDecodeError as exc:
             raise BadText(UNDECODABLE, f"not {rules.encoding}: {exc.reason} at byte {exc.start}") from None
     if REPLACEMENT in payload:
-        raise BadText(UNDECODABLE, f"U+FFFD at character {payload.index(REPLACEMENT)}: the source is not UTF-8")
+        raise BadText(UNDECODABLE, f"U+FFFD at character {payload.index(REPLACEMENT)}: the record is not in the "
+                                   "encoding it was read as (CSV/JSON Lines: set input.encoding, e.g. latin-1)")
     return payload
 
 
