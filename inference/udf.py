@@ -69,6 +69,10 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
     def score(batches: Iterable["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
+        from deepspark.spark import lighten_python_worker
+
+        lighten_python_worker()  # this worker's next tasks start without re-reading Spark's jar
+
         from deepspark.modality import content_hash, preprocess_all
         from inference.model import load_on_worker, task_gpu
         from pipelines.inputs import MALFORMED_DETAIL, payloads

@@ -115,6 +115,10 @@ def make_processor(modality: Modality, rules: Any, state: dict, spec: TensorSpec
     def process(batches: Iterable["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
+        from deepspark.spark import lighten_python_worker
+
+        lighten_python_worker()  # this worker's next tasks start without re-reading Spark's jar
+
         preprocess = modality.preprocessor(rules, state)  # once per task (e.g. a token index)
         label_of = labeller.value
         index = {name: i for i, name in enumerate(label_of.labels)}
@@ -196,6 +200,10 @@ def _fit(spark: "SparkSession", modality: Modality, rules: Any, inputs: RawInput
 
     def train_payloads(batches: Iterable["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
+
+        from deepspark.spark import lighten_python_worker
+
+        lighten_python_worker()
 
         label_of = labeller.value
         for batch in batches:

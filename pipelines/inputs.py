@@ -231,6 +231,10 @@ def _records(spark: "SparkSession", root: str, key: str, columns: RecordColumns,
     null = F.lit(None).cast("string")
     malformed = (F.when(F.col("_corrupt_record").isNotNull(), F.lit(MALFORMED)).otherwise(null)
                  if "_corrupt_record" in raw.columns else null)  # an unparseable JSON line
+    # The numbering window's shuffle, sized by the files (a file's rows meet in one partition anyway)
+    # and the cores, not Spark's 200 default: the frame is persisted, and AQE does not coalesce a
+    # cached plan, so every job over it (statistics, vocabulary, writes) would run 200 tasks.
+    partitions = max(1, min(len(paths), spark.sparkContext.defaultParallelism))
     file = F.input_file_name()
     # Position within its file: Spark reads a file's splits in offset order, so the monotonic id
     # orders rows as they stand in the file; the path `<file>#<row>` names a record stably.
@@ -240,6 +244,7 @@ def _records(spark: "SparkSession", root: str, key: str, columns: RecordColumns,
                         (F.col(columns.split).cast("string") if columns.split else null).alias("split"),
                         malformed.alias("malformed"),
                         file.alias("_file"), F.monotonically_increasing_id().alias("_order"))
+             .repartition(partitions, "_file")  # after numbering the scan's rows: their order is the file's
              .withColumn("path", F.concat(F.col("_file"), F.lit("#"), row.cast("string")))
              .select("path", F.coalesce(F.octet_length("payload"), F.lit(0)).cast("long").alias("size"),
                      "payload", "label_name", "split", "malformed", "_file"))

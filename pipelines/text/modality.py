@@ -40,6 +40,10 @@ class TextModality(Modality):
         def tokenised(batches: Iterable["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
             import pandas as pd
 
+            from deepspark.spark import lighten_python_worker
+
+            lighten_python_worker()
+
             for batch in batches:
                 found = [t for t, _ in (transforms.tokens_or_reason(p, rules) for p in batch["payload"]) if t]
                 yield pd.DataFrame({"tokens": pd.Series(found, dtype=object)})  # object even when empty

@@ -1,0 +1,176 @@
+"""What a new user's first small job costs: fresh `spark-submit` runs of the ETL on 5 CSV rows, 5
+PNG files and 5 WAV files, each with its Spark task and stage counts (from Spark's event log) and
+wall time, against the fixed-cost floor of Spark itself on this machine: a plain `spark-submit` of a
+job that reads the same input and writes one Parquet file, with the same master, interpreter and
+flags. And a Python task's fixed cost: 400 empty Python tasks in a warm SparkContext, with Spark's
+default worker path and with the JVM jar taken off it (`deepspark.spark.lighten_python_worker`).
+
+Usage: python benchmarks/fixed_costs.py [--quick] [--json PATH]
+  --quick: one run of each job (the full run takes the best of three).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+
+FLOOR_JOB = '''
+import sys
+from pyspark.sql import SparkSession
+spark = SparkSession.builder.getOrCreate()
+src, fmt, out = sys.argv[1:4]
+frame = (spark.read.option("header", "true").csv(src) if fmt == "csv"
+         else spark.read.format("binaryFile").load(src))
+frame.coalesce(1).write.parquet(out)
+spark.stop()
+'''
+
+TASKS_JOB = '''
+import sys, time
+from pyspark.sql import SparkSession
+spark = SparkSession.builder.getOrCreate()
+sc = spark.sparkContext
+lighten = sys.argv[1] == "light"
+
+def task(rows):
+    if lighten:
+        from deepspark.spark import lighten_python_worker
+        lighten_python_worker()
+    return [sum(1 for _ in rows)]
+
+sc.parallelize(range(40), 40).mapPartitions(task).collect()  # warm: workers started and lightened
+best = float("inf")
+for _ in range(3):
+    started = time.perf_counter()
+    sc.parallelize(range(400), 400).mapPartitions(task).collect()
+    best = min(best, time.perf_counter() - started)
+print("SECONDS_PER_TASK", best / 400)
+spark.stop()
+'''
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+            "SPARK_LOCAL_IP": "127.0.0.1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(PROJECT)}
+
+
+def submit(script: Path, args: list[str], events: Path) -> tuple[float, int, int, str]:
+    """(wall seconds, tasks, stages, stdout) of one fresh spark-submit on local[2]."""
+    events.mkdir(parents=True, exist_ok=True)
+    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]",
+           "--conf", "spark.ui.enabled=false", "--conf", "spark.eventLog.enabled=true",
+           "--conf", f"spark.eventLog.dir=file://{events}",
+           "--driver-java-options", f"-Dlog4j2.configurationFile=file:{PROJECT / 'conf' / 'log4j2.properties'}",
+           str(script), *args]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, cwd=PROJECT, timeout=900)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{script.name} {args} failed:\n{done.stderr[-3000:]}")
+    tasks = stages = 0
+    for log in events.iterdir():
+        for line in log.read_text().splitlines():
+            event = json.loads(line).get("Event")
+            tasks += event == "SparkListenerTaskEnd"
+            stages += event == "SparkListenerStageCompleted"
+    return seconds, tasks, stages, done.stdout
+
+
+def make_inputs(root: Path) -> dict[str, tuple[Path, str]]:
+    """5 CSV rows, 5 PNG files, 5 WAV files: (input path, profile) per modality."""
+    import csv
+
+    import soundfile as sf
+    from PIL import Image
+
+    text = root / "reviews.csv"
+    with open(text, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for i, (words, label) in enumerate([("a witty moving film", "fresh"), ("dull and tedious", "rotten"),
+                                            ("superb cast", "fresh"), ("flat plot", "rotten"),
+                                            ("fine story", "fresh")]):
+            writer.writerow([f"{words} {i}", label])
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        label = "a" if i % 2 else "b"
+        (root / "images" / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / "images" / label / f"{i}.png")
+        (root / "audio" / label).mkdir(parents=True, exist_ok=True)
+        tone = 0.3 * np.sin(2 * np.pi * (300 + 50 * i) * np.arange(16000) / 16000)
+        sf.write(root / "audio" / label / f"{i}.wav", tone.astype(np.float32), 16000)
+    return {"text": (text, "text"), "image": (root / "images", "image"), "audio": (root / "audio", "audio")}
+
+
+def etl_args(modality: str, path: Path, out: Path) -> list[str]:
+    profile = [] if modality == "image" else ["--profile", modality]
+    extra = {"text": ["input.label_column=label", "input.labels=[fresh, rotten]"], "image": [], "audio": []}[modality]
+    return [*profile, f"input.path={path}", f"output.root={out}", "output.name=small", "tracking.enabled=false",
+            "input.split_fractions={train: 0.6, test: 0.4}", *extra]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    repeats = 1 if args.quick else 3
+    figures: list[dict] = []
+    rows: list[tuple[str, str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        inputs = make_inputs(tmp / "raw")
+        floor_script = tmp / "floor.py"
+        floor_script.write_text(FLOOR_JOB)
+        for modality, (path, _) in inputs.items():
+            runs, floors = [], []
+            for r in range(repeats):
+                out = tmp / f"etl-{modality}-{r}"
+                runs.append(submit(PROJECT / "jobs" / "etl.py", etl_args(modality, path, out), tmp / f"ev-{modality}-{r}"))
+                fmt = "csv" if modality == "text" else "files"
+                floors.append(submit(floor_script, [str(path), fmt, str(tmp / f"floor-{modality}-{r}")],
+                                     tmp / f"ev-floor-{modality}-{r}"))
+            ours, floor = min(runs), min(floors)
+            rows.append((f"ETL, 5 {modality} inputs", f"{ours[0]:.1f} s", f"{ours[1]} tasks / {ours[2]} stages",
+                         f"floor {floor[0]:.1f} s, {floor[1]} tasks: {ours[0] / floor[0]:.2f}x"))
+            figures += [
+                {"name": f"etl_small_{modality}_seconds", "value": round(ours[0], 2), "goal": None, "unit": "s"},
+                {"name": f"etl_small_{modality}_tasks", "value": ours[1], "goal": 40, "unit": "tasks"},
+                {"name": f"etl_small_{modality}_over_floor", "value": round(ours[0] / floor[0], 3),
+                 "goal": 2.0 if modality in ("text", "image") else None, "unit": "ratio"},
+                {"name": f"spark_floor_{modality}_seconds", "value": round(floor[0], 2), "goal": None, "unit": "s"},
+            ]
+        tasks_script = tmp / "tasks.py"
+        tasks_script.write_text(TASKS_JOB)
+        per_task = {}
+        for mode in ("default", "light"):
+            _, _, _, out = submit(tasks_script, [mode], tmp / f"ev-tasks-{mode}")
+            per_task[mode] = float(out.split("SECONDS_PER_TASK")[1].split()[0])
+        rows.append(("a Python task's fixed cost", f"{per_task['light'] * 1e3:.1f} ms (jar off the path)",
+                     f"{per_task['default'] * 1e3:.1f} ms (Spark's path)",
+                     f"{per_task['light'] / per_task['default']:.2f}x"))
+        figures += [{"name": "python_task_ms_default_path", "value": round(per_task["default"] * 1e3, 2), "goal": None,
+                     "unit": "ms"},
+                    {"name": "python_task_ms_light", "value": round(per_task["light"] * 1e3, 2), "goal": None,
+                     "unit": "ms"}]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'job':<{width}}  {'ours':>12}  {'tasks':<22}  against")
+    for job, ours_s, tasks, against in rows:
+        print(f"{job:<{width}}  {ours_s:>12}  {tasks:<22}  {against}")
+    if args.json:
+        args.json.write_text(json.dumps({"figures": figures}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
