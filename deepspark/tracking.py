@@ -84,3 +84,17 @@ def job_run(settings: TrackingSettings, run_name: str, config: BaseModel, tags: 
             mlflow.log_params(dict((k, v[:6000]) for k, v in items[start : start + 100]))
         mlflow.log_text(config_to_yaml(config), "config/resolved.yaml")
         yield run
+
+
+def log_dataset_input(url: str, name: str, digest: str, context: str, tags: dict[str, str] | None = None) -> None:
+    """The active run's input as an MLflow dataset (name, source URL, digest): the runs table and
+    the run page show what a training or an inference job read."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if url.startswith("file:/") and not url.startswith("file://"):  # Hadoop's file:/a form
+        url = url.replace("file:", "file://", 1)
+    # MetaDataset is concrete at run time; mlflow's annotations declare its `profile` abstract.
+    meta = MetaDataset(resolve_dataset_source(url), name=name, digest=digest)  # type: ignore[abstract]
+    mlflow.log_input(meta, context=context, tags=tags)

@@ -58,6 +58,7 @@ class InferenceResult:
     commit: int | None  # the log entry that made this run visible; None when there was nothing new
     per_model: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # version -> scored, quarantined, unchanged
     disagreement: "Disagreement | None" = None  # several models: where their labels differ
+    lineage: "Lineage | None" = None  # what the run read, for MLflow's dataset input
 
     @property
     def scored(self) -> int:
@@ -93,6 +94,23 @@ class InferenceResult:
 
 
 @dataclass(frozen=True)
+class Lineage:
+    """The input a run read, as MLflow dataset lineage: a dataset version (its id as digest), or
+    a folder or record file (a digest of its listing: path, size and modification time of each file)."""
+
+    name: str
+    url: str
+    digest: str
+
+    @classmethod
+    def of_listing(cls, root: str, listing: "tuple[tuple[str, int, int], ...]") -> "Lineage":
+        import hashlib
+
+        text = "\n".join(f"{p}\t{s}\t{m}" for p, s, m in sorted(listing))
+        return cls(root.rstrip("/").rpartition("/")[2] or root, root, hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+@dataclass(frozen=True)
 class Candidates:
     """The rows to hash and maybe score, with the counts known before scoring."""
 
@@ -104,6 +122,7 @@ class Candidates:
     hashed_in_workers: bool = False  # rows hold no bytes and no hash: the scorer reads and hashes
     # model version -> candidate path -> the hashes it was committed under
     seen: dict[int, dict[str, list[str]]] = field(default_factory=dict)
+    lineage: Lineage | None = None
 
 
 def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
@@ -115,13 +134,15 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     from pyspark.sql import functions as F
 
     if cfg.input.path is None:
-        return Candidates(_dataset_rows(spark, cfg, model), "dataset", None, 0, 0)
+        rows, lineage = _dataset_rows(spark, cfg, model)
+        return Candidates(rows, "dataset", None, 0, 0, lineage=lineage)
     from pipelines.inputs import RecordColumns, list_inputs, open_inputs, resolve_input
 
     plugin = model.record.plugin
     glob = cfg.input.glob or plugin.default_glob
     root, kind = resolve_input(fs, cfg.input.path, "input.path", cfg.input.format, "records" in plugin.input_kinds)
     listing = list_inputs(fs, root, "input.path", kind, glob)
+    lineage = Lineage.of_listing(root, listing)
     in_workers = kind == "files" and filesystem.reaches(root)  # else binaryFile + sha2 and a JVM anti-join
     seen: dict[int, dict[str, list[str]]] = {}
     fresh = listing
@@ -130,7 +151,7 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     elif listing and in_workers and any(c is not None for c in committed.values()):  # one version scored none yet
         seen = _hashes_under(spark, [p for p, _, _ in listing], committed, "source")
     if not fresh:
-        return Candidates(None, kind, root, len(listing), len(listing))
+        return Candidates(None, kind, root, len(listing), len(listing), lineage=lineage)
     inputs = open_inputs(spark, fs, root, "input.path", kind, glob, cfg.files_per_task,
                          RecordColumns(cfg.input.text_column, cfg.input.label_column, label_required=False,
                                        encoding=cfg.input.encoding),
@@ -142,7 +163,8 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     else:
         payload = F.coalesce("payload", F.lit("")) if kind == "records" else F.col("payload")
         rows = rows.withColumn("content_hash", F.sha2(payload, 256))  # hashed by the JVM, once
-    return Candidates(rows, kind, root, len(listing), len(listing) - len(fresh), inputs.payload_in_workers, seen)
+    return Candidates(rows, kind, root, len(listing), len(listing) - len(fresh), inputs.payload_in_workers, seen,
+                      lineage)
 
 
 def _changed_files(spark: "SparkSession", listing: tuple[tuple[str, int, int], ...],
@@ -184,7 +206,8 @@ def _hashes_under(spark: "SparkSession", paths: list[str], committed: "dict[int,
     return {v: found for v, found in seen.items() if found}
 
 
-def _dataset_rows(spark: "SparkSession", cfg: BatchInferenceConfig, model: ResolvedModel) -> "DataFrame":
+def _dataset_rows(spark: "SparkSession", cfg: BatchInferenceConfig, model: ResolvedModel
+                  ) -> "tuple[DataFrame, Lineage]":
     """A dataset split whose stored tensors match the model's (checked on the driver)."""
     from pyspark.sql import functions as F
 
@@ -210,7 +233,7 @@ def _dataset_rows(spark: "SparkSession", cfg: BatchInferenceConfig, model: Resol
     rows = (spark.read.parquet(url).select("path", "content_hash", held.spec.column, "label_name")
             .withColumn("source", F.col("path")).withColumn("source_size", F.lit(None).cast("long"))
             .withColumn("source_modified", F.lit(None).cast("long")))
-    return rows
+    return rows, Lineage(f"{dataset.name}@v{dataset.version}", dataset.url, dataset.dataset_id)
 
 
 def resolve_models(spark: "SparkSession", cfg: BatchInferenceConfig, workdir: str) -> list[ResolvedModel]:
@@ -281,7 +304,7 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
                disagreement: Disagreement | None = None) -> InferenceResult:
         return InferenceResult(job_id, ", ".join(m.uri for m in models), counts, loads,
                                time.perf_counter() - started, accuracy, store.url, model.record.modality, commit,
-                               per_model or {}, disagreement)
+                               per_model or {}, disagreement, plan.lineage)
 
     if plan.rows is None:  # a no-op run: no content read, nothing written, no commit
         return result(Counts(plan.listed, plan.skipped), 0, None, _compact(spark, cfg, store, models, lease, job_id))
@@ -416,4 +439,8 @@ def run_job(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult
                                models_disagree=result.disagreement.differing,
                                models_disagree_share=result.disagreement.share)
             mlflow.log_metrics(metrics)
+            if result.lineage is not None:
+                from deepspark.tracking import log_dataset_input
+
+                log_dataset_input(result.lineage.url, result.lineage.name, result.lineage.digest, "inference")
     return result

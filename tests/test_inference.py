@@ -270,6 +270,34 @@ def test_dataset_input_and_shape_mismatch(spark, registry, fashion_small, tmp_pa
         run_inference(spark, load_config(BatchInferenceConfig, "batch_inference", [*base, "input.dataset=big"]))
 
 
+def test_the_inference_run_records_what_it_read_as_an_mlflow_dataset(spark, registry, raw_copy, fashion_small,
+                                                                     tmp_path):
+    """A folder: its name, URL and a digest of its listing (a new file changes it); a dataset
+    version: name@version and its dataset id, as the training run records it."""
+    from mlflow.tracking import MlflowClient
+
+    from inference.job import run_job
+
+    def job(*extra: str):
+        result = run_job(spark, load_config(BatchInferenceConfig, "batch_inference", [*registry, *extra]))
+        run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("deepspark").experiment_id],
+                                         "tags.`deepspark.job` = 'batch_inference'", order_by=["start_time DESC"])[0]
+        (dataset_input,) = run.inputs.dataset_inputs
+        assert [t.value for t in dataset_input.tags if t.key == "mlflow.data.context"] == ["inference"]
+        return result, dataset_input.dataset
+
+    folder = [f"input.path={raw_copy}", f"output.path={tmp_path / 'folder'}"]
+    first, logged = job(*folder)
+    assert (logged.name, logged.digest) == ("incoming", first.lineage.digest) and str(raw_copy) in logged.source
+    (raw_copy / "Bag" / "one-more.png").write_bytes(next((raw_copy / "Coat").iterdir()).read_bytes())
+    second, logged_again = job(*folder)
+    assert second.scored == 1 and logged_again.digest != logged.digest
+    _, from_dataset = job("input.path=null", f"input.dataset_root={fashion_small.root}",
+                          f"input.dataset={fashion_small.name}", f"output.path={tmp_path / 'dataset'}")
+    manifest = json.loads(next(fashion_small.root.glob(f"{fashion_small.name}/v=*/manifest.json")).read_text())
+    assert (from_dataset.name, from_dataset.digest) == (f"{fashion_small.name}@v1", manifest["dataset_id"])
+
+
 def test_inference_preprocessing_matches_the_etl_tensor(spark, registry, fashion_small):
     """The same file through the registered model's preprocessing and through the ETL gives
     identical tensors, and the pyfunc predicts on raw file bytes."""

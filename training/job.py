@@ -132,15 +132,10 @@ def _metric_history(run_id: str, keys: tuple[str, ...]) -> dict[str, list[tuple[
 
 
 def _log_dataset(dataset: DatasetRef) -> None:
-    import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
+    from deepspark.tracking import log_dataset_input
 
-    source = resolve_dataset_source(dataset.url.replace("file:", "file://", 1) if dataset.url.startswith("file:/") and
-                                    not dataset.url.startswith("file://") else dataset.url)
-    # MetaDataset is concrete at run time; mlflow's annotations declare its `profile` abstract.
-    meta = MetaDataset(source, name=f"{dataset.name}@v{dataset.version}", digest=dataset.dataset_id)  # type: ignore[abstract]
-    mlflow.log_input(meta, context="training", tags={"version": str(dataset.version)})
+    log_dataset_input(dataset.url, f"{dataset.name}@v{dataset.version}", dataset.dataset_id, "training",
+                      {"version": str(dataset.version)})
 
 
 def _log_model(cfg: TrainConfig, dataset: DatasetRef, model_name: str, weights: list[np.ndarray]) -> int | None:
