@@ -33,6 +33,10 @@ class InputSettings(FrozenModel):
     split_mode: Literal["auto", "folders", "hash"] = "auto"
     split_fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     seed: int = 17
+    # The hash split of files (no split folders) per class, so every class with enough files is in
+    # every split in proportion; false: a plain hash of each path, which never moves a file when
+    # others are added. Records (CSV/JSON Lines) are split by a hash of their text.
+    stratify: bool = True
     # With train/ and test/ folders but no val/, carve this share of train into a val split
     # (seeded hash of the path, so the same files every run). 0 keeps train whole.
     val_from_train: float = Field(0.0, ge=0.0, lt=1.0)

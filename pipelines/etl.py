@@ -366,8 +366,13 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
         inputs = dataclasses.replace(inputs, frame=inputs.frame.persist(StorageLevel.MEMORY_AND_DISK))
     layout_ = _layout(spark, cfg, root, from_folders) if kind == "files" else None
     labels = _label_vocabulary(cfg, inputs, layout_)
+    strata = None
+    if layout_ is not None and cfg.input.stratify and not from_folders:  # the hash split, per class
+        parsed = (layout_.parse(p) for p, _, _ in inputs.listing)
+        strata = layout.stratified_splits(((rel, label) for rel, _, label in parsed if rel), cfg.input.seed,
+                                          cfg.input.split_fractions)
     labeller = spark.sparkContext.broadcast(layout.RowLabeller(
-        tuple(labels), cfg.input.seed, dict(cfg.input.split_fractions), val_from_train, layout_))
+        tuple(labels), cfg.input.seed, dict(cfg.input.split_fractions), val_from_train, layout_, strata))
     log.info("%s inputs (%s), %d labels in %.1f s", cfg.modality, kind, len(labels), time.perf_counter() - started)
     state = _fit(spark, modality, rules, inputs, labeller)
     record = ModalityRecord(cfg.modality, modality.spec(rules, state), rules_to_dict(rules), state, tuple(labels))

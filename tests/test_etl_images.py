@@ -148,6 +148,9 @@ def test_hash_split_on_flat_layout(spark, tmp_path):
     second = run(spark, overrides)
     assert set(first.manifest["counts"]) == {"train", "val", "test"}
     assert first.manifest["counts"] == second.manifest["counts"]
+    # Stratified (the default): each class in each split in proportion, 30 files -> 18 / 6 / 6.
+    assert first.manifest["counts"] == {"train": {"a": 18, "b": 18}, "val": {"a": 6, "b": 6},
+                                        "test": {"a": 6, "b": 6}}
     assert first.rows_written == 60 and first.quarantined == 0
     for split in ("train", "val", "test"):
         assert set(read_split(first.url, split)) == set(read_split(second.url, split))

@@ -274,7 +274,7 @@ def test_more_ranks_than_train_row_groups_fails_naming_the_key(spark, tmp_path):
     seed = next(s for s in range(100) if {assign_split(f"{c}/0.png", s, halves) for c in "ab"} == set(halves))
     result = run_etl(spark, load_config(EtlConfig, "etl", [
         f"input.path={make_flat_folder(tmp_path / 'raw', 1)}", f"output.root={tmp_path / 'datasets'}",
-        "output.name=one-group", "tracking.enabled=false", f"input.seed={seed}",
+        "output.name=one-group", "tracking.enabled=false", f"input.seed={seed}", "input.stratify=false",
         "input.split_fractions={train: 0.5, test: 0.5}"]))
     assert result.manifest["counts"]["train"] == {"a": 1} or result.manifest["counts"]["train"] == {"b": 1}
     dataset = type("Dataset", (), {"root": tmp_path / "datasets", "name": "one-group"})
