@@ -94,6 +94,7 @@ def make_inputs(root: Path) -> dict[str, tuple[Path, str]]:
     import soundfile as sf
     from PIL import Image
 
+    root.mkdir(parents=True, exist_ok=True)
     text = root / "reviews.csv"
     with open(text, "w", newline="") as fh:
         writer = csv.writer(fh)
