@@ -67,6 +67,7 @@ bench: setup
 	$(PY) benchmarks/inference.py --quick
 	$(PY) benchmarks/modalities.py --quick
 	$(PY) benchmarks/model_selection.py --quick
+	$(PY) benchmarks/fixed_costs.py --quick
 
 dist: setup    ## dist/deepspark.zip for --py-files, dist/conf.zip for --archives (README: Run on a cluster)
 	$(PY) -m deepspark.packaging dist
