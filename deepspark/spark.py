@@ -107,7 +107,6 @@ def frame_from_pandas(spark: "SparkSession", frame: "pd.DataFrame", schema: str 
         spark.conf.set(key, before)
 
 
-
 def lighten_python_worker() -> int:
     """Take the JVM jars Spark puts on a Python worker's path (spark-core's, 14.7 MB) off it, in
     this worker process; returns how many. PySpark's worker calls `importlib.invalidate_caches()`
