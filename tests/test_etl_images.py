@@ -140,6 +140,27 @@ def test_an_input_with_no_row_to_write_publishes_nothing_and_names_the_input(spa
     assert (base / "_LATEST").read_text().strip() == "1"
 
 
+@pytest.mark.parametrize("stratify", ["true", "false"])
+def test_the_split_follows_the_relative_path_wherever_the_folder_is(spark, tmp_path, stratify):
+    """The same files in two places get the same split each: the key is the path relative to the
+    input root, not where the root happens to be."""
+    import shutil
+
+    here = make_flat_folder(tmp_path / "here", 20)
+    there = tmp_path / "moved" / "elsewhere"
+    shutil.copytree(here, there)
+
+    def splits(root: Path, out: str) -> dict[str, str]:
+        result = run(spark, [f"input.path={root}", f"output.root={tmp_path / out}", "output.name=flat",
+                             "tracking.enabled=false", f"input.stratify={stratify}",
+                             "input.split_fractions={train: 0.5, val: 0.25, test: 0.25}"])
+        return {p.split(str(root), 1)[1]: s for s in ("train", "val", "test") for p in read_split(result.url, s)}
+
+    first = splits(here, "one")
+    assert len(first) == 40 and len(set(first.values())) == 3
+    assert splits(there, "two") == first
+
+
 def test_hash_split_on_flat_layout(spark, tmp_path):
     root = make_flat_folder(tmp_path / "flat", 30)
     overrides = [f"input.path={root}", f"output.root={tmp_path / 'out'}", "output.name=flat",

@@ -63,20 +63,26 @@ def test_vocabulary_is_fitted_on_train_only(csv_dataset):
     assert not vocabulary & (markers["test"] | markers.get("val", set()))
 
 
-def test_vocabulary_is_exactly_the_train_tokens_by_count(csv_dataset, text_corpus):
+@pytest.mark.parametrize("size,min_count", [(None, 1), (7, 1), (None, 3)])
+def test_vocabulary_is_exactly_the_train_tokens_by_count(spark, csv_dataset, text_corpus, tmp_path, size, min_count):
     """The whole vocabulary, in order, recomputed from the texts of the rows that landed in train:
-    every token they hold (min_count 1), most frequent first, ties alphabetical; nothing else."""
+    every token they hold at least `text.min_count` times, most frequent first, ties alphabetical,
+    the first `text.vocabulary_size`; nothing else."""
     from collections import Counter
 
     from deepspark.modality import content_hash
     from pipelines.text import transforms as T
 
     result = csv_dataset
+    if (size, min_count) != (None, 1):
+        extra = [f"text.min_count={min_count}"] + ([f"text.vocabulary_size={size}"] if size else [])
+        result = text_etl(spark, text_corpus.csv, tmp_path, *extra)
     text_of = {content_hash(text): text for text in text_corpus.good}
     counts = Counter(token for row in read_rows(result.url, "train")
                      for token in T.tokens(text_of[row.content_hash], T.TextRules()))
-    expected = sorted(counts, key=lambda t: (-counts[t], t))
+    expected = [t for t in sorted(counts, key=lambda t: (-counts[t], t)) if counts[t] >= min_count][:size]
     assert result.manifest["state"]["vocabulary"] == expected
+    assert len(expected) == size if size else len(expected) > 10
 
 
 def _marker(row) -> str | None:
