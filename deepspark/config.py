@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Annotated, Any, Mapping, Sequence, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR_ENV = "DEEPSPARK_CONF_DIR"
@@ -144,6 +144,10 @@ def java_charset(name: str) -> str:
         return codecs.lookup(name).name
     except LookupError:
         raise ValueError(f"unknown character set {name!r} (e.g. UTF-8, latin-1, cp1252, utf-16)") from None
+
+
+# A config field naming a character set, checked and normalised by java_charset when the config loads.
+Charset = Annotated[str, AfterValidator(java_charset)]
 
 
 def load_config(

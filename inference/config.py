@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
-from deepspark.config import FrozenModel, java_charset
+from deepspark.config import Charset, FrozenModel
 from deepspark.spark import SparkSettings
 from deepspark.tracking import TrackingSettings
 
@@ -21,16 +21,11 @@ class InputSettings(FrozenModel):
     text_column: str = "text"
     label_column: str = "label"  # optional: when present, accuracy is reported against it
     # The character set of CSV and JSON Lines records (Spark's reader option; `latin-1`, `cp1252`, ...).
-    encoding: str = "UTF-8"
+    encoding: Charset = "UTF-8"
     dataset_root: str = "data/datasets"
     dataset: str | None = None
     dataset_version: PositiveInt | None = None
     split: str = "test"
-
-    @field_validator("encoding")
-    @classmethod
-    def _known_encoding(cls, value: str) -> str:
-        return java_charset(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> "InputSettings":

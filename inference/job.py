@@ -405,7 +405,6 @@ def _compact(spark: "SparkSession", cfg: BatchInferenceConfig, store: Prediction
     if not cfg.compact:
         return None
     number = None
-    store.begin()
     for model in models:
         snap = store.compact(spark, model.version, job_id, store.current(), lease.check)
         if snap is None:

@@ -180,6 +180,7 @@ class PredictionStore:
         table has more than one batch. Call only while holding the lock."""
         if all(len(base.live(t, version)) <= 1 for t in TABLES):
             return None
+        self.begin()  # the compacted batch must stay invisible until its commit
         added: dict[str, list[str]] = {}
         for table in TABLES:
             live = base.live(table, version)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from deepspark.config import FrozenModel, java_charset
+from deepspark.config import Charset, FrozenModel
 from deepspark.modality import ModalityName
 from deepspark.spark import SparkSettings
 from deepspark.tracking import TrackingSettings
@@ -41,12 +41,7 @@ class InputSettings(FrozenModel):
     # (seeded hash of the path, so the same files every run). 0 keeps train whole.
     val_from_train: float = Field(0.0, ge=0.0, lt=1.0)
     # The character set of CSV and JSON Lines records (Spark's reader option; `latin-1`, `cp1252`, ...).
-    encoding: str = "UTF-8"
-
-    @field_validator("encoding")
-    @classmethod
-    def _known_encoding(cls, value: str) -> str:
-        return java_charset(value)
+    encoding: Charset = "UTF-8"
 
     @field_validator("split_fractions")
     @classmethod

@@ -85,10 +85,10 @@ def stratified_splits(keyed: Iterable[tuple[str, str | None]], seed: int,
     test split). Deterministic for the same inputs; a key is split once (the first label it comes
     with), so duplicates never straddle splits. Keys without a label take the hash split."""
     by_label: dict[str | None, list[str]] = {}
-    label_of: dict[str, str | None] = {}
+    seen: set[str] = set()
     for key, label in keyed:
-        if key not in label_of:
-            label_of[key] = label
+        if key not in seen:
+            seen.add(key)
             by_label.setdefault(label, []).append(key)
     out: dict[str, str] = {}
     for label, keys in by_label.items():

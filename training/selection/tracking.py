@@ -62,10 +62,10 @@ class SearchTracker:
 
         parent = self.run.info.run_id if self.run else None
         for trial in self.plan.trials:
-            if parent is None or self.run is None:
+            if self.run is None:
                 self.child_ids[trial.index] = None
                 continue
-            tags = {"mlflow.parentRunId": parent, "deepspark.job": "select_models.trial",
+            tags = {"mlflow.parentRunId": self.run.info.run_id, "deepspark.job": "select_models.trial",
                     "deepspark.selection.trial": str(trial.index),
                     "deepspark.selection.searched": ",".join(sorted(self.plan.params[trial.index]))}
             child = self.client.create_run(self.run.info.experiment_id, tags=tags,
