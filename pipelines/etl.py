@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -219,6 +220,31 @@ def _fit(spark: "SparkSession", modality: Modality, rules: Any, inputs: RawInput
     return modality.fit(spark, inputs.frame.mapInPandas(train_payloads, f"payload {payload_type}"), rules)
 
 
+def stratify_records(frame: "DataFrame", seed: int, fractions: dict[str, float]) -> "DataFrame":
+    """Records with their stratified split in the `split` column: `layout.stratified_splits` in
+    Spark, keyed by the record's content hash (a record's key is split once, so duplicate texts
+    never straddle splits; a key's class is the smallest label it comes with). A class's keys in
+    the order of their seeded hash (`layout._point`: the first 8 bytes of sha256("<seed>:<key>")),
+    the i-th of n at (i + 0.5) / n against the cumulative fractions. Keys without a label keep a
+    null split, which the labeller fills with the plain hash split."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    key = F.sha2(F.coalesce(F.col("payload"), F.lit("")), 256)  # = content_hash(payload)
+    keyed = frame.withColumn("_key", key)
+    classes = (keyed.where(F.col(LABEL_NAME).isNotNull()).groupBy("_key").agg(F.min(LABEL_NAME).alias("_class"))
+               .withColumn("_point", F.substring(F.sha2(F.concat(F.lit(f"{seed}:"), F.col("_key")), 256), 1, 16)))
+    per_class = Window.partitionBy("_class")
+    at = ((F.row_number().over(per_class.orderBy("_point", "_key")) - 1 + 0.5) / F.count("*").over(per_class))
+    split = F.lit(list(fractions)[-1])
+    cumulative = list(itertools.accumulate(fractions.values()))
+    for name, bound in reversed(list(zip(fractions, cumulative))[:-1]):
+        split = F.when(at < F.lit(bound), F.lit(name)).otherwise(split)
+    strata = classes.select("_key", split.alias("_split"))
+    return (keyed.join(strata, "_key", "left").withColumn(SPLIT, F.coalesce(F.col(SPLIT), F.col("_split")))
+            .select(*frame.columns))
+
+
 def _group_stats(processed: "DataFrame") -> list[dict]:
     """Counts and an order-independent content digest per (split, label, reason)."""
     from pyspark.sql import functions as F
@@ -362,8 +388,11 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
                          RecordColumns(cfg.input.text_column, cfg.input.label_column, cfg.input.split_column,
                                        encoding=cfg.input.encoding),
                          read_in_workers=True, shuffle_seed=cfg.input.seed)
-    if kind == "records":  # read, numbered and shuffled once, not again by each job below
-        inputs = dataclasses.replace(inputs, frame=inputs.frame.persist(StorageLevel.MEMORY_AND_DISK))
+    if kind == "records":  # read, numbered (and stratified) once, not again by each job below
+        frame = inputs.frame
+        if cfg.input.stratify and cfg.input.split_column is None:
+            frame = stratify_records(frame, cfg.input.seed, cfg.input.split_fractions)
+        inputs = dataclasses.replace(inputs, frame=frame.persist(StorageLevel.MEMORY_AND_DISK))
     layout_ = _layout(spark, cfg, root, from_folders) if kind == "files" else None
     labels = _label_vocabulary(cfg, inputs, layout_)
     strata = None

@@ -177,6 +177,47 @@ def test_duplicate_texts_share_a_split(spark, tmp_path):
     assert len(splits_of) == 40 and all(len(s) == 1 for s in splits_of.values())
 
 
+@pytest.mark.parametrize("stratify", [True, False])
+def test_records_are_split_per_class(spark, tmp_path, stratify):
+    """10 classes of 15 reviews each, no split column: stratified, every class is in every split in
+    proportion (12 / 1 / 2), exactly as the pure `stratified_splits` assigns them by content hash
+    (a label with 5 copies of one text among 14 others splits that text once); `stratify=false`
+    keeps the plain hash of each text, which leaves classes out of the test split."""
+    import csv
+    from collections import Counter
+
+    from deepspark.modality import content_hash
+    from pipelines.layout import assign_split, stratified_splits
+
+    labels = [f"c{k}" for k in range(10)]
+    texts = {f"{review(100 * k + i, 'fresh')} {label}": label for k, label in enumerate(labels) for i in range(15)}
+    copied = next(iter(texts))
+    path = tmp_path / "ten.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "category"])
+        writer.writerows([[copied, texts[copied]]] * 4)  # 4 more copies of one text
+        writer.writerows(texts.items())
+    result = text_etl(spark, path, tmp_path / "out", f"input.labels=[{', '.join(labels)}]", "text.max_chars=1000",
+                      f"input.stratify={str(stratify).lower()}")
+    fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
+    seen = {row.content_hash: (split, row.label_name) for split in result.manifest["splits"]
+            for row in read_rows(result.url, split)}
+    assert len(seen) == 150 and result.rows_written == 154
+    keyed = [(content_hash(text), label) for text, label in texts.items()]
+    expected = (stratified_splits(keyed, 17, fractions) if stratify
+                else {key: assign_split(key, 17, fractions) for key, _ in keyed})
+    assert {key: split for key, (split, _) in seen.items()} == expected
+    per_split = Counter((split, label) for split, label in seen.values())
+    if stratify:
+        assert all(per_split[("train", c)] == 12 and per_split[("val", c)] == 1 and per_split[("test", c)] == 2
+                   for c in labels)
+    else:
+        assert len({label for split, label in seen.values() if split == "test"}) < 10
+    copies_in = expected[content_hash(copied)]  # the copies are rows of that one split
+    assert result.manifest["counts"][copies_in][texts[copied]] == per_split[(copies_in, texts[copied])] + 4
+
+
 def test_jsonl_folder_with_split_column_and_a_malformed_line(spark, tmp_path):
     folder = tmp_path / "jsonl"
     folder.mkdir()
