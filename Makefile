@@ -13,8 +13,8 @@ SUBMIT := $(VENV)/bin/spark-submit --master local[2] --driver-java-options "-Dlo
 setup:
 	@bash scripts/setup.sh
 
-setup-test:     ## the demo's set-up plus what only the tests need (a real Airflow in its own venv)
-	@bash scripts/setup.sh --with-airflow
+setup-test:     ## the demo's set-up plus what only the tests need (a real Airflow in its own venv, Chromium)
+	@bash scripts/setup.sh --with-airflow --with-browser
 
 demo: setup
 	$(PY) jobs/demo_data.py
@@ -57,9 +57,8 @@ lint: setup     ## ruff (pyflakes, pycodestyle, import order, bugbear, no print)
 mutants: setup
 	$(PY) scripts/mutants.py $(MUTANTS)
 
-ui: setup
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath data/mlflow/mlflow.db) \
-	  --default-artifact-root $(abspath data/mlflow/artifacts) --host 127.0.0.1 --port $(UI_PORT)
+ui: setup       ## the MLflow UI on loopback; prints the URL of the experiment's training runs
+	$(PY) -m deepspark.ui --host 127.0.0.1 --port $(UI_PORT)
 
 bench: setup
 	$(PY) benchmarks/etl_images.py --quick

@@ -10,6 +10,7 @@ from pathlib import Path
 from deepspark.config import load_config
 from deepspark.datasets import MANIFEST
 from deepspark.storage import LATEST_POINTER
+from deepspark.ui import runs_url
 
 PROFILES = {"image": None, "text": "text", "audio": "audio"}
 
@@ -40,13 +41,14 @@ def main(modality: str = "image") -> None:
         print("  splits:   " + ", ".join(f"{s}={sum(c.values())}" for s, c in manifest["counts"].items()))
         if "vocabulary" in manifest["state"]:
             print(f"  vocabulary: {len(manifest['state']['vocabulary'])} tokens fitted on the train split")
-    _mlflow_summary(modality, train.registry.model_name)
+    experiment_id = _mlflow_summary(modality, train.registry.model_name)
     print(f"predictions: {infer.output.path} (Parquet), quarantine: {infer.output.path}_quarantine")
-    print("MLflow:     make ui, then open http://127.0.0.1:5000 (experiment 'deepspark')")
+    print(f"MLflow:     make ui, then open {runs_url('http://127.0.0.1:5000', experiment_id)}")
 
 
-def _mlflow_summary(modality: str, model_name: str) -> None:
-    """The latest training and inference runs of this modality, and the registry's aliases."""
+def _mlflow_summary(modality: str, model_name: str) -> str:
+    """The latest training and inference runs of this modality, and the registry's aliases; returns
+    the experiment's id."""
     from mlflow.tracking import MlflowClient
 
     from deepspark.tracking import TrackingSettings, ensure_experiment
@@ -71,6 +73,7 @@ def _mlflow_summary(modality: str, model_name: str) -> None:
             print(f"registry:   {model_name}@{alias} = v{mv.version}")
     except Exception:
         pass
+    return experiment_id
 
 
 if __name__ == "__main__":

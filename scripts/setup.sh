@@ -31,11 +31,32 @@ install_airflow() {
   "$AIRFLOW_VENV/bin/airflow" version >/dev/null 2>&1 || die "Airflow in $AIRFLOW_VENV does not start"
   echo "$AIRFLOW_VERSION" > "$AIRFLOW_VENV/.deepspark-airflow"
 }
+# Debian's Chromium for the UI test (`--with-browser`, which `make test` passes too): a real
+# browser loads the MLflow UI's page and the test reads what it renders.
+install_browser() {
+  command -v chromium >/dev/null && return 0
+  [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null \
+    || die "Chromium is missing (run as root: apt-get install chromium)"
+  say "installing Debian's chromium (for the UI test)"
+  apt-get update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || die "apt-get install chromium failed"
+}
 WITH_AIRFLOW=0
-[[ "${1:-}" == "--with-airflow" ]] && WITH_AIRFLOW=1
+WITH_BROWSER=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-airflow) WITH_AIRFLOW=1 ;;
+    --with-browser) WITH_BROWSER=1 ;;
+    *) die "unknown option $arg (--with-airflow, --with-browser)" ;;
+  esac
+done
+extras() {
+  if (( WITH_AIRFLOW )); then install_airflow; fi
+  if (( WITH_BROWSER )); then install_browser; fi
+}
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/python" ]]; then
-  if (( WITH_AIRFLOW )); then install_airflow; fi
+  extras
   exit 0
 fi
 
@@ -100,4 +121,4 @@ import deepspark, pipelines, training, inference  # noqa: F401
 PY
 echo "$WANT" > "$STAMP"
 say "ready: $VENV"
-if (( WITH_AIRFLOW )); then install_airflow; fi
+extras

@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Each test's time limit by tier (pytest-timeout; setup of the module fixtures it is first to use
 # counts too): generous, so only a hang trips it, and then with a stack dump instead of eating
 # CI's 90 minutes. The first marker found wins; a test's own @pytest.mark.timeout wins over all.
-TIER_TIMEOUTS_S = (("airflow", 1200), ("cluster", 1500), ("slow", 900), ("spark", 600))
+TIER_TIMEOUTS_S = (("airflow", 1200), ("cluster", 1500), ("slow", 900), ("spark", 600), ("browser", 300))
 UNIT_TIMEOUT_S = 120
 
 
