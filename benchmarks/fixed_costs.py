@@ -1,9 +1,11 @@
-"""What a new user's first small job costs: fresh `spark-submit` runs of the ETL on 5 CSV rows, 5
-PNG files and 5 WAV files, each with its Spark task and stage counts (from Spark's event log) and
-wall time, against the fixed-cost floor of Spark itself on this machine: a plain `spark-submit` of a
-job that reads the same input and writes one Parquet file, with the same master, interpreter and
-flags. And a Python task's fixed cost: 400 empty Python tasks in a warm SparkContext, with Spark's
-default worker path and with the JVM jar taken off it (`deepspark.spark.lighten_python_worker`).
+"""What a new user's first small job costs: fresh `spark-submit` runs of the ETL and of batch
+inference on 5 CSV rows, 5 PNG files and 5 WAV files, each with its Spark task and stage counts
+(from Spark's event log) and wall time (inference scores the raw inputs with the modality's default
+model, untrained and registered in a sqlite store beforehand, not timed), against the fixed-cost
+floor of Spark itself on this machine: a plain `spark-submit` of a job that reads the same input
+and writes one Parquet file, with the same master, interpreter and flags. And a Python task's
+fixed cost: 400 empty Python tasks in a warm SparkContext, with Spark's default worker path and
+with the JVM jar taken off it (`deepspark.spark.lighten_python_worker`).
 
 Usage: python benchmarks/fixed_costs.py [--quick] [--json PATH]
   --quick: one run of each job (the full run takes the best of three).
@@ -57,6 +59,20 @@ for _ in range(3):
     best = min(best, time.perf_counter() - started)
 print("SECONDS_PER_TASK", best / 400)
 spark.stop()
+'''
+
+
+REGISTER_JOB = '''
+import json, sys
+import mlflow
+from deepspark.modality import ModalityRecord
+from deepspark.tracking import TrackingSettings, ensure_experiment
+from inference.serving import log_classifier
+manifest, store, artifacts, name, workdir = sys.argv[1:6]
+record = ModalityRecord.from_dict(json.load(open(manifest)))
+experiment = ensure_experiment(TrackingSettings(uri=store, artifact_root=artifacts))
+with mlflow.start_run(experiment_id=experiment, run_name=name):
+    log_classifier(record.plugin.build_model(record.plugin.default_model, record), record, name, workdir)
 '''
 
 
@@ -121,6 +137,18 @@ def etl_args(modality: str, path: Path, out: Path) -> list[str]:
             "input.split_fractions={train: 0.6, test: 0.4}", *extra]
 
 
+def register_untrained(manifest: Path, store: str, artifacts: Path, name: str, workdir: Path) -> str:
+    """The modality's default model, untrained, registered with the small dataset's record: what
+    batch inference loads and runs is the same as for a trained one (not timed)."""
+    script = workdir / "register.py"
+    script.write_text(REGISTER_JOB)
+    done = subprocess.run([sys.executable, str(script), str(manifest), store, str(artifacts), name, str(workdir)],
+                          env=env(), capture_output=True, text=True, cwd=PROJECT, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"registering {name} failed:\n{done.stderr[-3000:]}")
+    return f"models:/{name}/1"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -134,23 +162,36 @@ def main() -> None:
         inputs = make_inputs(tmp / "raw")
         floor_script = tmp / "floor.py"
         floor_script.write_text(FLOOR_JOB)
+        store = f"sqlite:///{tmp / 'mlflow.db'}"
         for modality, (path, _) in inputs.items():
-            runs, floors = [], []
-            for r in range(repeats):
+            runs, floors, infers = [], [], []
+            fmt = "csv" if modality == "text" else "files"
+            for r in range(repeats):  # ours, the floor, ours, the floor, ...: drift hits both alike
                 out = tmp / f"etl-{modality}-{r}"
                 runs.append(submit(PROJECT / "jobs" / "etl.py", etl_args(modality, path, out), tmp / f"ev-{modality}-{r}"))
-                fmt = "csv" if modality == "text" else "files"
                 floors.append(submit(floor_script, [str(path), fmt, str(tmp / f"floor-{modality}-{r}")],
                                      tmp / f"ev-floor-{modality}-{r}"))
-            ours, floor = min(runs), min(floors)
-            rows.append((f"ETL, 5 {modality} inputs", f"{ours[0]:.1f} s", f"{ours[1]} tasks / {ours[2]} stages",
-                         f"floor {floor[0]:.1f} s, {floor[1]} tasks: {ours[0] / floor[0]:.2f}x"))
+            model_uri = register_untrained(tmp / f"etl-{modality}-0" / "small" / "v=1" / "manifest.json", store,
+                                           tmp / "artifacts", f"small-{modality}", tmp / f"model-{modality}")
+            for r in range(repeats):
+                infers.append(submit(PROJECT / "jobs" / "batch_inference.py",
+                                     [f"model_uri={model_uri}", f"input.path={path}", f"tracking.uri={store}",
+                                      f"output.path={tmp / f'pred-{modality}-{r}'}"], tmp / f"ev-infer-{modality}-{r}"))
+            ours, floor, infer = min(runs), min(floors), min(infers)
+            for job, (seconds, tasks, stages, _) in ((f"ETL, 5 {modality} inputs", ours),
+                                                     (f"batch inference, 5 {modality} inputs", infer)):
+                rows.append((job, f"{seconds:.1f} s", f"{tasks} tasks / {stages} stages",
+                             f"floor {floor[0]:.1f} s, {floor[1]} tasks: {seconds / floor[0]:.2f}x"))
             figures += [
                 {"name": f"etl_small_{modality}_seconds", "value": round(ours[0], 2), "goal": None, "unit": "s"},
                 {"name": f"etl_small_{modality}_tasks", "value": ours[1], "goal": 40, "unit": "tasks"},
                 {"name": f"etl_small_{modality}_over_floor", "value": round(ours[0] / floor[0], 3),
                  "goal": 2.0 if modality in ("text", "image") else None, "unit": "ratio"},
                 {"name": f"spark_floor_{modality}_seconds", "value": round(floor[0], 2), "goal": None, "unit": "s"},
+                {"name": f"inference_small_{modality}_seconds", "value": round(infer[0], 2), "goal": None, "unit": "s"},
+                {"name": f"inference_small_{modality}_tasks", "value": infer[1], "goal": 40, "unit": "tasks"},
+                {"name": f"inference_small_{modality}_over_floor", "value": round(infer[0] / floor[0], 3), "goal": None,
+                 "unit": "ratio"},
             ]
         tasks_script = tmp / "tasks.py"
         tasks_script.write_text(TASKS_JOB)

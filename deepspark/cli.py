@@ -49,8 +49,9 @@ def run_job(job: str, profile: str | None, overrides: Sequence[str]) -> Any:
     if not spec.needs_spark:
         result = _load(spec.runner)(cfg)
     else:
-        from deepspark.spark import build_session
+        from deepspark.spark import build_session, prefer_installed_pyspark
 
+        prefer_installed_pyspark()
         spark = build_session(cfg.spark)
         try:
             result = _load(spec.runner)(spark, cfg)

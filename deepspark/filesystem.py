@@ -109,15 +109,22 @@ def read_all(urls: Iterable[str], sizes: Sequence[int] | None = None) -> list[by
     return out
 
 
-def parquet_totals(url: str) -> tuple[int, int]:
-    """(rows, row groups) of the Parquet files below `url`, from their footers alone: what a
-    dataset holds, without a Spark job or reading a data page."""
+def parquet_footers(url: str) -> dict[str, tuple[int, int]]:
+    """(rows, row groups) of each Parquet file below `url`, by its path relative to `url`, from
+    the footers alone: no Spark job, no data page read."""
     import pyarrow.parquet as pq
 
-    rows = groups = 0
+    prefix = url.rstrip("/") + "/"
+    found = {}
     for path, _, _ in list_file_status(url, lambda name: name.endswith(".parquet")):
         loc, inner = location(path)
         with loc.fs.open_input_file(inner) as handle:
             meta = pq.ParquetFile(handle).metadata
-        rows, groups = rows + meta.num_rows, groups + meta.num_row_groups
-    return rows, groups
+        found[path[len(prefix):] if path.startswith(prefix) else path] = (meta.num_rows, meta.num_row_groups)
+    return found
+
+
+def parquet_totals(url: str) -> tuple[int, int]:
+    """(rows, row groups) of the Parquet files below `url`: what a dataset holds."""
+    footers = parquet_footers(url).values()
+    return sum(rows for rows, _ in footers), sum(groups for _, groups in footers)

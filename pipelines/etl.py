@@ -317,6 +317,8 @@ def _write_splits(spark: "SparkSession", fs: HadoopFS, good: "DataFrame", stagin
     from petastorm.etl.dataset_metadata import materialize_dataset
     from pyspark.sql import functions as F
 
+    from deepspark import filesystem
+
     spec = record.spec
     rows = good.select(*spec.data_columns, SPLIT)
     total = sum(counts.values())
@@ -331,9 +333,16 @@ def _write_splits(spark: "SparkSession", fs: HadoopFS, good: "DataFrame", stagin
     # Parquet checks the size only every 100 rows by default (this also paces the row-group
     # check): small rows (token ids) would never make a small dataset more than one row group.
     check, previous = "parquet.page.size.row.check.min", hadoop.get("parquet.page.size.row.check.min")
+    # Petastorm's row-group index (row groups per file) is read off the footers here on the driver,
+    # as the reconciliation does, where pyarrow.fs reaches the output: Petastorm's own indexing runs
+    # a Spark job of one Python task per file for each split (about 0.4 s a split on a small job).
+    # materialize_dataset then only adds its Unischema (`use_summary_metadata`: no indexing job).
+    on_driver = filesystem.reaches(data)
     with ExitStack() as metadata:  # on exit, each split's Petastorm metadata (keys restored too)
         for split in counts:
-            metadata.enter_context(materialize_dataset(spark, join(data, split), unischema(spec, record.modality)))
+            metadata.enter_context(materialize_dataset(spark, join(data, split), unischema(spec, record.modality),
+                                                       use_summary_metadata=on_driver))
+        hadoop.set("parquet.summary.metadata.level", "NONE")  # no Parquet summary file either way
         hadoop.setInt("parquet.block.size", block)
         hadoop.setInt(check, 10)
         try:
@@ -348,6 +357,25 @@ def _write_splits(spark: "SparkSession", fs: HadoopFS, good: "DataFrame", stagin
             hadoop.unset(check) if previous is None else hadoop.set(check, previous)
         for split in counts:
             fs.rename(join(data, f"{SPLIT}={split}"), join(data, split))
+            if on_driver:
+                _index_row_groups(spark, join(data, split))
+
+
+def _index_row_groups(spark: "SparkSession", url: str) -> None:
+    """Petastorm's row-group index of one split (its `ROW_GROUPS_PER_FILE_KEY` in
+    `_common_metadata`, the paths relative to the split), from the footers on the driver."""
+    import pyarrow.parquet as pq
+    from petastorm.etl.dataset_metadata import ROW_GROUPS_PER_FILE_KEY
+    from petastorm.fs_utils import FilesystemResolver
+    from petastorm.utils import add_to_dataset_metadata
+
+    from deepspark import filesystem
+
+    groups = {rel: n for rel, (_, n) in filesystem.parquet_footers(url).items()}
+    resolver = FilesystemResolver(url, spark.sparkContext._jsc.hadoopConfiguration(),
+                                  user=spark.sparkContext.sparkUser())
+    dataset = pq.ParquetDataset(resolver.get_dataset_path(), filesystem=resolver.filesystem(), validate_schema=False)
+    add_to_dataset_metadata(dataset, ROW_GROUPS_PER_FILE_KEY, json.dumps(groups))
 
 
 def _write_manifest(fs: HadoopFS, staging: str, manifest: dict, cfg: EtlConfig) -> None:

@@ -52,3 +52,33 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_driver_imports_the_installed_pyspark_not_its_source_zips(tmp_path):
+    """spark-submit puts pyspark.zip and py4j's zip first on the driver's path, and Python keeps no
+    bytecode for a zip's modules: with the installed package they came from also on the path,
+    they come off and pyspark is imported from the package. Zips of another Spark installation
+    (here a copy elsewhere) stay. In subprocesses: it edits sys.path."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+
+    spec = find_spec("pyspark")
+    assert spec is not None and spec.origin is not None
+    lib = os.path.join(os.path.dirname(spec.origin), "python", "lib")
+    zips = sorted(os.path.join(lib, name) for name in os.listdir(lib) if name.endswith(".zip"))
+    assert len(zips) == 2  # pyspark.zip and py4j-*-src.zip
+    elsewhere = [shutil.copy(z, tmp_path) for z in zips]
+    code = """
+import sys
+from deepspark.spark import prefer_installed_pyspark
+removed = prefer_installed_pyspark()
+import pyspark, py4j
+print(removed, ".zip" in pyspark.__file__, ".zip" in py4j.__file__)
+"""
+    for path, expected in ((zips, "2 False False"), (elsewhere, "0 True True")):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([*path, os.getcwd()])}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 0 and done.stdout.strip() == expected, done.stderr
