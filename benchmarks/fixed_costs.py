@@ -140,6 +140,7 @@ def etl_args(modality: str, path: Path, out: Path) -> list[str]:
 def register_untrained(manifest: Path, store: str, artifacts: Path, name: str, workdir: Path) -> str:
     """The modality's default model, untrained, registered with the small dataset's record: what
     batch inference loads and runs is the same as for a trained one (not timed)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     script = workdir / "register.py"
     script.write_text(REGISTER_JOB)
     done = subprocess.run([sys.executable, str(script), str(manifest), store, str(artifacts), name, str(workdir)],

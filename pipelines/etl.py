@@ -483,22 +483,29 @@ def _refuse_empty(cfg: EtlConfig, root: str, manifest: dict) -> None:
                     "data.test_split) and early stopping a val split", cfg.output.name, ", ".join(missing))
 
 
+# Up to this many quarantine rows are collected and written by the driver as one Parquet file (a
+# collect of cached rows costs less than a write job's commit protocol); more, by a Spark write.
+DRIVER_QUARANTINE_ROWS = 10_000
+
+
 def _write_quarantine(rows: "DataFrame", url: str, n_rows: int) -> None:
-    """The quarantine table: a Spark write of its rows, or, with none (the usual case), one empty
-    Parquet file of its schema written directly (no Spark job)."""
+    """The quarantine table: none or few rows (the usual case) as one Parquet file of the very
+    schema Spark would write, written directly where pyarrow.fs reaches; else a Spark write."""
     from deepspark import filesystem
 
     table = rows.select(*QUARANTINE_COLUMNS)
-    if n_rows or not filesystem.reaches(url):
+    if n_rows > DRIVER_QUARANTINE_ROWS or not filesystem.reaches(url):
         table.coalesce(1).write.mode("error").parquet(url)
         return
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from pyspark.sql.pandas.types import to_arrow_schema
 
+    collected = [row.asDict() for row in table.collect()] if n_rows else []
     loc, path = filesystem.location(join(url, "part-00000.parquet"))
     loc.fs.create_dir(path.rsplit("/", 1)[0])
-    with loc.fs.open_output_stream(path) as out:  # the very schema Spark would have written
-        pq.write_table(to_arrow_schema(table.schema).empty_table(), out)
+    with loc.fs.open_output_stream(path) as out:
+        pq.write_table(pa.Table.from_pylist(collected, schema=to_arrow_schema(table.schema)), out)
 
 
 def _reconcile(spark: "SparkSession", staging: str, manifest: dict) -> None:

@@ -51,6 +51,18 @@ def test_every_record_is_a_row_or_a_quarantine_row_with_its_reason(spark, csv_da
         "column": "tokens", "shape": [16], "dtype": "int32", "encoding": "raw"}
 
 
+def test_many_quarantine_rows_are_written_by_spark(spark, text_corpus, tmp_path, monkeypatch):
+    """Past `DRIVER_QUARANTINE_ROWS` the quarantine table is Spark's write, with the same rows."""
+    from pipelines import etl
+
+    monkeypatch.setattr(etl, "DRIVER_QUARANTINE_ROWS", 1)
+    result = text_etl(spark, text_corpus.csv, tmp_path / "out")
+    quarantine = spark.read.parquet(f"{result.url}/quarantine").collect()
+    assert sorted(r.reason for r in quarantine) == sorted(text_corpus.bad.values())
+    written = [p.name for p in Path(result.url.removeprefix("file:"), "quarantine").glob("part-*")]
+    assert written and "part-00000.parquet" not in written  # Spark's part files, not the driver's
+
+
 def test_vocabulary_is_fitted_on_train_only(csv_dataset):
     """Every review carries a marker token unique to it: the vocabulary holds exactly the markers
     of the rows that landed in train, never one that only val or test rows carry."""
