@@ -65,14 +65,16 @@ spark.stop()
 REGISTER_JOB = '''
 import json, sys
 import mlflow
+from deepspark import builders
 from deepspark.modality import ModalityRecord
 from deepspark.tracking import TrackingSettings, ensure_experiment
 from inference.serving import log_classifier
 manifest, store, artifacts, name, workdir = sys.argv[1:6]
 record = ModalityRecord.from_dict(json.load(open(manifest)))
 experiment = ensure_experiment(TrackingSettings(uri=store, artifact_root=artifacts))
+builder, _ = builders.reference(None, None, record.plugin)
 with mlflow.start_run(experiment_id=experiment, run_name=name):
-    log_classifier(record.plugin.build_model(record.plugin.default_model, record), record, name, workdir)
+    log_classifier(builders.build(builder, record, {}), record, name, workdir, builder=builder)
 '''
 
 

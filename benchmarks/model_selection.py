@@ -86,7 +86,7 @@ def limit_worker(args: tuple) -> float:
     steppers = []
     for trial in trials:
         tf.keras.utils.set_random_seed(trial.cfg.seed)
-        stepper = FusedModels([compiled_model(trial.cfg, data.record, trial.model_name, trial.steps_per_epoch, Solo())[0]])
+        stepper = FusedModels([compiled_model(trial.cfg, data.record, trial.builder, trial.steps_per_epoch, Solo())[0]])
         batch = trial.cfg.optimizer.batch_size
         stepper.fit_rows(rows[0][: 2 * batch], rows[1][: 2 * batch], batch, 0)  # trace the step
         steppers.append(stepper)
@@ -115,7 +115,7 @@ def fused_worker(args: tuple) -> dict[int, tuple[float, float]]:
         for i in range(k):
             cfg = TrainConfig.model_validate({"model": {"name": "mlp"}, "optimizer": {"learning_rate": 1e-3 * (i + 1),
                                               "batch_size": batch}, "seed": i})
-            models.append(compiled_model(cfg, data.record, "mlp", len(y) // batch, Solo())[0])
+            models.append(compiled_model(cfg, data.record, "pipelines.images.models:mlp", len(y) // batch, Solo())[0])
         alone = [FusedModels([m]) for m in models]
         fused = FusedModels(models)
         for stepper in (*alone, fused):

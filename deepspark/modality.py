@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, Seq
 
 import numpy as np
 
+from deepspark.config import ConfigError
+
 if TYPE_CHECKING:
     import pyarrow as pa
     from petastorm.unischema import Unischema
@@ -225,29 +227,29 @@ class Modality(ABC):
         since a transient failure must not become a permanent quarantine row."""
 
     # --- models ------------------------------------------------------------------------------
-    models: ClassVar[Mapping[str, str]]  # model name -> one-line description (no TensorFlow needed)
-    models_module: ClassVar[str]  # holds BUILDERS and CUSTOM_OBJECTS; imports TensorFlow
+    # The catalogue: model name -> one-line description (no TensorFlow needed). Each name is a
+    # builder `<models_module>:<name>` of the `deepspark.builders` contract, build(record, **params).
+    models: ClassVar[Mapping[str, str]]
+    models_module: ClassVar[str]  # holds the builders and CUSTOM_OBJECTS; imports TensorFlow
 
     def _models(self) -> Any:
         """The Keras models module, imported only when a model is built or loaded."""
         return importlib.import_module(self.models_module)
-
-    @abstractmethod
-    def build_model(self, name: str, record: "ModalityRecord") -> Any:
-        """A fresh, uncompiled Keras model that takes the stored tensor as it is and outputs
-        probabilities over `record.labels`."""
 
     def custom_objects(self) -> dict[str, Any]:
         """Keras layers the saved model needs to load."""
         return dict(getattr(self._models(), "CUSTOM_OBJECTS", {}))
 
 
-def get_modality(name: str) -> Modality:
-    """The plug-in for `name`; raises naming the known modalities."""
-    if name not in PLUGINS:
-        raise KeyError(f"modality {name!r} is not one of {sorted(PLUGINS)}")
-    module, _, attr = PLUGINS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+def get_modality(name: str, key: str = "modality") -> Modality:
+    """The plug-in for `name`: a built-in modality, one an installed package registers under the
+    entry-point group `deepspark.modalities`, or a `module:attr` reference; errors name `key`."""
+    from deepspark.plugins import Registry
+
+    plugin = Registry("modality", "deepspark.modalities", PLUGINS).load(name, key)
+    if not isinstance(plugin, Modality):
+        raise ConfigError(f"{key}: {name!r} is not a deepspark.modality.Modality (got {type(plugin).__name__})")
+    return plugin
 
 
 @dataclass(frozen=True)

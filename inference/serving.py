@@ -22,6 +22,7 @@ from deepspark.modality import Failure, ModalityRecord, preprocess_all
 KERAS_ARTIFACT = "keras_model"
 RECORD_ARTIFACT = "modality"
 RECORD_FILE = "modality.json"
+BUILDER_CONFIG = "builder"  # the pyfunc's model_config key holding the builder's reference
 INPUT_COLUMN = {"text": "text"}  # images and audio take file bytes in a `content` column
 
 
@@ -39,11 +40,19 @@ class ModalityClassifier(PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:
-        self.load(context.artifacts[KERAS_ARTIFACT], context.artifacts[RECORD_ARTIFACT])
+        self.load(context.artifacts[KERAS_ARTIFACT], context.artifacts[RECORD_ARTIFACT],
+                  (context.model_config or {}).get(BUILDER_CONFIG))
 
-    def load(self, keras_path: str, record_path: str) -> "ModalityClassifier":
+    def load(self, keras_path: str, record_path: str, builder: str | None = None) -> "ModalityClassifier":
+        """`builder`: the model builder's reference; its module is imported first, so the custom
+        layers it registers (Keras' register_keras_serializable) deserialise. MLflow has put the
+        user's code, logged with the model, on the path already."""
+        import importlib
+
         import tensorflow as tf
 
+        if builder:
+            importlib.import_module(builder.partition(":")[0])
         with open(record_path) as fh:
             self.record = ModalityRecord.from_dict(json.load(fh))
         plugin = self.record.plugin
@@ -98,9 +107,13 @@ def _payloads(model_input: Any, column: str) -> list[Any]:
     return list(model_input)
 
 
-def log_classifier(keras_model: Any, record: ModalityRecord, registered_name: str | None, workdir: str) -> Any:
+def log_classifier(keras_model: Any, record: ModalityRecord, registered_name: str | None, workdir: str,
+                   builder: str | None = None, user_code: str | None = None) -> Any:
     """Log `keras_model` with its modality record as the pyfunc `model` of the active run (and
-    register it); the signature names the raw input the model takes."""
+    register it); the signature names the raw input the model takes. `builder` (the reference
+    the model was built from) is imported before the model loads; `user_code` (its package, when
+    it is the user's own) travels inside the model (MLflow's code_paths), so the model loads where
+    that package is not installed."""
     import os
 
     from mlflow.models import ModelSignature
@@ -123,7 +136,9 @@ def log_classifier(keras_model: Any, record: ModalityRecord, registered_name: st
         name="model", python_model=ModalityClassifier(), signature=signature,
         artifacts={KERAS_ARTIFACT: keras_path, RECORD_ARTIFACT: record_path},
         registered_model_name=registered_name, pip_requirements=_requirements(),
-        metadata={"deepspark.modality": record.modality},
+        metadata={"deepspark.modality": record.modality, **({"deepspark.builder": builder} if builder else {})},
+        model_config={BUILDER_CONFIG: builder} if builder else None,
+        code_paths=[user_code] if user_code else None,
     )
 
 

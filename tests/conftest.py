@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,3 +332,61 @@ def raw_copy(fashion_small, tmp_path) -> Path:
     (folder / "Bag" / "empty-ish.jpg").write_bytes(b"not a jpeg at all")
     (folder / "Bag" / "zero.png").write_bytes(b"")
     return folder
+
+
+# A user's own model builder (deepspark/builders.py's contract) with a custom Keras layer, in a
+# package outside the project: tests/test_builders.py and tests/test_own_model.py.
+BUILDER = '''
+import tensorflow as tf
+
+
+@tf.keras.utils.register_keras_serializable(package="acme")
+class Scale(tf.keras.layers.Layer):
+    """A custom layer: only its registration lets a saved model load."""
+
+    def __init__(self, factor=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, x):
+        return x * self.factor
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+def build(record, width=8, factor=0.5):
+    inputs = tf.keras.Input(shape=record.spec.shape, dtype=record.spec.dtype, name="image")
+    x = Scale(factor)(tf.keras.layers.Flatten()(tf.keras.layers.Rescaling(1 / 255)(inputs)))
+    x = tf.keras.layers.Dense(width, activation="relu")(x)
+    outputs = tf.keras.layers.Dense(len(record.labels), activation="softmax", name="probabilities")(x)
+    return tf.keras.Model(inputs, outputs)
+
+
+def wrong_input(record):
+    inputs = tf.keras.Input(shape=(32, 32, 3), dtype="float32")
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(len(record.labels))(tf.keras.layers.Flatten()(inputs)))
+
+
+def wrong_output(record):
+    inputs = tf.keras.Input(shape=record.spec.shape, dtype="uint8")
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(7)(tf.keras.layers.Flatten()(inputs)))
+
+
+def broken(record):
+    raise RuntimeError("the user's own bug")
+
+
+NOT_A_FUNCTION = 3
+'''
+
+
+@pytest.fixture()
+def user_package(tmp_path, monkeypatch) -> Path:
+    """A package of the user's own, outside the project, importable as `acme_models`."""
+    package = tmp_path / "src" / "acme_models"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(textwrap.dedent(BUILDER))
+    monkeypatch.syspath_prepend(str(package.parent))
+    yield package
+    sys.modules.pop("acme_models", None)

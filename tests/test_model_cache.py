@@ -20,7 +20,7 @@ def trial(index: int, learning_rate: float, batch_size: int = 16) -> Trial:
     cfg = TrainConfig.model_validate({"model": {"name": "resnet_small"}, "seed": 10 + index, "epochs": 2,
                                       "optimizer": {"learning_rate": learning_rate, "batch_size": batch_size,
                                                     "warmup_epochs": 0}})
-    return Trial(index, cfg, "resnet_small", 4)
+    return Trial(index, cfg, "pipelines.images.models:resnet_small", 4)
 
 
 def published(store: Store, t: int, unit: int) -> list[np.ndarray]:

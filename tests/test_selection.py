@@ -185,7 +185,7 @@ def test_halving_stops_the_worse_half_after_the_first_rung(spark, fashion_small,
             "search.space={optimizer.learning_rate: {loguniform: [0, 1]}}",
             "search.space.optimizer.learning_rate: loguniform",
         ),
-        ("search.space={model.name: {choice: [convnet, vgg]}}", "search.space.model.name: 'vgg' is not a image model"),
+        ("search.space={model.name: {choice: [convnet, vgg]}}", "search.space.model.name: unknown model builder 'vgg'"),
         (
             "search.space={optimizer.batch_size: {choice: [4096]}}",
             "search.space.optimizer.batch_size: 4096 leaves fewer",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
@@ -21,7 +21,12 @@ class DataSettings(FrozenModel):
 
 
 class ModelSettings(FrozenModel):
+    """Which model to build (deepspark/builders.py): a name from the dataset modality's catalogue,
+    or any builder `build(record, **params) -> keras.Model` by reference, with its parameters."""
+
     name: str | None = None  # default: the dataset modality's default model (image: convnet, text: cnn, audio: cnn)
+    builder: str | None = None  # "package.module:function", or a name registered as a deepspark.model_builders entry point
+    params: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the builder, e.g. {filters: [32, 64]}
 
 
 class LoaderSettings(FrozenModel):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from deepspark import builders
 from deepspark.config import ConfigError
 from deepspark.datasets import DatasetRef, open_dataset
 from deepspark.spark import task_slots
@@ -72,16 +73,14 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
         if split not in dataset.manifest["splits"]:
             raise ConfigError(f"{key}: dataset {dataset.name} v={dataset.version} has no split {split!r} "
                               f"(has {sorted(dataset.manifest['splits'])})")
-    plugin = dataset.record.plugin
-    model_name = cfg.model.name or plugin.default_model
-    if model_name not in plugin.models:
-        raise ConfigError(f"model.name: {model_name!r} is not a {plugin.name} model (have {sorted(plugin.models)})")
     if len(dataset.labels) < 2:
         raise ConfigError(f"data.name: dataset {dataset.name} has {len(dataset.labels)} label(s); need >= 2")
     stopping = cfg.early_stopping
     if (stopping.patience or stopping.restore_best) and cfg.data.val_split not in dataset.manifest["splits"]:
         raise ConfigError(f"early_stopping: needs a validation split, and dataset {dataset.name} v={dataset.version} "
                           f"has no {cfg.data.val_split!r} split (data.val_split)")
+    builder, key = builders.reference(cfg.model.builder, cfg.model.name, dataset.record.plugin)
+    builders.checked(builder, dataset.record, cfg.model.params, key)  # once, on the driver, before any task
     slots = task_slots(spark)
     num_proc = cfg.horovod.num_proc or slots
     if num_proc > slots:
@@ -96,7 +95,7 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
     if steps < 1:
         raise ConfigError(f"optimizer.batch_size={cfg.optimizer.batch_size} x {num_proc} ranks exceeds the "
                           f"{dataset.rows(cfg.data.train_split)} training rows")
-    return Plan(dataset, model_name, num_proc, steps)
+    return Plan(dataset, builder, num_proc, steps, builders.user_code(builder))
 
 
 @dataclass(frozen=True)
@@ -104,9 +103,10 @@ class Plan:
     """What the driver decided before launching anything."""
 
     dataset: DatasetRef
-    model_name: str
+    builder: str  # the model builder's `module:attr` reference
     num_proc: int
     steps_per_epoch: int
+    user_code: str | None = None  # the builder's package when it is the user's own (shipped with the job)
 
 
 def latest_checkpoint(run_id: str) -> tuple[int, bytes]:
@@ -138,20 +138,23 @@ def _log_dataset(dataset: DatasetRef) -> None:
                       {"version": str(dataset.version)})
 
 
-def _log_model(cfg: TrainConfig, dataset: DatasetRef, model_name: str, weights: list[np.ndarray]) -> int | None:
+def _log_model(cfg: TrainConfig, dataset: DatasetRef, planned: Plan, weights: list[np.ndarray]) -> int | None:
     """Rebuild the architecture on the driver, load rank 0's weights, log it with its modality
-    record (so inference needs nothing but the model URI) and register it."""
+    record (so inference needs nothing but the model URI) and the user's builder code, and
+    register it."""
     import mlflow
 
     from inference.serving import log_classifier
 
     record = dataset.record
-    model = record.plugin.build_model(model_name, record)
+    model = builders.build(planned.builder, record, cfg.model.params)
     model.set_weights(weights)
     with tempfile.TemporaryDirectory() as tmp:
-        info = log_classifier(model, record, cfg.registry.model_name if cfg.registry.enabled else None, tmp)
-    mlflow.log_dict({"modality": record.modality, "labels": list(record.labels), "model": model_name,
-                     "dataset": f"{dataset.name}@v{dataset.version}"}, "model_meta/summary.json")
+        info = log_classifier(model, record, cfg.registry.model_name if cfg.registry.enabled else None, tmp,
+                              builder=planned.builder, user_code=planned.user_code)
+    mlflow.log_dict({"modality": record.modality, "labels": list(record.labels), "builder": planned.builder,
+                     "params": dict(cfg.model.params), "dataset": f"{dataset.name}@v{dataset.version}"},
+                    "model_meta/summary.json")
     return int(info.registered_model_version) if info.registered_model_version else None
 
 
@@ -161,6 +164,8 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
 
     planned = plan(spark, cfg)
     dataset, num_proc, steps = planned.dataset, planned.num_proc, planned.steps_per_epoch
+    if planned.user_code is not None:  # the ranks import the user's builder from it
+        builders.ship_to_executors(spark, planned.user_code)
     start_epoch, checkpoint = 0, None
     if cfg.resume:
         if not cfg.tracking.enabled:
@@ -174,7 +179,7 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     tags = {"deepspark.job": "train", "deepspark.modality": dataset.record.modality, "dataset.name": dataset.name,
             "dataset.version": str(dataset.version), "dataset.id": dataset.dataset_id, **cfg.extra_tags}
-    run_name = cfg.run_name or f"train:{planned.model_name}:{dataset.name}@v{dataset.version}"
+    run_name = cfg.run_name or f"train:{builders.short_name(planned.builder)}:{dataset.name}@v{dataset.version}"
     with job_run(cfg.tracking, run_name, cfg, tags, resume_run_id=cfg.resume) as run:
         run_id = run.info.run_id if run else None
         if run is not None:
@@ -183,10 +188,10 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
             if not cfg.resume:
                 _log_dataset(dataset)
                 mlflow.log_params({"resolved.num_proc": num_proc, "resolved.steps_per_epoch": steps,
-                                   "resolved.model_name": planned.model_name, "resolved.modality": dataset.record.modality,
+                                   "resolved.model_builder": planned.builder, "resolved.modality": dataset.record.modality,
                                    "resolved.global_batch_size": cfg.optimizer.batch_size * num_proc})
         task = RankTask(
-            cfg=cfg, record=dataset.record, model_name=planned.model_name,
+            cfg=cfg, record=dataset.record, builder=planned.builder,
             train_url=dataset.split_url(cfg.data.train_split),
             val_url=dataset.split_url(cfg.data.val_split) if cfg.data.val_split in dataset.manifest["splits"] else None,
             test_url=dataset.split_url(cfg.data.test_split), steps_per_epoch=steps, start_epoch=start_epoch,
@@ -212,7 +217,7 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
                 plots.training_curves(history, os.path.join(tmp, "training_curves.png"))
                 plots.confusion_matrix(np.array(outcome["confusion"]), dataset.labels, os.path.join(tmp, "confusion_matrix.png"))
                 mlflow.log_artifacts(tmp, "plots")
-            model_version = _log_model(cfg, dataset, planned.model_name, outcome["weights"])
+            model_version = _log_model(cfg, dataset, planned, outcome["weights"])
             if model_version is not None:
                 from training.registry import promote
 

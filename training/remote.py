@@ -33,7 +33,7 @@ class RankTask:
 
     cfg: TrainConfig
     record: ModalityRecord
-    model_name: str
+    builder: str  # the model builder's `module:attr` reference (deepspark/builders.py)
     train_url: str
     val_url: str | None
     test_url: str | None  # None: no test evaluation (model selection tests only its winner)
@@ -79,7 +79,7 @@ class RankTask:
         from training.data import ShardSpec, StallMeter, strided_rows, training_batches
 
         spec = self.record.spec
-        model, schedule = compiled_model(cfg, self.record, self.model_name, self.steps_per_epoch, collective)
+        model, schedule = compiled_model(cfg, self.record, self.builder, self.steps_per_epoch, collective)
         if self.checkpoint is not None:
             restore_checkpoint(self.checkpoint, model, model.optimizer)
         pool = (cfg.loader.pool_type, cfg.loader.workers)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from deepspark.builders import build
 from deepspark.modality import ModalityRecord
 from training.config import TrainConfig
 
@@ -63,16 +64,17 @@ def set_threads(intra_op: int, inter_op: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(inter_op)
 
 
-def compiled_model(cfg: TrainConfig, record: ModalityRecord, model_name: str, steps_per_epoch: int,
+def compiled_model(cfg: TrainConfig, record: ModalityRecord, builder: str, steps_per_epoch: int,
                    collective: Collective, variable_rate: bool = False) -> tuple[Any, Any]:
-    """A fresh model of `model_name` with the config's optimizer, compiled for training, and its
-    learning-rate schedule (peak learning rate x processes, warm-up, decay over `cfg.epochs`).
-    `variable_rate`: the peak is a variable (`schedule.peak.assign(...)` changes it after tracing)."""
+    """A fresh model from `builder` (a `module:attr` reference) with `cfg.model.params` and the
+    config's optimizer, compiled for training, and its learning-rate schedule (peak learning rate
+    x processes, warm-up, decay over `cfg.epochs`). `variable_rate`: the peak is a variable
+    (`schedule.peak.assign(...)` changes it after tracing)."""
     import tensorflow as tf
 
     from training.schedules import WarmupThenDecay
 
-    model = record.plugin.build_model(model_name, record)
+    model = build(builder, record, cfg.model.params)
     opt = cfg.optimizer
     peak = opt.learning_rate * collective.size
     schedule = WarmupThenDecay(tf.Variable(peak, trainable=False, dtype=tf.float32) if variable_rate else peak,

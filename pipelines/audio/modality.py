@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from deepspark.modality import Modality, ModalityRecord, Preprocess, TensorSpec
+from deepspark.modality import Modality, Preprocess, TensorSpec
 from pipelines.audio import transforms
 
 COLUMN = "waveform"
@@ -31,9 +31,6 @@ class AudioModality(Modality):
 
     def preprocessor(self, rules: transforms.AudioRules, state: Mapping[str, Any]) -> Preprocess:
         return lambda payload: transforms.decode_or_reason(payload, rules)
-
-    def build_model(self, name: str, record: ModalityRecord) -> Any:
-        return self._models().BUILDERS[name](record.spec.shape[0], len(record.labels), int(record.rules["sample_rate"]))
 
 
 AUDIO = AudioModality()

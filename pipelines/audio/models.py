@@ -3,9 +3,12 @@ registered model takes the stored waveform and nothing outside the graph compute
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Sequence
 
 import tensorflow as tf
+
+if TYPE_CHECKING:
+    from deepspark.modality import ModalityRecord
 
 L = tf.keras.layers
 
@@ -83,20 +86,20 @@ CUSTOM_OBJECTS = {"LogMelSpectrogram": LogMelSpectrogram, "RandomTimeShift": Ran
                   "FrequencyMask": FrequencyMask}
 
 
-def cnn(samples: int, num_classes: int, sample_rate: int = 16_000) -> tf.keras.Model:
-    waveform = tf.keras.Input(shape=(samples,), dtype="int16", name="waveform")
+def cnn(record: "ModalityRecord", filters: Sequence[int] = (32, 64, 96, 128), dropout: float = 0.3) -> tf.keras.Model:
+    """Log-mel spectrogram (standardised per clip) then a conv block per entry of `filters`; random
+    time shifts and frequency masks only while training."""
+    sample_rate = int(record.rules["sample_rate"])
+    waveform = tf.keras.Input(shape=record.spec.shape, dtype="int16", name="waveform")
     x = RandomTimeShift(sample_rate // 10, name="time_shift")(waveform)
     x = LogMelSpectrogram(sample_rate, name="log_mel")(x)
     x = FrequencyMask(8, name="frequency_mask")(x)
-    for filters in (32, 64, 96, 128):
-        x = L.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+    for width in filters:
+        x = L.Conv2D(int(width), 3, padding="same", use_bias=False)(x)
         x = L.BatchNormalization(momentum=0.9)(x)  # few steps per epoch on small datasets
         x = L.ReLU()(x)
         x = L.MaxPooling2D(2, padding="same")(x)
     x = L.Concatenate()([L.GlobalAveragePooling2D()(x), L.GlobalMaxPooling2D()(x)])
-    x = L.Dropout(0.3)(x)
-    outputs = L.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    x = L.Dropout(dropout)(x)
+    outputs = L.Dense(len(record.labels), activation="softmax", dtype="float32", name="probabilities")(x)
     return tf.keras.Model(waveform, outputs, name="audio_cnn")
-
-
-BUILDERS: dict[str, Callable[..., tf.keras.Model]] = {"cnn": cnn}

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from deepspark.modality import Modality, ModalityRecord, Preprocess, TensorSpec
+from deepspark.modality import Modality, Preprocess, TensorSpec
 from pipelines.images import transforms
 
 COLUMN = "image"
@@ -55,9 +55,6 @@ class ImageModality(Modality):
             img = cv2.imdecode(np.frombuffer(value, dtype=np.uint8), cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
             out[i] = img.reshape(spec.shape) if gray else img[:, :, ::-1]
         return out
-
-    def build_model(self, name: str, record: ModalityRecord) -> Any:
-        return self._models().BUILDERS[name](record.spec.shape, len(record.labels))
 
 
 IMAGE = ImageModality()

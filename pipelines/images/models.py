@@ -1,9 +1,13 @@
-"""The image models. Every model takes the stored uint8 tensor (H, W, C) and normalises
-inside the graph, so training, the registered model and inference see the same input."""
+"""The image models, builders of the `deepspark.builders` contract: `build(record, **params)`.
+Every model takes the stored uint8 tensor (H, W, C) and normalises inside the graph, so training,
+the registered model and inference see the same input."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from deepspark.modality import ModalityRecord
 
 
 def _normalise(inputs):  # type: ignore[no-untyped-def]
@@ -12,37 +16,41 @@ def _normalise(inputs):  # type: ignore[no-untyped-def]
     return tf.keras.layers.Rescaling(1.0 / 255, name="normalise")(inputs)
 
 
-def convnet(input_shape: tuple[int, int, int], num_classes: int):  # type: ignore[no-untyped-def]
+def convnet(record: "ModalityRecord", filters: Sequence[int] = (32, 64), dense: int = 128,  # type: ignore[no-untyped-def]
+            dropout: float = 0.5):
+    """Keras' classic mnist_cnn: a 3x3 convolution per entry of `filters`, max-pooling, a dense
+    layer of `dense` units and `dropout` before the output."""
     import tensorflow as tf
 
     L = tf.keras.layers
-    inputs = tf.keras.Input(shape=input_shape, dtype="uint8", name="image")
+    inputs = tf.keras.Input(shape=record.spec.shape, dtype="uint8", name="image")
     x = _normalise(inputs)
-    x = L.Conv2D(32, 3, activation="relu")(x)
-    x = L.Conv2D(64, 3, activation="relu")(x)
+    for width in filters:
+        x = L.Conv2D(int(width), 3, activation="relu")(x)
     x = L.MaxPooling2D(2)(x)
     x = L.Dropout(0.25)(x)
     x = L.Flatten()(x)
-    x = L.Dense(128, activation="relu")(x)
-    x = L.Dropout(0.5)(x)
-    outputs = L.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    x = L.Dense(dense, activation="relu")(x)
+    x = L.Dropout(dropout)(x)
+    outputs = L.Dense(len(record.labels), activation="softmax", dtype="float32", name="probabilities")(x)
     return tf.keras.Model(inputs, outputs, name="convnet")
 
 
-def mlp(input_shape: tuple[int, int, int], num_classes: int):  # type: ignore[no-untyped-def]
+def mlp(record: "ModalityRecord", units: int = 128, dropout: float = 0.2):  # type: ignore[no-untyped-def]
     """A small dense network: the kind of model many configurations of train side by side."""
     import tensorflow as tf
 
     L = tf.keras.layers
-    inputs = tf.keras.Input(shape=input_shape, dtype="uint8", name="image")
+    inputs = tf.keras.Input(shape=record.spec.shape, dtype="uint8", name="image")
     x = L.Flatten()(_normalise(inputs))
-    x = L.Dense(128, activation="relu")(x)
-    x = L.Dropout(0.2)(x)
-    outputs = L.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    x = L.Dense(units, activation="relu")(x)
+    x = L.Dropout(dropout)(x)
+    outputs = L.Dense(len(record.labels), activation="softmax", dtype="float32", name="probabilities")(x)
     return tf.keras.Model(inputs, outputs, name="mlp")
 
 
-def resnet_small(input_shape: tuple[int, int, int], num_classes: int):  # type: ignore[no-untyped-def]
+def resnet_small(record: "ModalityRecord", widths: Sequence[int] = (16, 32, 64)):  # type: ignore[no-untyped-def]
+    """Three stages of two residual blocks, one stage per entry of `widths` (filters)."""
     import tensorflow as tf
 
     L = tf.keras.layers
@@ -59,16 +67,13 @@ def resnet_small(input_shape: tuple[int, int, int], num_classes: int):  # type: 
             shortcut = L.BatchNormalization()(shortcut)
         return L.ReLU()(L.Add()([y, shortcut]))
 
-    inputs = tf.keras.Input(shape=input_shape, dtype="uint8", name="image")
+    inputs = tf.keras.Input(shape=record.spec.shape, dtype="uint8", name="image")
     x = _normalise(inputs)
-    x = L.Conv2D(16, 3, padding="same", use_bias=False)(x)
+    x = L.Conv2D(int(widths[0]), 3, padding="same", use_bias=False)(x)
     x = L.ReLU()(L.BatchNormalization()(x))
-    for stage, filters in enumerate((16, 32, 64)):
-        x = block(x, filters, 1 if stage == 0 else 2)
-        x = block(x, filters, 1)
+    for stage, filters in enumerate(widths):
+        x = block(x, int(filters), 1 if stage == 0 else 2)
+        x = block(x, int(filters), 1)
     x = L.GlobalAveragePooling2D()(x)
-    outputs = L.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    outputs = L.Dense(len(record.labels), activation="softmax", dtype="float32", name="probabilities")(x)
     return tf.keras.Model(inputs, outputs, name="resnet_small")
-
-
-BUILDERS: dict[str, Callable] = {"convnet": convnet, "mlp": mlp, "resnet_small": resnet_small}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
-from deepspark.modality import Modality, ModalityRecord, Preprocess, TensorSpec
+from deepspark.modality import Modality, Preprocess, TensorSpec
 from pipelines.text import transforms
 
 if TYPE_CHECKING:
@@ -57,10 +57,6 @@ class TextModality(Modality):
     def preprocessor(self, rules: transforms.TextRules, state: Mapping[str, Any]) -> Preprocess:
         index = transforms.token_index(state["vocabulary"])
         return lambda payload: transforms.ids_or_reason(payload, rules, index)
-
-    def build_model(self, name: str, record: ModalityRecord) -> Any:
-        vocab_size = len(record.state["vocabulary"]) + transforms.FIRST_ID
-        return self._models().BUILDERS[name](record.spec.shape[0], vocab_size, len(record.labels))
 
 
 TEXT = TextModality()

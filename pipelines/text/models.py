@@ -7,9 +7,12 @@ seeds (benchmarks/README.md has the comparison against TF-IDF + logistic regress
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Sequence
 
 import tensorflow as tf
+
+if TYPE_CHECKING:
+    from deepspark.modality import ModalityRecord
 
 L = tf.keras.layers
 
@@ -65,19 +68,28 @@ def _classify(features: list, ids, num_classes: int, name: str) -> tf.keras.Mode
     return tf.keras.Model(ids, outputs, name=name)
 
 
-def cnn(length: int, vocab_size: int, num_classes: int) -> tf.keras.Model:
-    ids = tf.keras.Input(shape=(length,), dtype="int32", name="tokens")
-    x = L.SpatialDropout1D(0.2)(L.Embedding(vocab_size, 128, name="embedding")(ids))
-    pooled = [L.GlobalMaxPooling1D()(L.Conv1D(100, width, activation="relu")(x)) for width in (3, 4, 5)]
-    return _classify(pooled + _fasttext(ids, vocab_size, 32, 50_000), ids, num_classes, "text_cnn")
+def _tokens(record: "ModalityRecord") -> tuple[Any, int]:
+    """The model's input (the stored token ids) and the id count (vocabulary + reserved ids)."""
+    from pipelines.text.transforms import FIRST_ID
+
+    ids = tf.keras.Input(shape=record.spec.shape, dtype="int32", name="tokens")
+    return ids, len(record.state["vocabulary"]) + FIRST_ID
 
 
-def bilstm(length: int, vocab_size: int, num_classes: int) -> tf.keras.Model:
-    ids = tf.keras.Input(shape=(length,), dtype="int32", name="tokens")
-    x = L.SpatialDropout1D(0.2)(L.Embedding(vocab_size, 64, name="embedding")(ids))
-    x = L.Bidirectional(L.LSTM(64, return_sequences=True))(x)
-    return _classify([L.GlobalMaxPooling1D()(x)] + _fasttext(ids, vocab_size, 32, 100_000), ids, num_classes,
-                     "text_bilstm")
+def cnn(record: "ModalityRecord", dim: int = 128, filters: int = 100, widths: Sequence[int] = (3, 4, 5),
+        buckets: int = 50_000) -> tf.keras.Model:
+    """Kim's CNN: `filters` 1-D convolutions of each width over `dim`-wide embeddings, plus a fastText
+    branch of averaged word and hashed-bigram (`buckets`) embeddings."""
+    ids, vocab_size = _tokens(record)
+    x = L.SpatialDropout1D(0.2)(L.Embedding(vocab_size, dim, name="embedding")(ids))
+    pooled = [L.GlobalMaxPooling1D()(L.Conv1D(filters, int(width), activation="relu")(x)) for width in widths]
+    return _classify(pooled + _fasttext(ids, vocab_size, 32, buckets), ids, len(record.labels), "text_cnn")
 
 
-BUILDERS: dict[str, Callable[..., tf.keras.Model]] = {"cnn": cnn, "bilstm": bilstm}
+def bilstm(record: "ModalityRecord", dim: int = 64, units: int = 64, buckets: int = 100_000) -> tf.keras.Model:
+    """A bidirectional LSTM of `units` over `dim`-wide embeddings, max-pooled, plus the fastText branch."""
+    ids, vocab_size = _tokens(record)
+    x = L.SpatialDropout1D(0.2)(L.Embedding(vocab_size, dim, name="embedding")(ids))
+    x = L.Bidirectional(L.LSTM(units, return_sequences=True))(x)
+    return _classify([L.GlobalMaxPooling1D()(x)] + _fasttext(ids, vocab_size, 32, buckets), ids,
+                     len(record.labels), "text_bilstm")

@@ -61,7 +61,7 @@ def trial_config(cfg: SelectConfig, params: dict[str, Any], index: int) -> Train
             if not isinstance(node.get(part), dict):
                 raise ConfigError(f"search.space.{key}: unknown key")
             node = node[part]
-        if leaf not in node:
+        if leaf not in node and parents != ["model", "params"]:  # a builder's parameters are its own
             raise ConfigError(f"search.space.{key}: unknown key")
         node[leaf] = value
     try:

@@ -197,7 +197,7 @@ def run_horovod(stage: Stage, groups: tuple[tuple[int, ...], ...], target: int, 
         per_rank = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={
             "batch_size": cfg.optimizer.batch_size // ranks, "learning_rate": cfg.optimizer.learning_rate / ranks})})
         checkpoint = store.read(unit_name(t, start - 1, "ckpt")) if start else None
-        task = RankTask(cfg=per_rank, record=stage.data.record, model_name=trial.model_name,
+        task = RankTask(cfg=per_rank, record=stage.data.record, builder=trial.builder,
                         train_url=stage.data.train_url, val_url=stage.data.val_url, test_url=None,
                         steps_per_epoch=trial.steps_per_epoch, start_epoch=start,
                         tracking_uri=tracking_uri, run_id=run_ids.get(t), checkpoint=checkpoint,

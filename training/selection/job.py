@@ -9,12 +9,14 @@ after its last finished unit: the units, their state and the configurations live
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from deepspark import builders
 from deepspark.config import ConfigError
 from deepspark.datasets import DatasetRef, open_dataset
 from deepspark.spark import task_slots
@@ -81,11 +83,16 @@ def plan(spark: "SparkSession", cfg: SelectConfig, params: list[dict[str, Any]] 
                           "group(s) to partition: re-run the ETL with a larger output.min_row_groups")
     rows = dataset.rows(cfg.data.train_split)
     trials = []
+    built: set[str] = set()
     for index, (p, tcfg) in enumerate(zip(params, configs)):
-        where = "search.space.model.name" if "model.name" in p else "model.name"
-        name = tcfg.model.name or plugin.default_model
-        if name not in plugin.models:
-            raise ConfigError(f"{where}: {name!r} is not a {plugin.name} model (have {sorted(plugin.models)})")
+        builder, key = builders.reference(tcfg.model.builder, tcfg.model.name, plugin)
+        if "model.name" in p or "model.builder" in p:
+            key = f"search.space.{key}"
+        identity = f"{builder}:{json.dumps(tcfg.model.params, sort_keys=True, default=str)}"
+        if identity not in built:  # each distinct model built once on the driver, checked against the data
+            built.add(identity)
+            builders.checked(builder, dataset.record, tcfg.model.params,
+                             "search.space.model.params" if any(k.startswith("model.params.") for k in p) else key)
         batch = tcfg.optimizer.batch_size
         where = "search.space.optimizer.batch_size" if "optimizer.batch_size" in p else "optimizer.batch_size"
         if cfg.execution.method == "horovod" and batch % workers:
@@ -94,7 +101,7 @@ def plan(spark: "SparkSession", cfg: SelectConfig, params: list[dict[str, Any]] 
         if batch * 2 > smallest:
             raise ConfigError(f"{where}: {batch} leaves fewer than 2 batches per sub-epoch "
                               f"({smallest} rows per {'partition' if cfg.execution.method == 'mop' else 'pass'})")
-        trials.append(Trial(index, tcfg, name, max(1, rows // batch)))
+        trials.append(Trial(index, tcfg, builder, max(1, rows // batch)))
     if cfg.search.method == "halving":
         if cfg.search.min_epochs > cfg.epochs:
             raise ConfigError(f"search.min_epochs={cfg.search.min_epochs} exceeds epochs={cfg.epochs}")
@@ -194,6 +201,8 @@ def run_job(spark: "SparkSession", cfg: SelectConfig) -> SelectResult:
         cfg = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"workers": resumed["workers"]})})
     searched = plan(spark, cfg, resumed["params"] if resumed else None)
     dataset = searched.dataset
+    for code in {builders.user_code(t.builder) for t in searched.trials} - {None}:  # workers import the builders
+        builders.ship_to_executors(spark, str(code))
     method, execution = cfg.search.method, cfg.execution.method
     tags = {"deepspark.job": "select_models", "deepspark.modality": dataset.record.modality,
             "dataset.name": dataset.name, "dataset.version": str(dataset.version), "dataset.id": dataset.dataset_id,

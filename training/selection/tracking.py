@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deepspark import builders
+from deepspark.builders import short_name
 from deepspark.config import ConfigError, flatten
 from deepspark.tracking import TrackingSettings, ensure_experiment
 from training.selection.store import TRIALS, Store, unit_name
@@ -69,8 +71,8 @@ class SearchTracker:
                     "deepspark.selection.trial": str(trial.index),
                     "deepspark.selection.searched": ",".join(sorted(self.plan.params[trial.index]))}
             child = self.client.create_run(self.run.info.experiment_id, tags=tags,
-                                           run_name=f"trial-{trial.index:02d}:{trial.model_name}")
-            params = {**flatten(trial.cfg), "resolved.model_name": trial.model_name,
+                                           run_name=f"trial-{trial.index:02d}:{short_name(trial.builder)}")
+            params = {**flatten(trial.cfg), "resolved.model_builder": trial.builder,
                       "resolved.steps_per_epoch": str(trial.steps_per_epoch)}
             items = sorted(params.items())
             from mlflow.entities import Param
@@ -126,7 +128,7 @@ class SearchTracker:
         from training.trainer import Solo, compiled_model, load_state
 
         spec = self.plan.trials[trial]
-        model = compiled_model(spec.cfg, self.plan.dataset.record, spec.model_name, spec.steps_per_epoch, Solo())[0]
+        model = compiled_model(spec.cfg, self.plan.dataset.record, spec.builder, spec.steps_per_epoch, Solo())[0]
         load_state(self.store.read(unit_name(trial, units - 1, "ckpt")), model)
         return model
 
@@ -159,7 +161,9 @@ class SearchTracker:
             with mlflow.start_run(run_id=run_id, nested=True):
                 with tempfile.TemporaryDirectory() as tmp:
                     registered = cfg.registry.model_name if is_winner and cfg.registry.enabled else None
-                    info = log_classifier(final, record, registered, tmp)
+                    builder = self.plan.trials[trial].builder
+                    info = log_classifier(final, record, registered, tmp, builder=builder,
+                                          user_code=builders.user_code(builder))
                 metrics = {"final_val_accuracy": row["val_accuracy"], "final_val_loss": row["val_loss"],
                            "best_val_accuracy": row["best_val_accuracy"], "epochs_trained": row["epochs"]}
                 if is_winner:

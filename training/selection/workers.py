@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from deepspark.builders import build
 from deepspark.modality import ModalityRecord
 from training.config import TrainConfig
 from training.selection.store import Store, unit_name
@@ -27,7 +28,7 @@ class Trial:
 
     index: int
     cfg: TrainConfig
-    model_name: str
+    builder: str  # the model builder's `module:attr` reference (deepspark/builders.py)
     steps_per_epoch: int  # of one pass over all the training rows (the learning-rate schedule's unit)
 
 
@@ -69,7 +70,7 @@ def graph_key(trial: Trial) -> str:
     (a variable of the step, training/schedules.py) and the seed (initial weights only)."""
     cfg = trial.cfg
     neutral = cfg.model_copy(update={"seed": 0, "optimizer": cfg.optimizer.model_copy(update={"learning_rate": 1.0})})
-    return f"{trial.model_name}/{trial.steps_per_epoch}/{neutral.model_dump_json()}"
+    return f"{trial.builder}/{trial.steps_per_epoch}/{neutral.model_dump_json()}"
 
 
 @dataclass
@@ -112,7 +113,7 @@ class ModelCache:
             slot = next((s for s in free if s.holds == wanted), free[0] if free else None)
             if slot is None:  # built with this trial's seed: it holds its initial weights
                 tf.keras.utils.set_random_seed(spec.cfg.seed)
-                slot = Slot(*compiled_model(spec.cfg, self.record, spec.model_name, spec.steps_per_epoch, Solo(),
+                slot = Slot(*compiled_model(spec.cfg, self.record, spec.builder, spec.steps_per_epoch, Solo(),
                                             variable_rate=True), holds=(trial, -1))
                 slots.append(slot)
             if slot.holds != wanted:
@@ -132,7 +133,7 @@ class ModelCache:
         import tensorflow as tf
 
         tf.keras.utils.set_random_seed(spec.cfg.seed)
-        slot.model.set_weights(self.record.plugin.build_model(spec.model_name, self.record).get_weights())
+        slot.model.set_weights(build(spec.builder, self.record, spec.cfg.model.params).get_weights())
         slot.model.optimizer.build(slot.model.trainable_variables)
         for variable in slot.model.optimizer.variables:
             variable.assign(tf.zeros_like(variable))
