@@ -119,8 +119,18 @@ def test_trial_config_sets_searched_keys_and_keeps_the_rest():
     assert trial.seed == 7  # each configuration its own seed
 
 
+def test_a_builders_parameters_are_searchable_keys():
+    """model.params holds whatever the builder takes: any key under it is a searchable one,
+    merged with the search's own model.params."""
+    cfg = select("model.params={dense: 64}")
+    trial = trial_config(cfg, {"model.params.filters": [16, 32], "model.params.dropout": 0.3}, 0)
+    assert trial.model.params == {"dense": 64, "filters": [16, 32], "dropout": 0.3}
+    assert cfg.model.params == {"dense": 64}  # the search's config is untouched
+
+
 @pytest.mark.parametrize("params, words", [
     ({"optimizer.lr": 0.1}, "search.space.optimizer.lr: unknown key"),
+    ({"model.paramz.filters": [8]}, "search.space.model.paramz.filters: unknown key"),
     ({"epochs": 3}, "search.space.epochs: only keys under model, optimizer, loader, horovod"),
     ({"optimizer.batch_size": -4}, "search.space.optimizer.batch_size: Input should be greater than 0"),
     ({"optimizer.schedule": "linear"}, "search.space.optimizer.schedule: Input should be 'cosine' or 'constant'"),
