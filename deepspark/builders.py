@@ -99,6 +99,51 @@ def checked(ref: str, record: ModalityRecord, params: Mapping[str, Any], key: st
     return model
 
 
+def initial_weights(source: str, model: Any, record: ModalityRecord, key: str = "model.init_from") -> list[Any]:
+    """The weights of `source` (a registered model, or a Keras model or weights file on any
+    storage pyarrow.fs reaches) for `model`, a fresh model of the architecture to train; raises
+    naming `key` when the source is missing or its tensors' shapes differ from the model's."""
+    import tensorflow as tf
+
+    from deepspark import filesystem
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if source.startswith("models:/"):
+            import mlflow.pyfunc
+
+            try:
+                loaded = mlflow.pyfunc.load_model(source).unwrap_python_model().keras_model
+            except Exception as exc:
+                raise ConfigError(f"{key}: {source!r} does not load as a DeepSpark registered model ({exc})") from None
+            weights = loaded.get_weights()
+        else:
+            if not source.endswith((".keras", ".h5")):
+                raise ConfigError(f"{key}: {source!r} is neither models:/... nor a .keras, .h5 or .weights.h5 file")
+            local = os.path.join(tmp, os.path.basename(source.rstrip("/")))
+            try:
+                with open(local, "wb") as out:
+                    out.write(filesystem.read_all([source])[0])
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{key}: cannot read {source!r} ({exc})") from None
+            if source.endswith(".weights.h5"):
+                target = tf.keras.models.clone_model(model)
+                try:
+                    target.load_weights(local)
+                except ValueError as exc:
+                    raise ConfigError(f"{key}: {source!r} does not fit the model ({exc})") from None
+                weights = target.get_weights()
+            else:
+                weights = tf.keras.models.load_model(local, compile=False,
+                                                     custom_objects=record.plugin.custom_objects()).get_weights()
+    expected, got = [w.shape for w in model.get_weights()], [w.shape for w in weights]
+    if expected != got:
+        first = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+        raise ConfigError(f"{key}: {source!r} holds {len(got)} weight tensors, the model {len(expected)}; "
+                          f"tensor {first} is {got[first] if first < len(got) else 'missing'} there and "
+                          f"{expected[first] if first < len(expected) else 'absent'} in the model")
+    return weights
+
+
 def user_code(ref: str) -> str | None:
     """The folder of the package (or the file of the module) a builder comes from, when it is the
     user's own code: not this project's, not installed, not the standard library."""

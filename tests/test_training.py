@@ -330,3 +330,57 @@ def test_early_stopping_without_a_validation_split_is_refused(spark, fashion_sma
     with pytest.raises(ConfigError, match="early_stopping: needs a validation split.*'holdout'"):
         plan(spark, cfg)
     assert plan(spark, config(fashion_small, ["tracking.enabled=false"], "data.val_split=holdout")).num_proc == 2
+
+
+def test_init_from_reads_the_exact_weights_of_a_registered_model_or_a_file(spark, fashion_small, trained, tmp_path):
+    """`model.init_from` on the driver, before any task: a registered version, a .keras model file
+    and a .weights.h5 file give exactly the registered model's tensors; a file of another shape and
+    a missing file fail naming the key."""
+    import mlflow.pyfunc
+
+    from deepspark import builders
+    from training.job import plan
+
+    _, store, _ = trained
+    mlflow.set_tracking_uri(store[0].split("=", 1)[1])
+    registered = mlflow.pyfunc.load_model("models:/fashion-mnist-classifier/1").unwrap_python_model().keras_model
+    registered.save(tmp_path / "model.keras")
+    registered.save_weights(tmp_path / "model.weights.h5")
+    for source in ("models:/fashion-mnist-classifier/1", tmp_path / "model.keras", tmp_path / "model.weights.h5"):
+        weights = plan(spark, config(fashion_small, store, f"model.init_from={source}")).initial_weights
+        assert weights is not None and len(weights) == len(registered.get_weights())
+        assert all(np.array_equal(a, b) for a, b in zip(weights, registered.get_weights())), source
+    narrow = builders.build("pipelines.images.models:convnet", registered_record(fashion_small, spark), {"filters": [8]})
+    narrow.save(tmp_path / "narrow.keras")
+    with pytest.raises(ConfigError, match=r"model\.init_from: .*narrow\.keras' holds 6 weight tensors, the model 8; "
+                                          r"tensor 0 is \(3, 3, 1, 8\) there and \(3, 3, 1, 32\) in the model"):
+        plan(spark, config(fashion_small, store, f"model.init_from={tmp_path / 'narrow.keras'}"))
+    with pytest.raises(ConfigError, match=r"model\.init_from: cannot read .*missing\.keras"):
+        plan(spark, config(fashion_small, store, f"model.init_from={tmp_path / 'missing.keras'}"))
+
+
+def registered_record(dataset, spark):
+    from deepspark.datasets import open_dataset
+
+    return open_dataset(spark, str(dataset.root), dataset.name).record
+
+
+def test_training_starts_from_the_init_from_weights(spark, fashion_small, mlflow_store, tmp_path):
+    """2 ranks trained for 2 steps at a learning rate too small to move a float32 weight: the
+    registered model holds the file's weights, not the seeded initial ones it would start from."""
+    import mlflow.pyfunc
+
+    from deepspark import builders
+    from training.job import run_job
+
+    record = registered_record(fashion_small, spark)
+    start = builders.build("pipelines.images.models:convnet", record, {})
+    start.set_weights([np.full(w.shape, 0.01 * (i + 1), w.dtype) for i, w in enumerate(start.get_weights())])
+    start.save(tmp_path / "start.keras")
+    result = run_job(spark, config(fashion_small, mlflow_store, f"model.init_from={tmp_path / 'start.keras'}",
+                                   "epochs=1", "steps_per_epoch=2", "optimizer.learning_rate=1.0e-12",
+                                   "registry.model_name=from-weights"))
+    mlflow.set_tracking_uri(mlflow_store[0].split("=", 1)[1])
+    trained = mlflow.pyfunc.load_model(f"models:/from-weights/{result.model_version}").unwrap_python_model().keras_model
+    for got, want in zip(trained.get_weights(), start.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)

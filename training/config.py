@@ -27,6 +27,9 @@ class ModelSettings(FrozenModel):
     name: str | None = None  # default: the dataset modality's default model (image: convnet, text: cnn, audio: cnn)
     builder: str | None = None  # "package.module:function", or a name registered as a deepspark.model_builders entry point
     params: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the builder, e.g. {filters: [32, 64]}
+    # Start from existing weights: a registered model (models:/name@alias, models:/name/3), or a Keras
+    # model (.keras, .h5) or weights (.weights.h5) file, local or on any storage pyarrow.fs reaches.
+    init_from: str | None = None
 
 
 class LoaderSettings(FrozenModel):

@@ -80,7 +80,14 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
         raise ConfigError(f"early_stopping: needs a validation split, and dataset {dataset.name} v={dataset.version} "
                           f"has no {cfg.data.val_split!r} split (data.val_split)")
     builder, key = builders.reference(cfg.model.builder, cfg.model.name, dataset.record.plugin)
-    builders.checked(builder, dataset.record, cfg.model.params, key)  # once, on the driver, before any task
+    model = builders.checked(builder, dataset.record, cfg.model.params, key)  # once, on the driver, before any task
+    weights = None
+    if cfg.model.init_from:
+        if cfg.model.init_from.startswith("models:/"):  # the registry lives in the tracking store
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri(cfg.tracking))
+        weights = builders.initial_weights(cfg.model.init_from, model, dataset.record)
     slots = task_slots(spark)
     num_proc = cfg.horovod.num_proc or slots
     if num_proc > slots:
@@ -95,7 +102,7 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
     if steps < 1:
         raise ConfigError(f"optimizer.batch_size={cfg.optimizer.batch_size} x {num_proc} ranks exceeds the "
                           f"{dataset.rows(cfg.data.train_split)} training rows")
-    return Plan(dataset, builder, num_proc, steps, builders.user_code(builder))
+    return Plan(dataset, builder, num_proc, steps, builders.user_code(builder), weights)
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class Plan:
     num_proc: int
     steps_per_epoch: int
     user_code: str | None = None  # the builder's package when it is the user's own (shipped with the job)
+    initial_weights: list[np.ndarray] | None = field(default=None, repr=False)  # from model.init_from
 
 
 def latest_checkpoint(run_id: str) -> tuple[int, bytes]:
@@ -195,6 +203,7 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
             train_url=dataset.split_url(cfg.data.train_split),
             val_url=dataset.split_url(cfg.data.val_split) if cfg.data.val_split in dataset.manifest["splits"] else None,
             test_url=dataset.split_url(cfg.data.test_split), steps_per_epoch=steps, start_epoch=start_epoch,
+            initial_weights=planned.initial_weights,
             tracking_uri=tracking_uri(cfg.tracking) if run else None, run_id=run_id, checkpoint=checkpoint,
         )
         try:

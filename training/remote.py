@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ class RankTask:
     checkpoint: bytes | None = None
     stop_epoch: int | None = None  # train epochs start_epoch..stop_epoch-1 of a cfg.epochs schedule (None: all)
     epoch_results: bool = False  # rank 0 also returns each epoch's metrics and the final checkpoint
+    initial_weights: list[np.ndarray] | None = field(default=None, repr=False)  # model.init_from's (a checkpoint wins)
 
     def __call__(self) -> dict[str, Any] | None:
         from deepspark.logs import configure_logging
@@ -82,6 +83,8 @@ class RankTask:
         model, schedule = compiled_model(cfg, self.record, self.builder, self.steps_per_epoch, collective)
         if self.checkpoint is not None:
             restore_checkpoint(self.checkpoint, model, model.optimizer)
+        elif self.initial_weights is not None:  # rank 0's are broadcast to the others before the first step
+            model.set_weights(self.initial_weights)
         pool = (cfg.loader.pool_type, cfg.loader.workers)
         shard = ShardSpec(self.train_url, spec, self.record.modality, rank, size, *pool)
         val = strided_rows(ShardSpec(self.val_url, spec, self.record.modality, rank, size, *pool),

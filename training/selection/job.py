@@ -84,6 +84,9 @@ def plan(spark: "SparkSession", cfg: SelectConfig, params: list[dict[str, Any]] 
     rows = dataset.rows(cfg.data.train_split)
     trials = []
     built: set[str] = set()
+    if cfg.model.init_from or any(c.model.init_from for c in configs):
+        raise ConfigError("model.init_from: a model search starts every configuration from its own seeded weights; "
+                          "train from existing weights with jobs/train.py")
     for index, (p, tcfg) in enumerate(zip(params, configs)):
         builder, key = builders.reference(tcfg.model.builder, tcfg.model.name, plugin)
         if "model.name" in p or "model.builder" in p:
