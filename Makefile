@@ -21,7 +21,7 @@ demo: setup
 	$(SUBMIT) jobs/etl.py
 	$(SUBMIT) jobs/train.py
 	$(SUBMIT) jobs/batch_inference.py
-	@$(PY) -m deepspark.demo
+	@$(PY) jobs/demo_summary.py
 
 # The same four jobs for text and audio: a profile switches the modality, data and model keys.
 demo-text demo-audio: demo-%: setup
@@ -29,7 +29,7 @@ demo-text demo-audio: demo-%: setup
 	$(SUBMIT) jobs/etl.py --profile $*
 	$(SUBMIT) jobs/train.py --profile $*
 	$(SUBMIT) jobs/batch_inference.py --profile $*
-	@$(PY) -m deepspark.demo $*
+	@$(PY) jobs/demo_summary.py $*
 
 # A small search on Fashion-MNIST (conf/base/select_models.yaml): model hopper parallelism, the
 # leaderboard printed, the winner registered; the dataset is written once (make demo's, if there).

@@ -68,7 +68,7 @@ import mlflow
 from deepspark import builders
 from deepspark.modality import ModalityRecord
 from deepspark.tracking import TrackingSettings, ensure_experiment
-from inference.serving import log_classifier
+from deepspark.serving import log_classifier
 manifest, store, artifacts, name, workdir = sys.argv[1:6]
 record = ModalityRecord.from_dict(json.load(open(manifest)))
 experiment = ensure_experiment(TrackingSettings(uri=store, artifact_root=artifacts))

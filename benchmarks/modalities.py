@@ -151,7 +151,7 @@ def _balanced(rows: list) -> list[list]:
 
 def run_limit(pool, modality: str, path: Path, out: Path) -> tuple[float, int]:  # type: ignore[no-untyped-def]
     """Seconds for the whole limit, and the inputs it preprocessed."""
-    from pipelines.layout import assign_split
+    from deepspark.layout import assign_split
 
     cfg = etl_config(modality, path, out)
     rules = cfg.rules()

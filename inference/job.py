@@ -136,7 +136,7 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     if cfg.input.path is None:
         rows, lineage = _dataset_rows(spark, cfg, model)
         return Candidates(rows, "dataset", None, 0, 0, lineage=lineage)
-    from pipelines.inputs import RecordColumns, list_inputs, open_inputs, resolve_input
+    from deepspark.inputs import RecordColumns, list_inputs, open_inputs, resolve_input
 
     plugin = model.record.plugin
     glob = cfg.input.glob or plugin.default_glob

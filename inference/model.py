@@ -69,7 +69,7 @@ def resolve_and_ship(spark: "SparkSession", model_uri: str, workdir: str) -> Res
     and ship it to executors only when this SparkContext has not shipped that version yet."""
     import mlflow
 
-    from inference.serving import RECORD_FILE
+    from deepspark.serving import RECORD_FILE
 
     name, version, run_id = resolve(model_uri)
     try:
@@ -119,7 +119,7 @@ class OnDevice:
 
 @functools.lru_cache(maxsize=4)
 def load_on_worker(shipped_as: str, intra_op_threads: int, gpu: str | None = None) -> OnDevice:
-    """The registered model (`inference.serving.ModalityClassifier`), loaded once per Python
+    """The registered model (`deepspark.serving.ModalityClassifier`), loaded once per Python
     worker, model version and GPU. All GPUs stay visible (TensorFlow cannot change visibility once
     initialised, and Spark may hand a reused worker a task on another GPU); the model is placed on
     the task's GPU by a device scope instead."""

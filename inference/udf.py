@@ -73,10 +73,10 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
 
         lighten_python_worker()  # this worker's next tasks start without re-reading Spark's jar
 
+        from deepspark.inputs import MALFORMED_DETAIL, payloads
+        from deepspark.layout import Layout
         from deepspark.modality import content_hash, preprocess_all
         from inference.model import load_on_worker, task_gpu
-        from pipelines.inputs import MALFORMED_DETAIL, payloads
-        from pipelines.layout import Layout
 
         def loaded(model: ResolvedModel):  # type: ignore[no-untyped-def]  # only when there is something to score
             before = load_on_worker.cache_info().misses

@@ -11,10 +11,10 @@ from typing import Any, Literal
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from deepspark.config import Charset, FrozenModel
+from deepspark.layout import SPLITS
 from deepspark.modality import ModalityName
 from deepspark.spark import SparkSettings
 from deepspark.tracking import TrackingSettings
-from pipelines.layout import SPLITS
 
 InputFormat = Literal["auto", "files", "csv", "jsonl"]
 

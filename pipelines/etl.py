@@ -1,8 +1,8 @@
 """The ETL on Spark, one driver for every modality: raw inputs -> a versioned Petastorm dataset
 plus a quarantine table.
 
-Raw inputs (files or text records, `pipelines.inputs`) get a split and a label on the driver's
-terms (`pipelines.layout.RowLabeller`); the modality fits its state on the train split (a text
+Raw inputs (files or text records, `deepspark.inputs`) get a split and a label on the driver's
+terms (`deepspark.layout.RowLabeller`); the modality fits its state on the train split (a text
 vocabulary, by a Spark job; nothing for images and audio); a pandas function preprocesses every
 input into the modality's stored tensor or a quarantine reason in bounded Arrow batches; every
 split becomes a Petastorm dataset under a staging folder that is published as
@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from deepspark import layout
 from deepspark.config import ConfigError, config_to_yaml
 from deepspark.datasets import MANIFEST
+from deepspark.inputs import MALFORMED_DETAIL, RawInputs, RecordColumns, open_inputs, payloads, resolve_input
 from deepspark.locks import LOCK_FILE, Lease
 from deepspark.modality import (
     LABEL,
@@ -41,9 +43,7 @@ from deepspark.modality import (
     unischema,
 )
 from deepspark.storage import HadoopFS, VersionedLocation, join, to_url
-from pipelines import layout
 from pipelines.config import EtlConfig
-from pipelines.inputs import MALFORMED_DETAIL, RawInputs, RecordColumns, open_inputs, payloads, resolve_input
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -207,7 +207,7 @@ def test_val_carved_from_train_when_folders_lack_val(spark, first_run, raw_folde
     # Each train file goes to val by the documented rule: a hash of its relative path seeded with
     # input.seed + 1 against the fraction (a seeded coin per file, not a quota), so the carve holds
     # exactly these files.
-    from pipelines.layout import assign_split
+    from deepspark.layout import assign_split
 
     seed = carved.manifest["config"]["input"]["seed"]
     expected = {p for p in set(train) | set(val)

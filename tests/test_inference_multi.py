@@ -96,7 +96,7 @@ def foreign_versions(two_versions, tmp_path_factory):
 
     import mlflow
 
-    from inference.serving import log_classifier
+    from deepspark.serving import log_classifier
 
     mlflow.set_tracking_uri(next(o.split("=", 1)[1] for o in two_versions if o.startswith("tracking.uri=")))
     # The training job's experiment (the store's artifact root), by id: set_experiment() would

@@ -1,7 +1,7 @@
 """Layout parsing: labels and split folders from relative paths (pure, no Spark)."""
 
-from pipelines import layout
-from pipelines.layout import Layout, relative_path
+from deepspark import layout
+from deepspark.layout import Layout, relative_path
 
 ROOT = "file:/data/raw"
 

@@ -198,8 +198,8 @@ def test_records_are_split_per_class(spark, tmp_path, stratify):
     import csv
     from collections import Counter
 
+    from deepspark.layout import assign_split, stratified_splits
     from deepspark.modality import content_hash
-    from pipelines.layout import assign_split, stratified_splits
 
     labels = [f"c{k}" for k in range(10)]
     texts = {f"{review(100 * k + i, 'fresh')} {label}": label for k, label in enumerate(labels) for i in range(15)}

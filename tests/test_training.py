@@ -264,9 +264,9 @@ def test_early_stopping_decides_on_the_shared_validation_metric_and_tests_the_be
 def test_more_ranks_than_train_row_groups_fails_naming_the_key(spark, tmp_path):
     """A train split of one row group cannot feed 2 ranks (Petastorm shards by row group): the
     job says so before launching, naming horovod.num_proc."""
+    from deepspark.layout import assign_split
     from pipelines.config import EtlConfig
     from pipelines.etl import run_etl
-    from pipelines.layout import assign_split
     from tests.conftest import make_flat_folder
     from training.job import run_job
 

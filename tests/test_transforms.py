@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
+from deepspark.layout import assign_split
 from deepspark.modality import TensorSpec, decode_raw_arrow
 from pipelines.images import transforms as T
 from pipelines.images.modality import IMAGE
-from pipelines.layout import assign_split
 from tests.conftest import _zoo, encode, gray
 
 RULES = T.ImageRules(height=28, width=28, channels=1, max_pixels=1_000_000, min_side=8)

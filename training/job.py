@@ -152,7 +152,7 @@ def _log_model(cfg: TrainConfig, dataset: DatasetRef, planned: Plan, weights: li
     register it."""
     import mlflow
 
-    from inference.serving import log_classifier
+    from deepspark.serving import log_classifier
 
     record = dataset.record
     model = builders.build(planned.builder, record, cfg.model.params)

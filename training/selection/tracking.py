@@ -138,7 +138,7 @@ class SearchTracker:
         plots; apply the champion gate; end the child runs."""
         import mlflow
 
-        from inference.serving import log_classifier
+        from deepspark.serving import log_classifier
         from training.data import ShardSpec, strided_rows
         from training.trainer import Solo, evaluate
 

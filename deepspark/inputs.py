@@ -5,7 +5,7 @@ Two kinds of input:
   itself (Spark's file index silently skips 0-byte files); with `read_in_workers` the listing is
   distributed and the Python workers read the bytes where they use them (`deepspark.filesystem`),
   otherwise (or for a scheme pyarrow.fs does not reach) Spark's `binaryFile` source reads them;
-  labels and splits come from the folder layout (`pipelines.layout`).
+  labels and splits come from the folder layout (`deepspark.layout`).
 - records (text): CSV or JSON Lines files (one file or a folder of them, optionally bz2/gzip
   compressed) read by Spark's own readers; the text, label and optional split come from columns.
 

@@ -1,0 +1,158 @@
+"""The registered model: a Keras classifier wrapped with its modality's own preprocessing.
+
+Training logs every model as an MLflow pyfunc of this class, holding the Keras model and the
+modality record (modality, stored tensor, rules, fitted state such as a text vocabulary, labels).
+So `mlflow.pyfunc.load_model(uri).predict(["a fine film", ...])` scores raw text, and file bytes
+for images and audio, with exactly the ETL's preprocessing; batch inference loads the same
+object on every Python worker and calls the same methods. There is no second implementation of
+the preprocessing to drift from the first.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import mlflow.pyfunc
+import numpy as np
+from mlflow.pyfunc.model import PythonModel
+
+from deepspark.modality import Failure, ModalityRecord, preprocess_all
+
+KERAS_ARTIFACT = "keras_model"
+RECORD_ARTIFACT = "modality"
+RECORD_FILE = "modality.json"
+BUILDER_CONFIG = "builder"  # the pyfunc's model_config key holding the builder's reference
+INPUT_COLUMN = {"text": "text"}  # images and audio take file bytes in a `content` column
+
+
+def input_column(modality: str) -> str:
+    return INPUT_COLUMN.get(modality, "content")
+
+
+class ModalityClassifier(PythonModel):
+    """Raw inputs -> predicted label and probability; bad inputs get a quarantine reason instead."""
+
+    record: ModalityRecord
+    keras_model: Any
+    # The logged signature is the schema; MLflow's type-hint validation (and its warning asking
+    # for hints at class definition) would add a second one.
+    _skip_type_hint_validation = True
+
+    def load_context(self, context: Any) -> None:
+        self.load(context.artifacts[KERAS_ARTIFACT], context.artifacts[RECORD_ARTIFACT],
+                  (context.model_config or {}).get(BUILDER_CONFIG))
+
+    def load(self, keras_path: str, record_path: str, builder: str | None = None) -> "ModalityClassifier":
+        """`builder`: the model builder's reference; its module is imported first, so the custom
+        layers it registers (Keras' register_keras_serializable) deserialise. MLflow has put the
+        user's code, logged with the model, on the path already."""
+        import importlib
+
+        import tensorflow as tf
+
+        if builder:
+            importlib.import_module(builder.partition(":")[0])
+        with open(record_path) as fh:
+            self.record = ModalityRecord.from_dict(json.load(fh))
+        plugin = self.record.plugin
+        self.keras_model = tf.keras.models.load_model(keras_path, compile=False, custom_objects=plugin.custom_objects())
+        self._preprocess = plugin.preprocessor(self.record.typed_rules(), self.record.state)
+        return self
+
+    def preprocess(self, payloads: Sequence[Any]) -> tuple[list[np.ndarray | None], list[Failure | None]]:
+        """Raw inputs -> tensors exactly as the ETL made them; failures as (reason, detail)."""
+        return preprocess_all(self._preprocess, payloads)
+
+    def probabilities(self, tensors: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Class probabilities of stored-form tensors, in fixed-size chunks (one compiled graph)."""
+        out = [np.asarray(self.keras_model.predict_on_batch(tensors[start : start + batch_size]))
+               for start in range(0, len(tensors), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.record.labels)), np.float32)
+
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        """A DataFrame with a `text` (text) or `content` (file bytes) column, or a list of them ->
+        `predicted_label, probability, reason` per input. (No type hints: MLflow would read them
+        as a schema of their own; the signature logged with the model is the schema.)"""
+        import pandas as pd
+
+        payloads = _payloads(model_input, input_column(self.record.modality))
+        tensors, failures = self.preprocess(payloads)
+        good = [i for i, t in enumerate(tensors) if t is not None]
+        probs = self.probabilities(np.stack([tensors[i] for i in good])) if good else None
+        labels: list[str | None] = [None] * len(payloads)
+        best: list[float | None] = [None] * len(payloads)
+        if probs is not None:
+            for row, i in enumerate(good):
+                labels[i] = self.record.labels[int(probs[row].argmax())]
+                best[i] = float(probs[row].max())
+        return pd.DataFrame({"predicted_label": labels, "probability": best,
+                             "reason": [f[0] if f else None for f in failures]})
+
+
+def _payloads(model_input: Any, column: str) -> list[Any]:
+    """A DataFrame (its input column, else its only column), a Series, an array or a list."""
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if column in model_input.columns:
+            return list(model_input[column])
+        if len(model_input.columns) == 1:
+            return list(model_input.iloc[:, 0])
+        raise ValueError(f"expected a {column!r} column, got {list(model_input.columns)}")
+    if isinstance(model_input, (pd.Series, np.ndarray)):
+        return list(model_input)
+    if isinstance(model_input, (str, bytes)):
+        return [model_input]
+    return list(model_input)
+
+
+def log_classifier(keras_model: Any, record: ModalityRecord, registered_name: str | None, workdir: str,
+                   builder: str | None = None, user_code: str | None = None) -> Any:
+    """Log `keras_model` with its modality record as the pyfunc `model` of the active run (and
+    register it); the signature names the raw input the model takes. `builder` (the reference
+    the model was built from) is imported before the model loads; `user_code` (its package, when
+    it is the user's own) travels inside the model (MLflow's code_paths), so the model loads where
+    that package is not installed."""
+    import os
+
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    keras_path = os.path.join(workdir, "model.keras")
+    keras_model.save(keras_path)
+    record_path = os.path.join(workdir, RECORD_FILE)
+    with open(record_path, "w") as fh:
+        json.dump(record.to_dict(), fh)
+    column = input_column(record.modality)
+    signature = ModelSignature(
+        # One unnamed column: a plain list of strings (or of file bytes) is a valid input, and so
+        # is a one-column DataFrame whatever its column is called.
+        inputs=Schema([ColSpec("string" if column == "text" else "binary")]),
+        outputs=Schema([ColSpec("string", "predicted_label"), ColSpec("double", "probability"),
+                        ColSpec("string", "reason", required=False)]),
+    )
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=ModalityClassifier(), signature=signature,
+        artifacts={KERAS_ARTIFACT: keras_path, RECORD_ARTIFACT: record_path},
+        registered_model_name=registered_name, pip_requirements=_requirements(),
+        metadata={"deepspark.modality": record.modality, **({"deepspark.builder": builder} if builder else {})},
+        model_config={BUILDER_CONFIG: builder} if builder else None,
+        code_paths=[user_code] if user_code else None,
+    )
+
+
+def _requirements() -> list[str]:
+    """The pinned stack the model runs on (explicit: MLflow's inference of it loads the model in a
+    subprocess, which costs seconds and guesses)."""
+    from importlib import metadata
+
+    names = ("tensorflow-cpu", "numpy", "pandas", "pyarrow", "mlflow", "pillow", "opencv-python-headless",
+             "soundfile", "scipy")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return found
