@@ -19,8 +19,9 @@ def test_names_resolve_to_the_modality_catalogue_and_references_pass_through():
     assert builders.reference("acme.models:wide", None, IMAGES) == ("acme.models:wide", "model.builder")
     with pytest.raises(ConfigError, match="model.builder='x:y' and model.name='mlp': set one of them"):
         builders.reference("x:y", "mlp", IMAGES)
-    with pytest.raises(ConfigError, match=r"model.name: unknown model builder 'vgg99' \(registered: convnet, mlp, "
-                                          r"resnet_small; or give a 'package.module:attribute' reference\)"):
+    with pytest.raises(ConfigError, match=r"model.name: unknown model builder 'vgg99' \(registered: convnet, "
+                                          r"efficientnet_b0, mlp, mobilenet_v2, resnet50, resnet_small; or give a "
+                                          r"'package.module:attribute' reference\)"):
         builders.reference(None, "vgg99", IMAGES)
 
 

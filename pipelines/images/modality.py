@@ -23,6 +23,9 @@ class ImageModality(Modality):
         "convnet": "the classic Keras convnet (Keras' mnist_cnn: 2 conv, max-pool, dropout, dense 128)",
         "mlp": "a small dense network (flatten, dense 128, dropout, dense): cheap enough to fuse several per step",
         "resnet_small": "a small ResNet: 3 stages of 2 residual blocks (16/32/64 filters), global pooling",
+        "mobilenet_v2": "Keras' MobileNetV2 with a new head; weights from model.params.weights (a file)",
+        "efficientnet_b0": "Keras' EfficientNetB0 with a new head; weights from model.params.weights (a file)",
+        "resnet50": "Keras' ResNet50 with a new head; weights from model.params.weights (a file)",
     }
     models_module = "pipelines.images.models"
 

@@ -77,3 +77,9 @@ def resnet_small(record: "ModalityRecord", widths: Sequence[int] = (16, 32, 64))
     x = L.GlobalAveragePooling2D()(x)
     outputs = L.Dense(len(record.labels), activation="softmax", dtype="float32", name="probabilities")(x)
     return tf.keras.Model(inputs, outputs, name="resnet_small")
+
+
+# The pretrained Keras Applications backbones, by name in the image catalogue too (weights from a file).
+from pipelines.images.backbones import CUSTOM_OBJECTS, efficientnet_b0, mobilenet_v2, resnet50  # noqa: E402
+
+__all__ = ["CUSTOM_OBJECTS", "convnet", "efficientnet_b0", "mlp", "mobilenet_v2", "resnet50", "resnet_small"]
