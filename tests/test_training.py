@@ -384,3 +384,18 @@ def test_training_starts_from_the_init_from_weights(spark, fashion_small, mlflow
     trained = mlflow.pyfunc.load_model(f"models:/from-weights/{result.model_version}").unwrap_python_model().keras_model
     for got, want in zip(trained.get_weights(), start.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_the_single_task_engine_trains_the_same_job_without_horovod(spark, fashion_small, mlflow_store):
+    """A second engine through the seam, with no change to the job or the model: one Spark task
+    trains alone (no Horovod, no gloo), logs its run and registers its model."""
+    import mlflow
+
+    from training.job import run_job
+
+    result = run_job(spark, config(fashion_small, mlflow_store, "engine=single", "registry.model_name=single"))
+    assert result.num_proc == 1 and result.model_version == 1
+    assert sum(map(sum, result.confusion)) == 200  # max_eval_rows of the 400 test images, all by one process
+    run = mlflow.MlflowClient(mlflow_store[0].split("=", 1)[1]).get_run(result.run_id)
+    assert run.data.params["engine"] == "single" and run.data.params["resolved.num_proc"] == "1"
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(result.run_id, "loss")] == [0, 1]

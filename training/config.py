@@ -116,6 +116,7 @@ class TrainingSections(FrozenModel):
 
 class TrainConfig(TrainingSections):
     spark: SparkSettings = SparkSettings(app_name="deepspark-train")
+    engine: str = "horovod"  # how ranks run (training/engines.py): horovod, single, or a registered/referenced engine
     early_stopping: EarlyStoppingSettings = EarlyStoppingSettings()
     epochs: PositiveInt = 12
     steps_per_epoch: PositiveInt | None = None  # default: train rows // global batch

@@ -19,7 +19,8 @@ from deepspark.config import ConfigError
 from deepspark.datasets import DatasetRef, open_dataset
 from deepspark.spark import task_slots
 from deepspark.tracking import job_run, tracking_uri
-from training.config import TrainConfig, horovod_environment
+from training import engines
+from training.config import TrainConfig
 from training.remote import CHECKPOINT_DIR, RankTask
 
 if TYPE_CHECKING:
@@ -88,8 +89,9 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
 
             mlflow.set_tracking_uri(tracking_uri(cfg.tracking))
         weights = builders.initial_weights(cfg.model.init_from, model, dataset.record)
+    engine = engines.resolve(cfg.engine)
     slots = task_slots(spark)
-    num_proc = cfg.horovod.num_proc or slots
+    num_proc = engines.load(engine).ranks(cfg.horovod.num_proc, slots)
     if num_proc > slots:
         raise ConfigError(f"horovod.num_proc={num_proc} exceeds Spark's {slots} task slots")
     groups = train_row_groups(dataset.split_url(cfg.data.train_split))
@@ -102,7 +104,7 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
     if steps < 1:
         raise ConfigError(f"optimizer.batch_size={cfg.optimizer.batch_size} x {num_proc} ranks exceeds the "
                           f"{dataset.rows(cfg.data.train_split)} training rows")
-    return Plan(dataset, builder, num_proc, steps, builders.user_code(builder), weights)
+    return Plan(dataset, builder, num_proc, steps, builders.user_code(builder), weights, engine)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class Plan:
     steps_per_epoch: int
     user_code: str | None = None  # the builder's package when it is the user's own (shipped with the job)
     initial_weights: list[np.ndarray] | None = field(default=None, repr=False)  # from model.init_from
+    engine: str = "training.engines:HOROVOD"  # the training engine's reference (training/engines.py)
 
 
 def latest_checkpoint(run_id: str) -> tuple[int, bytes]:
@@ -168,7 +171,7 @@ def _log_model(cfg: TrainConfig, dataset: DatasetRef, planned: Plan, weights: li
 
 def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
     """The job: plan, then one MLflow run around the distributed training."""
-    from training.distributed import RankFailure, run_ranks
+    from training.distributed import RankFailure
 
     planned = plan(spark, cfg)
     dataset, num_proc, steps = planned.dataset, planned.num_proc, planned.steps_per_epoch
@@ -203,12 +206,11 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
             train_url=dataset.split_url(cfg.data.train_split),
             val_url=dataset.split_url(cfg.data.val_split) if cfg.data.val_split in dataset.manifest["splits"] else None,
             test_url=dataset.split_url(cfg.data.test_split), steps_per_epoch=steps, start_epoch=start_epoch,
-            initial_weights=planned.initial_weights,
+            initial_weights=planned.initial_weights, engine=planned.engine,
             tracking_uri=tracking_uri(cfg.tracking) if run else None, run_id=run_id, checkpoint=checkpoint,
         )
         try:
-            results = run_ranks(task, num_proc, cfg.horovod.start_timeout_s, cfg.horovod.nics,
-                                horovod_environment(cfg.horovod))
+            results = engines.load(planned.engine).launch(task, num_proc, cfg)
         except RankFailure as exc:
             hint = f"; resume with resume={run_id}" if run_id else ""
             raise TrainingFailed(f"training failed{hint}: {exc}") from exc

@@ -45,6 +45,7 @@ class RankTask:
     stop_epoch: int | None = None  # train epochs start_epoch..stop_epoch-1 of a cfg.epochs schedule (None: all)
     epoch_results: bool = False  # rank 0 also returns each epoch's metrics and the final checkpoint
     initial_weights: list[np.ndarray] | None = field(default=None, repr=False)  # model.init_from's (a checkpoint wins)
+    engine: str = "training.engines:HOROVOD"  # the training engine's reference: its collective runs here
 
     def __call__(self) -> dict[str, Any] | None:
         from deepspark.logs import configure_logging
@@ -65,12 +66,12 @@ class RankTask:
     def _train(self) -> dict[str, Any] | None:
         import tensorflow as tf
 
-        from training.distributed import HorovodCollective
+        from training import engines
         from training.trainer import compiled_model, restore_checkpoint, set_threads
 
         cfg = self.cfg
         set_threads(cfg.horovod.intra_op_threads, cfg.horovod.inter_op_threads)
-        collective = HorovodCollective.start()
+        collective = engines.load(self.engine).collective()
         rank, size = collective.rank, collective.size
         self._pin_device(tf, collective)
         if cfg.horovod.mixed_precision:
