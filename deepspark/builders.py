@@ -119,10 +119,8 @@ def initial_weights(source: str, model: Any, record: ModalityRecord, key: str = 
         else:
             if not source.endswith((".keras", ".h5")):
                 raise ConfigError(f"{key}: {source!r} is neither models:/... nor a .keras, .h5 or .weights.h5 file")
-            local = os.path.join(tmp, os.path.basename(source.rstrip("/")))
             try:
-                with open(local, "wb") as out:
-                    out.write(filesystem.read_all([source])[0])
+                local = filesystem.local_copy(source, tmp)
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"{key}: cannot read {source!r} ({exc})") from None
             if source.endswith(".weights.h5"):

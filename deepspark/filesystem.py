@@ -12,6 +12,7 @@ Spark's own readers. Paths go in and come out in Spark's `path` form (`file:/a/b
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
@@ -107,6 +108,16 @@ def read_all(urls: Iterable[str], sizes: Sequence[int] | None = None) -> list[by
         with loc.fs.open_input_file(path) as handle:
             out.append(handle.read())
     return out
+
+
+def local_copy(url: str, folder: str) -> str:
+    """A copy of one file (local or on any file system this layer reaches) in a local `folder`, for
+    readers that take only a local path (Keras' model and weights loaders); its path."""
+    local = os.path.join(folder, os.path.basename(url.rstrip("/")) or "file")
+    data = read_all([url])[0]
+    with open(local, "wb") as out:
+        out.write(data)
+    return local
 
 
 def parquet_footers(url: str) -> dict[str, tuple[int, int]]:

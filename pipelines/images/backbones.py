@@ -15,7 +15,6 @@ and every one after it.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -52,15 +51,11 @@ def _weights_file(weights: str, tmp: str) -> str:
     """A local copy of the user's weights file (read through pyarrow.fs), or an error naming the key."""
     from deepspark import filesystem
 
-    local = os.path.join(tmp, os.path.basename(weights.rstrip("/")) or "weights.h5")
     try:
-        data = filesystem.read_all([weights])[0]
+        return filesystem.local_copy(weights, tmp)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.params.weights: cannot read {weights!r} ({exc}); backbone weights are never "
                           "downloaded: give the path of the backbone's no-top Keras weights file") from None
-    with open(local, "wb") as out:
-        out.write(data)
-    return local
 
 
 def _backbone_model(record: "ModalityRecord", name: str, weights: str | None, input_size: int, trainable: bool,
