@@ -17,13 +17,17 @@ the executors as a zip (`SparkContext.addPyFile`) and into the registered model 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import inspect
+import io
 import os
 import site
+import sys
 import sysconfig
 import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 from deepspark.config import ConfigError
@@ -171,23 +175,51 @@ def _unpack(path: str, top: str) -> str:
     return os.path.join(target, top if any(m.startswith(f"{top}/") for m in members) else f"{top}.py")
 
 
-def ship_to_executors(spark: "SparkSession", path: str) -> None:
-    """Put the user's package (or module) on the executors' Python path for this SparkContext, as
-    `--py-files` would; named by its content, so a changed package ships again."""
-    if os.path.isfile(path):
-        spark.sparkContext.addPyFile(path)
-        return
-    files = sorted(os.path.join(folder, name) for folder, dirs, names in os.walk(path)
-                   for name in names if "__pycache__" not in folder and not name.endswith(".pyc"))
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(os.path.relpath(file, path).encode())
-        with open(file, "rb") as fh:
-            digest.update(fh.read())
-    top = os.path.basename(path.rstrip(os.sep))
-    archive = os.path.join(tempfile.mkdtemp(prefix="deepspark-ship-"), f"{top}-{digest.hexdigest()[:12]}.zip")
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        for file in files:
-            zf.write(file, os.path.join(top, os.path.relpath(file, path)))
-    if os.path.basename(archive) not in {os.path.basename(f) for f in spark.sparkContext.listFiles}:
-        spark.sparkContext.addPyFile(archive)
+@dataclass(frozen=True)
+class CodeArchive:
+    """The user's package (or module) as a zip in memory, named by its content: it travels inside
+    the picklable functions executors run, so it reaches processes Spark did not start itself
+    (Horovod's ranks are launched by their Spark task and do not see its `--py-files`)."""
+
+    name: str  # <package>-<digest>.zip
+    data: bytes = field(repr=False)
+
+    @classmethod
+    def pack(cls, path: str) -> "CodeArchive":
+        """A package folder (zipped under its own name) or a single module file."""
+        top = os.path.basename(path.rstrip(os.sep))
+        if os.path.isfile(path):
+            files, root = [path], os.path.dirname(path)
+        else:
+            files = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
+                           for name in names if "__pycache__" not in folder and not name.endswith(".pyc"))
+            root = os.path.dirname(path.rstrip(os.sep))
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+            for file in files:
+                info = zipfile.ZipInfo(os.path.relpath(file, root), date_time=(1980, 1, 1, 0, 0, 0))
+                with open(file, "rb") as fh:
+                    zf.writestr(info, fh.read())
+        data = buffer.getvalue()
+        return cls(f"{top.removesuffix('.py')}-{hashlib.sha256(data).hexdigest()[:12]}.zip", data)
+
+    def install(self) -> str:
+        """Put the archive on this process's import path (once per process); its file's path."""
+        path = os.path.join(tempfile.gettempdir(), "deepspark-user-code", self.name)
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            partial = f"{path}.{os.getpid()}.part"
+            with open(partial, "wb") as out:
+                out.write(self.data)
+            os.replace(partial, path)  # whole or absent, whichever process writes it
+        if path not in sys.path:
+            sys.path.insert(0, path)
+            importlib.invalidate_caches()
+        return path
+
+
+def ship_to_executors(spark: "SparkSession", archive: CodeArchive) -> None:
+    """Put the user's code on the executors' Python path for this SparkContext, as `--py-files`
+    would (Spark's own Python workers: model selection's hoppers and tasks, inference)."""
+    if archive.name not in {os.path.basename(f) for f in spark.sparkContext.listFiles}:
+        spark.sparkContext.addPyFile(archive.install())

@@ -4,6 +4,8 @@ models, no Spark."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from deepspark import builders
@@ -85,3 +87,23 @@ def test_a_reference_names_an_attribute_path():
     assert load_reference("os.path:join", "k") is __import__("os").path.join
     assert load_reference("os:path.join", "k") is __import__("os").path.join
     assert Registry("thing", "deepspark.nothing_here", {"a": "os:sep"}).load("a", "k") == __import__("os").sep
+
+
+def test_a_package_passed_as_a_zip_is_found_inside_it_and_packed_by_content(user_package, tmp_path, monkeypatch):
+    """spark-submit --py-files acme.zip: the package imports from the zip; its code is unpacked to
+    travel with the model, and packing is deterministic (same content, same name)."""
+    import sys
+    import zipfile
+
+    archive = tmp_path / "acme.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(user_package / "__init__.py", "acme_models/__init__.py")
+    monkeypatch.setattr(sys, "path", [str(archive), *[p for p in sys.path if p != str(user_package.parent)]])
+    sys.modules.pop("acme_models", None)
+    found = builders.user_code("acme_models:build")
+    assert found is not None and found != str(user_package.resolve())
+    assert Path(found, "__init__.py").read_text() == (user_package / "__init__.py").read_text()
+    packed = builders.CodeArchive.pack(found)
+    assert packed == builders.CodeArchive.pack(str(user_package)) and packed.name.startswith("acme_models-")
+    with zipfile.ZipFile(__import__("io").BytesIO(packed.data)) as zf:
+        assert zf.namelist() == ["acme_models/__init__.py"]

@@ -175,8 +175,6 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
 
     planned = plan(spark, cfg)
     dataset, num_proc, steps = planned.dataset, planned.num_proc, planned.steps_per_epoch
-    if planned.user_code is not None:  # the ranks import the user's builder from it
-        builders.ship_to_executors(spark, planned.user_code)
     start_epoch, checkpoint = 0, None
     if cfg.resume:
         if not cfg.tracking.enabled:
@@ -207,6 +205,7 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
             val_url=dataset.split_url(cfg.data.val_split) if cfg.data.val_split in dataset.manifest["splits"] else None,
             test_url=dataset.split_url(cfg.data.test_split), steps_per_epoch=steps, start_epoch=start_epoch,
             initial_weights=planned.initial_weights, engine=planned.engine,
+            user_code=builders.CodeArchive.pack(planned.user_code) if planned.user_code else None,
             tracking_uri=tracking_uri(cfg.tracking) if run else None, run_id=run_id, checkpoint=checkpoint,
         )
         try:

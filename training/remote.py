@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from deepspark.builders import CodeArchive
 from deepspark.modality import ModalityRecord
 from training.config import TrainConfig
 from training.trainer import Collective, pack_checkpoint
@@ -46,12 +47,15 @@ class RankTask:
     epoch_results: bool = False  # rank 0 also returns each epoch's metrics and the final checkpoint
     initial_weights: list[np.ndarray] | None = field(default=None, repr=False)  # model.init_from's (a checkpoint wins)
     engine: str = "training.engines:HOROVOD"  # the training engine's reference: its collective runs here
+    user_code: CodeArchive | None = None  # the user's builder package, put on this rank's path first
 
     def __call__(self) -> dict[str, Any] | None:
         from deepspark.logs import configure_logging
 
         configure_logging()  # a fresh process per rank: its epoch lines go to the task's stderr
         try:
+            if self.user_code is not None:  # a rank process sees no --py-files: the builder comes with the task
+                self.user_code.install()
             return self._train()
         except BaseException:
             # A collective failed (a peer rank died) or training raised: report it and leave now.

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from deepspark.builders import CodeArchive, user_code
 from training.selection.schedule import HopScheduler
 from training.selection.store import Backoff, Store, unit_name
 from training.selection.workers import Hopper, SplitData, Trial, WholeDataTrainer
@@ -201,7 +202,7 @@ def run_horovod(stage: Stage, groups: tuple[tuple[int, ...], ...], target: int, 
                         train_url=stage.data.train_url, val_url=stage.data.val_url, test_url=None,
                         steps_per_epoch=trial.steps_per_epoch, start_epoch=start,
                         tracking_uri=tracking_uri, run_id=run_ids.get(t), checkpoint=checkpoint,
-                        stop_epoch=target, epoch_results=True)
+                        stop_epoch=target, epoch_results=True, user_code=_user_code(trial.builder))
         started = time.perf_counter()
         try:
             outcome = run_ranks(task, ranks, cfg.horovod.start_timeout_s, cfg.horovod.nics,
@@ -222,4 +223,7 @@ def run_horovod(stage: Stage, groups: tuple[tuple[int, ...], ...], target: int, 
     return {"trials": done}
 
 
-
+def _user_code(builder: str) -> CodeArchive | None:
+    """The builder's package, when it is the user's own, for a rank process to import it from."""
+    path = user_code(builder)
+    return CodeArchive.pack(path) if path else None

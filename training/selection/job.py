@@ -205,7 +205,7 @@ def run_job(spark: "SparkSession", cfg: SelectConfig) -> SelectResult:
     searched = plan(spark, cfg, resumed["params"] if resumed else None)
     dataset = searched.dataset
     for code in {builders.user_code(t.builder) for t in searched.trials} - {None}:  # workers import the builders
-        builders.ship_to_executors(spark, str(code))
+        builders.ship_to_executors(spark, builders.CodeArchive.pack(str(code)))
     method, execution = cfg.search.method, cfg.execution.method
     tags = {"deepspark.job": "select_models", "deepspark.modality": dataset.record.modality,
             "dataset.name": dataset.name, "dataset.version": str(dataset.version), "dataset.id": dataset.dataset_id,
