@@ -34,6 +34,11 @@ class KeepBest(tf.keras.callbacks.Callback):
         if self.patience is not None and self.wait >= self.patience:
             self.model.stop_training = True
 
+    @property
+    def stopped(self) -> bool:
+        """Patience ran out: no later epoch (nor a later fine-tuning phase) should run."""
+        return self.patience is not None and self.wait >= self.patience
+
     def on_train_end(self, logs: dict | None = None) -> None:
         if self.restore_best and self.best_weights is not None:
             self.model.set_weights(self.best_weights)

@@ -114,10 +114,22 @@ class TrainingSections(FrozenModel):
     extra_tags: dict[str, str] = Field(default_factory=dict)
 
 
+class FinetuneSettings(FrozenModel):
+    """Fine-tuning a pretrained backbone (the model's one nested Keras model, e.g. a Keras
+    Applications network) on a schedule: frozen for the first `freeze_epochs` (only the head
+    learns), then unfrozen from `unfreeze_from` (a layer of the backbone; None: all of it) with its
+    own learning rate. 0 epochs: no schedule, the model trains as its builder made it."""
+
+    freeze_epochs: NonNegativeInt = 0
+    unfreeze_from: str | None = None
+    learning_rate: PositiveFloat | None = None  # per rank, like optimizer.learning_rate; default a tenth of it
+
+
 class TrainConfig(TrainingSections):
     spark: SparkSettings = SparkSettings(app_name="deepspark-train")
     engine: str = "horovod"  # how ranks run (training/engines.py): horovod, single, or a registered/referenced engine
     early_stopping: EarlyStoppingSettings = EarlyStoppingSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
     epochs: PositiveInt = 12
     steps_per_epoch: PositiveInt | None = None  # default: train rows // global batch
     resume: str | None = None  # an MLflow run id to continue

@@ -22,6 +22,7 @@ from deepspark.tracking import job_run, tracking_uri
 from training import engines
 from training.config import TrainConfig
 from training.remote import CHECKPOINT_DIR, RankTask
+from training.trainer import check_finetune
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -82,6 +83,7 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
                           f"has no {cfg.data.val_split!r} split (data.val_split)")
     builder, key = builders.reference(cfg.model.builder, cfg.model.name, dataset.record.plugin)
     model = builders.checked(builder, dataset.record, cfg.model.params, key)  # once, on the driver, before any task
+    check_finetune(model, cfg)
     weights = None
     if cfg.model.init_from:
         if cfg.model.init_from.startswith("models:/"):  # the registry lives in the tracking store

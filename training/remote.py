@@ -71,7 +71,7 @@ class RankTask:
         import tensorflow as tf
 
         from training import engines
-        from training.trainer import compiled_model, restore_checkpoint, set_threads
+        from training.trainer import compiled_model, enter_phase, finetune_phases, restore_checkpoint, set_threads
 
         cfg = self.cfg
         set_threads(cfg.horovod.intra_op_threads, cfg.horovod.inter_op_threads)
@@ -86,8 +86,15 @@ class RankTask:
 
         spec = self.record.spec
         model, schedule = compiled_model(cfg, self.record, self.builder, self.steps_per_epoch, collective)
+        stop_epoch = self.stop_epoch or cfg.epochs
+        phases = finetune_phases(cfg.finetune.freeze_epochs, self.start_epoch, stop_epoch)
+        first_frozen = phases[0][2] if phases else None
+        if first_frozen is not None:  # a fine-tuning schedule: the backbone frozen or not from the start
+            schedule = enter_phase(model, cfg, first_frozen, self.steps_per_epoch, collective)
         if self.checkpoint is not None:
-            restore_checkpoint(self.checkpoint, model, model.optimizer)
+            # the unfrozen phase's first epoch starts a fresh optimizer: the frozen phase's weights only
+            fresh = first_frozen is False and self.start_epoch == cfg.finetune.freeze_epochs
+            restore_checkpoint(self.checkpoint, model, None if fresh else model.optimizer)
         elif self.initial_weights is not None:  # rank 0's are broadcast to the others before the first step
             model.set_weights(self.initial_weights)
         pool = (cfg.loader.pool_type, cfg.loader.workers)
@@ -95,22 +102,22 @@ class RankTask:
         val = strided_rows(ShardSpec(self.val_url, spec, self.record.modality, rank, size, *pool),
                            cfg.max_eval_rows) if self.val_url else None
         batch = cfg.optimizer.batch_size
-        stop_epoch = self.stop_epoch or cfg.epochs
         meter = StallMeter()
 
         # A buffer larger than a rank's epoch only delays the first batch (it fills before any
         # batch leaves), which costs whole epochs of reading on small datasets of large rows.
         buffer_rows = max(batch, min(cfg.loader.shuffle_buffer, self.steps_per_epoch * batch))
 
-        def all_epochs():  # type: ignore[no-untyped-def]
-            """One generator and one reader for the whole fit: no per-epoch iterator teardown (which
-            stalled ~20 s), no per-epoch reader set-up, reading ahead across epoch boundaries."""
-            steps = self.steps_per_epoch * (stop_epoch - self.start_epoch)
-            return training_batches(shard, batch, buffer_rows, cfg.seed, self.start_epoch, steps,
-                                    cfg.loader.queue_batches, meter)
-
-        dataset = tf.data.Dataset.from_generator(all_epochs, output_signature=(
-            tf.TensorSpec((batch, *spec.shape), tf.as_dtype(spec.dtype)), tf.TensorSpec((batch,), tf.int32)))
+        def epochs_of(first: int, end: int):  # type: ignore[no-untyped-def]
+            """One generator and one reader for a whole fit (a fine-tuning phase): no per-epoch
+            iterator teardown (which stalled ~20 s), no per-epoch reader set-up, reading ahead
+            across epoch boundaries; the order depends only on seed, epoch and rank."""
+            steps = self.steps_per_epoch * (end - first)
+            return tf.data.Dataset.from_generator(
+                lambda: training_batches(shard, batch, buffer_rows, cfg.seed, first, steps, cfg.loader.queue_batches,
+                                         meter),
+                output_signature=(tf.TensorSpec((batch, *spec.shape), tf.as_dtype(spec.dtype)),
+                                  tf.TensorSpec((batch,), tf.int32)))
         task, client = self, (self._mlflow_client() if rank == 0 else None)
         epochs: list[dict[str, float]] = []
 
@@ -143,9 +150,13 @@ class RankTask:
         from training.callbacks import KeepBest
 
         keep_best = KeepBest(cfg.early_stopping.monitor, cfg.early_stopping.patience, cfg.early_stopping.restore_best)
-        if self.start_epoch < stop_epoch:
-            model.fit(dataset, initial_epoch=self.start_epoch, epochs=stop_epoch, steps_per_epoch=self.steps_per_epoch,
+        for index, (first, end, frozen) in enumerate(phases):
+            if index:  # the unfrozen phase after the frozen one: a fresh optimizer, the weights kept
+                schedule = enter_phase(model, cfg, bool(frozen), self.steps_per_epoch, collective)
+            model.fit(epochs_of(first, end), initial_epoch=first, epochs=end, steps_per_epoch=self.steps_per_epoch,
                       verbose=0, callbacks=[*collective.fit_callbacks(), EpochEnd(), keep_best])
+            if keep_best.stopped:
+                break
 
         test_metrics: dict[str, float] = {}
         confusion = np.zeros((0, 0), np.int64)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from deepspark.builders import build
+from deepspark.config import ConfigError
 from deepspark.modality import ModalityRecord
 from training.config import TrainConfig
 
@@ -85,6 +86,79 @@ def compiled_model(cfg: TrainConfig, record: ModalityRecord, builder: str, steps
     return model, schedule
 
 
+def finetune_phases(freeze_epochs: int, start: int, stop: int) -> list[tuple[int, int, bool | None]]:
+    """(first epoch, end epoch, backbone frozen) of each phase that trains epochs start..stop-1:
+    frozen before `freeze_epochs`, unfrozen from then on; None when there is no schedule (the
+    model trains as built)."""
+    if not freeze_epochs:
+        return [(start, stop, None)] if start < stop else []
+    phases: list[tuple[int, int, bool | None]] = []
+    if start < min(freeze_epochs, stop):
+        phases.append((start, min(freeze_epochs, stop), True))
+    if max(start, freeze_epochs) < stop:
+        phases.append((max(start, freeze_epochs), stop, False))
+    return phases
+
+
+def backbone_of(model: Any, key: str = "finetune.freeze_epochs") -> Any:
+    """The model's one nested Keras model: the backbone a fine-tuning schedule freezes."""
+    import tensorflow as tf
+
+    nested = [layer for layer in model.layers if isinstance(layer, tf.keras.Model)]
+    if len(nested) != 1:
+        raise ConfigError(f"{key}: a fine-tuning schedule needs a model with one nested backbone model "
+                          f"(this one has {len(nested)}: {[layer.name for layer in nested]})")
+    return nested[0]
+
+
+def check_finetune(model: Any, cfg: TrainConfig) -> None:
+    """A fine-tuning schedule's keys against the built model, on the driver before launch."""
+    schedule = cfg.finetune
+    if not schedule.freeze_epochs:
+        return
+    if schedule.freeze_epochs >= cfg.epochs:
+        raise ConfigError(f"finetune.freeze_epochs={schedule.freeze_epochs} leaves no epoch to fine-tune in "
+                          f"epochs={cfg.epochs}")
+    backbone = backbone_of(model)
+    names = [layer.name for layer in backbone.layers]
+    if schedule.unfreeze_from is not None and schedule.unfreeze_from not in names:
+        raise ConfigError(f"finetune.unfreeze_from: the backbone {backbone.name} has no layer "
+                          f"{schedule.unfreeze_from!r} (its last layers: {', '.join(names[-5:])})")
+
+
+def enter_phase(model: Any, cfg: TrainConfig, frozen: bool, steps_per_epoch: int, collective: Collective) -> Any:
+    """Freeze or unfreeze the backbone (from `finetune.unfreeze_from`) and compile the model with a
+    fresh optimizer for the phase: the configured schedule while frozen, the fine-tuning learning
+    rate (x processes, cosine over the remaining epochs) after; returns the phase's schedule."""
+    import tensorflow as tf
+
+    from training.schedules import WarmupThenDecay
+
+    backbone = backbone_of(model)
+    backbone.trainable = True
+    if frozen:
+        backbone.trainable = False
+    elif cfg.finetune.unfreeze_from is not None:
+        names = [layer.name for layer in backbone.layers]
+        if cfg.finetune.unfreeze_from not in names:
+            raise ConfigError(f"finetune.unfreeze_from: the backbone {backbone.name} has no layer "
+                              f"{cfg.finetune.unfreeze_from!r}")
+        for layer in backbone.layers[:names.index(cfg.finetune.unfreeze_from)]:
+            layer.trainable = False
+    opt = cfg.optimizer
+    if frozen:
+        schedule = WarmupThenDecay(opt.learning_rate * collective.size, opt.warmup_epochs * steps_per_epoch,
+                                   cfg.epochs * steps_per_epoch, opt.schedule)
+    else:
+        rate = cfg.finetune.learning_rate or opt.learning_rate / 10
+        schedule = WarmupThenDecay(rate * collective.size, 0,
+                                   (cfg.epochs - cfg.finetune.freeze_epochs) * steps_per_epoch, opt.schedule)
+    optimizer = collective.distributed_optimizer(tf.keras.optimizers.Adam(learning_rate=schedule), cfg)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  jit_compile=cfg.horovod.xla)
+    return schedule
+
+
 def pack_checkpoint(model: Any, optimizer: Any) -> bytes:
     """Model and optimizer state (tf.train.Checkpoint) as one tar archive in memory."""
     import tensorflow as tf
@@ -98,16 +172,19 @@ def pack_checkpoint(model: Any, optimizer: Any) -> bytes:
         return buf.getvalue()
 
 
-def restore_checkpoint(archive: bytes, model: Any, optimizer: Any) -> None:
+def restore_checkpoint(archive: bytes, model: Any, optimizer: Any | None) -> None:
     """Load a `pack_checkpoint` archive into a compiled model (its optimizer's slots are built
-    first, so Adam's moments and step counter are restored too, not only the weights)."""
+    first, so Adam's moments and step counter are restored too, not only the weights); with no
+    optimizer, the weights alone (a fine-tuning phase starts a fresh optimizer)."""
     import tensorflow as tf
 
-    optimizer.build(model.trainable_variables)
+    if optimizer is not None:
+        optimizer.build(model.trainable_variables)
+    parts = {"model": model, **({"optimizer": optimizer} if optimizer is not None else {})}
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(tmp, filter="data")
-        tf.train.Checkpoint(model=model, optimizer=optimizer).read(os.path.join(tmp, "ckpt")).expect_partial()
+        tf.train.Checkpoint(**parts).read(os.path.join(tmp, "ckpt")).expect_partial()
 
 
 def predict(model: Any, x: np.ndarray, batch_size: int, num_classes: int) -> np.ndarray:
