@@ -13,19 +13,17 @@ against what landed on disk before publishing.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from deepspark import layout
 from deepspark.config import ConfigError, config_to_yaml
-from deepspark.datasets import MANIFEST
+from deepspark.datasets import DATA_DIR, QUARANTINE_DIR, SPLIT, build_manifest, write_manifest
 from deepspark.inputs import MALFORMED_DETAIL, RawInputs, RecordColumns, open_inputs, payloads, resolve_input
 from deepspark.locks import LOCK_FILE, Lease
 from deepspark.modality import (
@@ -53,9 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
-DATA_DIR = "data"
-QUARANTINE_DIR = "quarantine"
-SPLIT = "split"
 
 
 def processed_ddl(spec: TensorSpec) -> str:
@@ -259,44 +254,6 @@ def _group_stats(processed: "DataFrame") -> list[dict]:
     return [row.asDict() for row in rows]
 
 
-def _build_manifest(cfg: EtlConfig, record: ModalityRecord, stats: list[dict], inputs_in: int, version: int,
-                    source: str) -> dict:
-    good = sorted((r for r in stats if r["reason"] is None), key=lambda r: (r[SPLIT], r[LABEL_NAME]))
-    counts: dict[str, dict[str, int]] = {}
-    for r in good:
-        counts.setdefault(r[SPLIT], {})[r[LABEL_NAME]] = int(r["n"])
-    by_reason: dict[str, int] = {}
-    for r in stats:
-        if r["reason"] is not None:
-            by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + int(r["n"])
-    digest_input = json.dumps(
-        {"modality": record.modality, "spec": record.spec.to_dict(), "state": record.state, "labels": record.labels,
-         "groups": [[r[SPLIT], r[LABEL_NAME], int(r["n"]), str(r["h1"]), str(r["h2"])] for r in good]},
-        sort_keys=True,
-    )
-    return {
-        "dataset": cfg.output.name,
-        "version": version,
-        "dataset_id": hashlib.sha256(digest_input.encode()).hexdigest()[:16],
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": source,
-        **record.to_dict(),
-        "splits": {s: f"{DATA_DIR}/{s}" for s in sorted(counts)},
-        "counts": counts,
-        "totals": {
-            "inputs_in": inputs_in,
-            "rows_written": sum(int(r["n"]) for r in good),
-            "quarantined": sum(by_reason.values()),
-            "quarantine_by_reason": dict(sorted(by_reason.items())),
-        },
-        "schema": {"columns": record.spec.row_ddl(),
-                   "petastorm_unischema": unischema(record.spec, record.modality)._name},
-        "row_group_size_mb": cfg.output.row_group_size_mb,
-        "quarantine": QUARANTINE_DIR,
-        "config": cfg.model_dump(mode="json"),
-    }
-
-
 def row_group_bytes(split_bytes: int, size_mb: float | None, min_groups: int, largest_mb: float = 4.0) -> int:
     """Parquet's row-group threshold for one split: `size_mb` when given, else the largest size up
     to `largest_mb` that still cuts the split into `min_groups` row groups (a small split would
@@ -379,7 +336,7 @@ def _index_row_groups(spark: "SparkSession", url: str) -> None:
 
 
 def _write_manifest(fs: HadoopFS, staging: str, manifest: dict, cfg: EtlConfig) -> None:
-    fs.write_text(join(staging, MANIFEST), json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    write_manifest(fs, staging, manifest)
     fs.write_text(join(staging, CONFIG_FILE), config_to_yaml(cfg))
 
 
@@ -447,7 +404,8 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
             raise RuntimeError(f"ETL does not reconcile: {read} inputs read, {inputs_in} processed")
         log.info("preprocessed and validated in %.1f s", time.perf_counter() - started)
         version = location.next_version()  # once, under the lock
-        manifest = _build_manifest(cfg, record, stats, inputs_in, version, root)
+        manifest = build_manifest(cfg.output.name, version, record, stats, inputs_in, root,
+                                  cfg.model_dump(mode="json"), cfg.output.row_group_size_mb)
         _refuse_empty(cfg, root, manifest)
         _write_splits(spark, fs, processed.where(F.col("reason").isNull()), staging, record,
                       {s: sum(c.values()) for s, c in manifest["counts"].items()}, cfg, inputs.shuffled)
