@@ -80,10 +80,17 @@ def compiled_model(cfg: TrainConfig, record: ModalityRecord, builder: str, steps
     peak = opt.learning_rate * collective.size
     schedule = WarmupThenDecay(tf.Variable(peak, trainable=False, dtype=tf.float32) if variable_rate else peak,
                                opt.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, opt.schedule)
+    _compile(model, cfg, schedule, collective)
+    return model, schedule
+
+
+def _compile(model: Any, cfg: TrainConfig, schedule: Any, collective: Collective) -> None:
+    """Compile with a fresh Adam on `schedule`, wrapped by the collective (Horovod's optimizer)."""
+    import tensorflow as tf
+
     optimizer = collective.distributed_optimizer(tf.keras.optimizers.Adam(learning_rate=schedule), cfg)
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   jit_compile=cfg.horovod.xla)
-    return model, schedule
 
 
 def finetune_phases(freeze_epochs: int, start: int, stop: int) -> list[tuple[int, int, bool | None]]:
@@ -119,43 +126,40 @@ def check_finetune(model: Any, cfg: TrainConfig) -> None:
     if schedule.freeze_epochs >= cfg.epochs:
         raise ConfigError(f"finetune.freeze_epochs={schedule.freeze_epochs} leaves no epoch to fine-tune in "
                           f"epochs={cfg.epochs}")
-    backbone = backbone_of(model)
+    _first_unfrozen(backbone_of(model), schedule.unfreeze_from)
+
+
+def _first_unfrozen(backbone: Any, unfreeze_from: str | None) -> int:
+    """The index of the backbone's first layer to train once unfrozen (0: all of them)."""
     names = [layer.name for layer in backbone.layers]
-    if schedule.unfreeze_from is not None and schedule.unfreeze_from not in names:
-        raise ConfigError(f"finetune.unfreeze_from: the backbone {backbone.name} has no layer "
-                          f"{schedule.unfreeze_from!r} (its last layers: {', '.join(names[-5:])})")
+    if unfreeze_from is None:
+        return 0
+    if unfreeze_from not in names:
+        raise ConfigError(f"finetune.unfreeze_from: the backbone {backbone.name} has no layer {unfreeze_from!r} "
+                          f"(its last layers: {', '.join(names[-5:])})")
+    return names.index(unfreeze_from)
 
 
 def enter_phase(model: Any, cfg: TrainConfig, frozen: bool, steps_per_epoch: int, collective: Collective) -> Any:
     """Freeze or unfreeze the backbone (from `finetune.unfreeze_from`) and compile the model with a
     fresh optimizer for the phase: the configured schedule while frozen, the fine-tuning learning
     rate (x processes, cosine over the remaining epochs) after; returns the phase's schedule."""
-    import tensorflow as tf
-
     from training.schedules import WarmupThenDecay
 
     backbone = backbone_of(model)
-    backbone.trainable = True
-    if frozen:
-        backbone.trainable = False
-    elif cfg.finetune.unfreeze_from is not None:
-        names = [layer.name for layer in backbone.layers]
-        if cfg.finetune.unfreeze_from not in names:
-            raise ConfigError(f"finetune.unfreeze_from: the backbone {backbone.name} has no layer "
-                              f"{cfg.finetune.unfreeze_from!r}")
-        for layer in backbone.layers[:names.index(cfg.finetune.unfreeze_from)]:
-            layer.trainable = False
     opt = cfg.optimizer
     if frozen:
+        backbone.trainable = False
         schedule = WarmupThenDecay(opt.learning_rate * collective.size, opt.warmup_epochs * steps_per_epoch,
                                    cfg.epochs * steps_per_epoch, opt.schedule)
     else:
+        backbone.trainable = True
+        for layer in backbone.layers[:_first_unfrozen(backbone, cfg.finetune.unfreeze_from)]:
+            layer.trainable = False
         rate = cfg.finetune.learning_rate or opt.learning_rate / 10
         schedule = WarmupThenDecay(rate * collective.size, 0,
                                    (cfg.epochs - cfg.finetune.freeze_epochs) * steps_per_epoch, opt.schedule)
-    optimizer = collective.distributed_optimizer(tf.keras.optimizers.Adam(learning_rate=schedule), cfg)
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                  jit_compile=cfg.horovod.xla)
+    _compile(model, cfg, schedule, collective)
     return schedule
 
 
