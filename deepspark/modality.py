@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, Sequence, TypeVar
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, Seq
 import numpy as np
 
 from deepspark.config import ConfigError
+from deepspark.plugins import Registry
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -50,7 +52,7 @@ PLUGINS: Mapping[str, str] = {
     "text": "pipelines.text.modality:TEXT",
     "audio": "pipelines.audio.modality:AUDIO",
 }
-ModalityName = Literal["image", "text", "audio"]
+MODALITIES = Registry("modality", "deepspark.modalities", PLUGINS)
 
 
 class BadInput(Exception):
@@ -166,8 +168,9 @@ def unischema(spec: TensorSpec, modality: str = "image") -> "Unischema":
     from pyspark.sql.types import BinaryType, IntegerType, StringType
 
     shape = "x".join(str(d) for d in spec.shape)
+    kind = re.sub(r"\W", "_", modality)  # Petastorm names a namedtuple after it: a plug-in's reference has dots
     return Unischema(
-        f"DeepSpark_{modality}_{spec.encoding}_{spec.dtype}_{shape}",
+        f"DeepSpark_{kind}_{spec.encoding}_{spec.dtype}_{shape}",
         [
             UnischemaField(spec.column, np.bytes_, (), ScalarCodec(BinaryType()), False),
             UnischemaField(LABEL, np.int32, (), ScalarCodec(IntegerType()), False),
@@ -184,7 +187,7 @@ def rules_to_dict(rules: Any) -> dict[str, Any]:
 
 class Modality(ABC):
     """One kind of unstructured input. Subclasses are stateless singletons; everything a run
-    decides (rules, fitted state) is passed in, so a plug-in pickles to executors as a name."""
+    decides (rules, fitted state) is passed in, so a plug-in pickles to executors as its class."""
 
     name: ClassVar[str]
     rules_type: ClassVar[type]
@@ -192,8 +195,10 @@ class Modality(ABC):
     default_glob: ClassVar[str]
     default_model: ClassVar[str]
 
-    def __reduce__(self) -> tuple[Callable[[str], "Modality"], tuple[str]]:
-        return get_modality, (self.name,)
+    def __reduce__(self) -> tuple[type["Modality"], tuple[()]]:
+        # Stateless: a plug-in travels to executors as its class (by module and name), built in or
+        # a user's registered by entry point or reference alike.
+        return type(self), ()
 
     # --- the stored tensor -------------------------------------------------------------------
     @abstractmethod
@@ -244,9 +249,7 @@ class Modality(ABC):
 def get_modality(name: str, key: str = "modality") -> Modality:
     """The plug-in for `name`: a built-in modality, one an installed package registers under the
     entry-point group `deepspark.modalities`, or a `module:attr` reference; errors name `key`."""
-    from deepspark.plugins import Registry
-
-    plugin = Registry("modality", "deepspark.modalities", PLUGINS).load(name, key)
+    plugin = MODALITIES.load(name, key)
     if not isinstance(plugin, Modality):
         raise ConfigError(f"{key}: {name!r} is not a deepspark.modality.Modality (got {type(plugin).__name__})")
     return plugin

@@ -12,7 +12,6 @@ from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_v
 
 from deepspark.config import Charset, FrozenModel
 from deepspark.layout import SPLITS
-from deepspark.modality import ModalityName
 from deepspark.spark import SparkSettings
 from deepspark.tracking import TrackingSettings
 
@@ -103,14 +102,25 @@ class OutputSettings(FrozenModel):
 class EtlConfig(FrozenModel):
     spark: SparkSettings = SparkSettings(app_name="deepspark-etl")
     tracking: TrackingSettings = TrackingSettings()
-    modality: ModalityName = "image"
+    # image, text, audio, a modality an installed package registers (entry points in the group
+    # deepspark.modalities) or a "package.module:ATTRIBUTE" reference to a deepspark.modality.Modality
+    modality: str = "image"
     input: InputSettings = InputSettings()
     image: ImageSettings = ImageSettings()
     text: TextSettings = TextSettings()
     audio: AudioSettings = AudioSettings()
+    modality_rules: dict[str, Any] = Field(default_factory=dict)  # the rules of a modality without a section above
     output: OutputSettings = OutputSettings()
     arrow_batch_rows: PositiveInt = 2048
     files_per_task: PositiveInt = 50_000
+
+    @field_validator("modality")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from deepspark.modality import MODALITIES
+
+        MODALITIES.reference(value, "modality")  # an unknown name fails here, listing the registered ones
+        return value
 
     @model_validator(mode="after")
     def _records_are_text(self) -> "EtlConfig":
@@ -123,5 +133,6 @@ class EtlConfig(FrozenModel):
         """The chosen modality's typed preprocessing rules."""
         from deepspark.modality import get_modality
 
-        section: FrozenModel = getattr(self, self.modality)
-        return get_modality(self.modality).rules_from_dict(section.model_dump())
+        section = getattr(self, self.modality, None)
+        given = section.model_dump() if isinstance(section, FrozenModel) else dict(self.modality_rules)
+        return get_modality(self.modality).rules_from_dict(given)
