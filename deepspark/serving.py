@@ -22,7 +22,7 @@ from deepspark.modality import Failure, ModalityRecord, preprocess_all
 KERAS_ARTIFACT = "keras_model"
 RECORD_ARTIFACT = "modality"
 RECORD_FILE = "modality.json"
-BUILDER_CONFIG = "builder"  # the pyfunc's model_config key holding the builder's reference
+BUILDER_KEY = "builder"  # the record file's key naming the model's builder (its `module:attr` reference)
 INPUT_COLUMN = {"text": "text"}  # images and audio take file bytes in a `content` column
 
 
@@ -40,21 +40,22 @@ class ModalityClassifier(PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:
-        self.load(context.artifacts[KERAS_ARTIFACT], context.artifacts[RECORD_ARTIFACT],
-                  (context.model_config or {}).get(BUILDER_CONFIG))
+        self.load(context.artifacts[KERAS_ARTIFACT], context.artifacts[RECORD_ARTIFACT])
 
-    def load(self, keras_path: str, record_path: str, builder: str | None = None) -> "ModalityClassifier":
-        """`builder`: the model builder's reference; its module is imported first, so the custom
-        layers it registers (Keras' register_keras_serializable) deserialise. MLflow has put the
-        user's code, logged with the model, on the path already."""
+    def load(self, keras_path: str, record_path: str) -> "ModalityClassifier":
+        """The record file also names the model's builder (models logged before builders existed
+        do not): its module is imported first, so the custom layers it registers (Keras'
+        register_keras_serializable) deserialise. MLflow has put the user's code, logged with the
+        model, on the path already."""
         import importlib
 
         import tensorflow as tf
 
-        if builder:
-            importlib.import_module(builder.partition(":")[0])
         with open(record_path) as fh:
-            self.record = ModalityRecord.from_dict(json.load(fh))
+            data = json.load(fh)
+        if data.get(BUILDER_KEY):
+            importlib.import_module(str(data[BUILDER_KEY]).partition(":")[0])
+        self.record = ModalityRecord.from_dict(data)
         plugin = self.record.plugin
         self.keras_model = tf.keras.models.load_model(keras_path, compile=False, custom_objects=plugin.custom_objects())
         self._preprocess = plugin.preprocessor(self.record.typed_rules(), self.record.state)
@@ -123,7 +124,7 @@ def log_classifier(keras_model: Any, record: ModalityRecord, registered_name: st
     keras_model.save(keras_path)
     record_path = os.path.join(workdir, RECORD_FILE)
     with open(record_path, "w") as fh:
-        json.dump(record.to_dict(), fh)
+        json.dump({**record.to_dict(), **({BUILDER_KEY: builder} if builder else {})}, fh)
     column = input_column(record.modality)
     signature = ModelSignature(
         # One unnamed column: a plain list of strings (or of file bytes) is a valid input, and so
@@ -137,7 +138,6 @@ def log_classifier(keras_model: Any, record: ModalityRecord, registered_name: st
         artifacts={KERAS_ARTIFACT: keras_path, RECORD_ARTIFACT: record_path},
         registered_model_name=registered_name, pip_requirements=_requirements(),
         metadata={"deepspark.modality": record.modality, **({"deepspark.builder": builder} if builder else {})},
-        model_config={BUILDER_CONFIG: builder} if builder else None,
         code_paths=[user_code] if user_code else None,
     )
 

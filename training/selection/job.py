@@ -88,9 +88,9 @@ def plan(spark: "SparkSession", cfg: SelectConfig, params: list[dict[str, Any]] 
         raise ConfigError("model.init_from: a model search starts every configuration from its own seeded weights; "
                           "train from existing weights with jobs/train.py")
     for index, (p, tcfg) in enumerate(zip(params, configs)):
-        builder, key = builders.reference(tcfg.model.builder, tcfg.model.name, plugin)
-        if "model.name" in p or "model.builder" in p:
-            key = f"search.space.{key}"
+        searched = "model.name" in p or "model.builder" in p
+        builder, key = builders.reference(tcfg.model.builder, tcfg.model.name, plugin,
+                                          "search.space.model" if searched else "model")
         identity = f"{builder}:{json.dumps(tcfg.model.params, sort_keys=True, default=str)}"
         if identity not in built:  # each distinct model built once on the driver, checked against the data
             built.add(identity)
