@@ -57,6 +57,8 @@ class Registry:
         naming `key` and listing the registered names."""
         if is_reference(name_or_ref):
             return name_or_ref
+        if name_or_ref in self.builtin:  # no entry-point scan (milliseconds) for a built-in name:
+            return self.builtin[name_or_ref]  # record.plugin is looked up per batch in inference
         names = self.registered()
         if name_or_ref not in names:
             raise ConfigError(f"{key}: unknown {self.kind} {name_or_ref!r} (registered: {', '.join(sorted(names))}; "
