@@ -27,6 +27,7 @@ class JobSpec:
 
 JOBS: dict[str, JobSpec] = {
     "etl": JobSpec("pipelines.config:EtlConfig", "pipelines.etl:run_job"),
+    "featurize": JobSpec("pipelines.config:FeaturizeConfig", "pipelines.featurize:run_job"),
     "train": JobSpec("training.config:TrainConfig", "training.job:run_job"),
     "select_models": JobSpec("training.selection.config:SelectConfig", "training.selection.job:run_job"),
     "batch_inference": JobSpec("inference.config:BatchInferenceConfig", "inference.job:run_job"),

@@ -51,6 +51,7 @@ PLUGINS: Mapping[str, str] = {
     "image": "pipelines.images.modality:IMAGE",
     "text": "pipelines.text.modality:TEXT",
     "audio": "pipelines.audio.modality:AUDIO",
+    "features": "pipelines.features.modality:FEATURES",
 }
 MODALITIES = Registry("modality", "deepspark.modalities", PLUGINS)
 
@@ -244,6 +245,13 @@ class Modality(ABC):
     def custom_objects(self) -> dict[str, Any]:
         """Keras layers the saved model needs to load."""
         return dict(getattr(self._models(), "CUSTOM_OBJECTS", {}))
+
+    def serving_model(self, keras_model: Any, record: "ModalityRecord", builder: str | None
+                      ) -> "tuple[Any, ModalityRecord, list[str]]":
+        """What gets registered for a model trained on this modality's dataset: the Keras model,
+        the record it serves with, and the builders whose modules it needs imported to load. As
+        trained, by default; a derived modality (features) composes the model it derives from."""
+        return keras_model, record, [builder] if builder else []
 
 
 def get_modality(name: str, key: str = "modality") -> Modality:

@@ -11,18 +11,21 @@ the preprocessing to drift from the first.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Sequence
 
 import mlflow.pyfunc
 import numpy as np
 from mlflow.pyfunc.model import PythonModel
 
+from deepspark.config import ConfigError
 from deepspark.modality import Failure, ModalityRecord, preprocess_all
 
 KERAS_ARTIFACT = "keras_model"
 RECORD_ARTIFACT = "modality"
 RECORD_FILE = "modality.json"
 BUILDER_KEY = "builder"  # the record file's key naming the model's builder (its `module:attr` reference)
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 INPUT_COLUMN = {"text": "text"}  # images and audio take file bytes in a `content` column
 
 
@@ -53,8 +56,9 @@ class ModalityClassifier(PythonModel):
 
         with open(record_path) as fh:
             data = json.load(fh)
-        if data.get(BUILDER_KEY):
-            importlib.import_module(str(data[BUILDER_KEY]).partition(":")[0])
+        refs = data.get(BUILDER_KEY) or []
+        for ref in [refs] if isinstance(refs, str) else refs:  # a composed model names each part's builder
+            importlib.import_module(str(ref).partition(":")[0])
         self.record = ModalityRecord.from_dict(data)
         plugin = self.record.plugin
         self.keras_model = tf.keras.models.load_model(keras_path, compile=False, custom_objects=plugin.custom_objects())
@@ -108,6 +112,27 @@ def _payloads(model_input: Any, column: str) -> list[Any]:
     return list(model_input)
 
 
+def resolve(model_uri: str, key: str = "model_uri") -> tuple[str, int, str]:
+    """(name, version, run_id) for `models:/name@alias` or `models:/name/version`; raises naming
+    `key` when the model, alias or version does not exist."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    match = _URI.match(model_uri)
+    if not match:
+        raise ConfigError(f"{key}: {model_uri!r} is not models:/<name>@<alias> or models:/<name>/<version>")
+    client = MlflowClient()
+    name = match["name"]
+    try:
+        if match["alias"]:
+            mv = client.get_model_version_by_alias(name, match["alias"])
+        else:
+            mv = client.get_model_version(name, match["version"])
+    except MlflowException as exc:
+        raise ConfigError(f"{key}: {model_uri!r} does not resolve in the registry: {exc.message}") from None
+    return name, int(mv.version), mv.run_id or ""  # a version registered from a path has no run
+
+
 def log_classifier(keras_model: Any, record: ModalityRecord, registered_name: str | None, workdir: str,
                    builder: str | None = None, user_code: str | None = None) -> Any:
     """Log `keras_model` with its modality record as the pyfunc `model` of the active run (and
@@ -120,11 +145,15 @@ def log_classifier(keras_model: Any, record: ModalityRecord, registered_name: st
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    from deepspark.builders import user_code as code_of
+
+    keras_model, record, refs = record.plugin.serving_model(keras_model, record, builder)
     keras_path = os.path.join(workdir, "model.keras")
     keras_model.save(keras_path)
     record_path = os.path.join(workdir, RECORD_FILE)
     with open(record_path, "w") as fh:
-        json.dump({**record.to_dict(), **({BUILDER_KEY: builder} if builder else {})}, fh)
+        json.dump({**record.to_dict(), **({BUILDER_KEY: refs[0] if len(refs) == 1 else refs} if refs else {})}, fh)
+    code_paths = sorted({p for p in [user_code, *(code_of(r) for r in refs)] if p})
     column = input_column(record.modality)
     signature = ModelSignature(
         # One unnamed column: a plain list of strings (or of file bytes) is a valid input, and so
@@ -137,8 +166,8 @@ def log_classifier(keras_model: Any, record: ModalityRecord, registered_name: st
         name="model", python_model=ModalityClassifier(), signature=signature,
         artifacts={KERAS_ARTIFACT: keras_path, RECORD_ARTIFACT: record_path},
         registered_model_name=registered_name, pip_requirements=_requirements(),
-        metadata={"deepspark.modality": record.modality, **({"deepspark.builder": builder} if builder else {})},
-        code_paths=[user_code] if user_code else None,
+        metadata={"deepspark.modality": record.modality, **({"deepspark.builder": refs[-1]} if refs else {})},
+        code_paths=code_paths or None,
     )
 
 

@@ -11,17 +11,15 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deepspark.config import ConfigError
 from deepspark.modality import ModalityRecord
+from deepspark.serving import resolve
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
-
-_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 @dataclass(frozen=True)
@@ -41,27 +39,6 @@ class ResolvedModel:
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
-
-
-def resolve(model_uri: str) -> tuple[str, int, str]:
-    """(name, version, run_id) for `models:/name@alias` or `models:/name/version`; raises naming
-    `model_uri` when the model, alias or version does not exist."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    match = _URI.match(model_uri)
-    if not match:
-        raise ConfigError(f"model_uri: {model_uri!r} is not models:/<name>@<alias> or models:/<name>/<version>")
-    client = MlflowClient()
-    name = match["name"]
-    try:
-        if match["alias"]:
-            mv = client.get_model_version_by_alias(name, match["alias"])
-        else:
-            mv = client.get_model_version(name, match["version"])
-    except MlflowException as exc:
-        raise ConfigError(f"model_uri: {model_uri!r} does not resolve in the registry: {exc.message}") from None
-    return name, int(mv.version), mv.run_id or ""  # a version registered from a path has no run
 
 
 def resolve_and_ship(spark: "SparkSession", model_uri: str, workdir: str) -> ResolvedModel:

@@ -136,3 +136,27 @@ class EtlConfig(FrozenModel):
         section = getattr(self, self.modality, None)
         given = section.model_dump() if isinstance(section, FrozenModel) else dict(self.modality_rules)
         return get_modality(self.modality).rules_from_dict(given)
+
+
+class SourceDatasetSettings(FrozenModel):
+    root: str = "data/datasets"
+    name: str = "fashion-mnist"
+    version: PositiveInt | None = None  # default: the latest complete version
+
+
+class FeaturizeConfig(FrozenModel):
+    """Feature transfer's first half (`pipelines/featurize.py`): a frozen backbone over a dataset
+    version -> a `features` dataset version, which heads train on like any dataset."""
+
+    spark: SparkSettings = SparkSettings(app_name="deepspark-featurize")
+    tracking: TrackingSettings = TrackingSettings()
+    source: SourceDatasetSettings = SourceDatasetSettings()
+    # A registered model (models:/name@alias, models:/name/3) or a Keras model file (.keras, .h5)
+    # on any storage pyarrow.fs reaches; it must take the source dataset's stored tensor.
+    backbone: str = "models:/fashion-mnist-classifier@champion"
+    layers: list[str] = Field(default_factory=list)  # each layer's pooled output; default: the one feeding the output
+    pooling: Literal["avg", "max"] = "avg"  # over the spatial or time axes of a layer's output
+    batch_size: PositiveInt = 256  # rows per forward pass
+    intra_op_threads: PositiveInt = 1  # TensorFlow threads per Python worker (one worker per core)
+    arrow_batch_rows: PositiveInt = 2048
+    output: OutputSettings = OutputSettings(name="fashion-mnist-features")

@@ -41,7 +41,7 @@ from deepspark.modality import (
     unischema,
 )
 from deepspark.storage import HadoopFS, VersionedLocation, join, to_url
-from pipelines.config import EtlConfig
+from pipelines.config import EtlConfig, OutputSettings
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -89,6 +89,9 @@ class EtlResult:
 
 
 def _state_line(state: dict) -> str:
+    if "layers" in state:  # a features dataset: what it was computed from
+        layers = ", ".join(f"{f['name']} ({f['size']})" for f in state["layers"])
+        return f" from {state['backbone']['uri']} at {layers}"
     return f", vocabulary of {len(state['vocabulary'])} tokens fitted on train" if "vocabulary" in state else ""
 
 
@@ -264,7 +267,7 @@ def row_group_bytes(split_bytes: int, size_mb: float | None, min_groups: int, la
 
 
 def _write_splits(spark: "SparkSession", fs: HadoopFS, good: "DataFrame", staging: str, record: ModalityRecord,
-                  counts: dict[str, int], cfg: EtlConfig, shuffled: bool) -> None:
+                  counts: dict[str, int], output: OutputSettings, seed: int, shuffled: bool) -> None:
     """Every split in one partitioned write, each then a Petastorm dataset at `data/<split>`. Rows
     are in a seeded hash order so row groups mix classes: `shuffled` rows already are (the driver
     ordered the listing), others are range-sorted. Row groups are sized for the train split, the
@@ -280,11 +283,11 @@ def _write_splits(spark: "SparkSession", fs: HadoopFS, good: "DataFrame", stagin
     rows = good.select(*spec.data_columns, SPLIT)
     total = sum(counts.values())
     if not shuffled:
-        n_files = max(1, -(-total * spec.row_bytes // (cfg.output.file_size_mb * 1024 * 1024)))
-        order = F.sha2(F.concat_ws("|", F.lit(str(cfg.input.seed)), F.col(PATH)), 256)
+        n_files = max(1, -(-total * spec.row_bytes // (output.file_size_mb * 1024 * 1024)))
+        order = F.sha2(F.concat_ws("|", F.lit(str(seed)), F.col(PATH)), 256)
         rows = rows.repartitionByRange(n_files, order).sortWithinPartitions(order)
     sharded = counts.get("train", max(counts.values(), default=0))
-    block = row_group_bytes(sharded * spec.row_bytes, cfg.output.row_group_size_mb, cfg.output.min_row_groups)
+    block = row_group_bytes(sharded * spec.row_bytes, output.row_group_size_mb, output.min_row_groups)
     data = join(staging, DATA_DIR)
     hadoop = spark.sparkContext._jsc.hadoopConfiguration()
     # Parquet checks the size only every 100 rows by default (this also paces the row-group
@@ -304,7 +307,7 @@ def _write_splits(spark: "SparkSession", fs: HadoopFS, good: "DataFrame", stagin
         hadoop.setInt(check, 10)
         try:
             (rows.write.mode("error").partitionBy(SPLIT)
-             .option("maxRecordsPerFile", max(1, cfg.output.file_size_mb * 1024 * 1024 // spec.row_bytes))
+             .option("maxRecordsPerFile", max(1, output.file_size_mb * 1024 * 1024 // spec.row_bytes))
              # tensors, paths and hashes are unique per row: a dictionary attempt hashes each value
              # for nothing; only the label name repeats
              .option("parquet.enable.dictionary", "false")
@@ -335,11 +338,6 @@ def _index_row_groups(spark: "SparkSession", url: str) -> None:
     add_to_dataset_metadata(dataset, ROW_GROUPS_PER_FILE_KEY, json.dumps(groups))
 
 
-def _write_manifest(fs: HadoopFS, staging: str, manifest: dict, cfg: EtlConfig) -> None:
-    write_manifest(fs, staging, manifest)
-    fs.write_text(join(staging, CONFIG_FILE), config_to_yaml(cfg))
-
-
 def run_etl(spark: "SparkSession", cfg: EtlConfig) -> EtlResult:
     """Run the whole ETL and publish a new dataset version; raises before publishing on any mismatch.
     Holds the dataset's lease throughout: a second run for the same name fails at once, naming it."""
@@ -363,7 +361,6 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
                 started: float) -> EtlResult:
     """The ETL proper, while this run holds the dataset's lease."""
     from pyspark import StorageLevel
-    from pyspark.sql import functions as F
 
     rules = cfg.rules()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
@@ -392,26 +389,49 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
     record = ModalityRecord(cfg.modality, modality.spec(rules, state), rules_to_dict(rules), state, tuple(labels))
     processor = make_processor(modality, rules, state, record.spec, labeller, inputs.payload_in_workers)
     processed = inputs.frame.mapInPandas(processor, processed_ddl(record.spec)).persist(StorageLevel.MEMORY_AND_DISK)
-    removed = location.clean_staging(cfg.output.stale_staging_hours * 3600)
+    read = len(inputs.listing) if kind == "files" else inputs.frame.count()  # counted apart from the UDF
+    try:
+        version, url, manifest = write_version(
+            spark, fs, location, lease, processed, record, read, root, cfg, cfg.output, cfg.input.seed,
+            inputs.shuffled, "input.path")
+    finally:
+        processed.unpersist()
+        inputs.frame.unpersist()
+    inputs_in = manifest["totals"]["inputs_in"]
+    return EtlResult(version, url, inputs_in, manifest["totals"]["rows_written"],
+                     manifest["totals"]["quarantined"], time.perf_counter() - started, manifest)
+
+
+def write_version(spark: "SparkSession", fs: HadoopFS, location: VersionedLocation, lease: Lease,
+                  processed: "DataFrame", record: ModalityRecord, inputs_read: int, source: str, cfg: Any,
+                  output: OutputSettings, seed: int, shuffled: bool, source_key: str,
+                  lineage: dict[str, Any] | None = None) -> tuple[int, str, dict]:
+    """Publish `processed` (rows of `processed_ddl(record.spec)`, one per input) as the next
+    version under `location`: counts reconcile with `inputs_read` before anything is written and
+    with what landed after; splits, quarantine, manifest (with `lineage`) and the job's config are
+    written to a staging folder published by one rename, while this run still holds `lease`.
+    (version, url, manifest)."""
+    from pyspark.sql import functions as F
+
+    removed = location.clean_staging(output.stale_staging_hours * 3600)
     if removed:
         log.info("removed %d staging folder(s) left by killed runs: %s", len(removed), removed)
     staging = location.new_staging()
     try:
         stats = _group_stats(processed)
         inputs_in = sum(int(r["n"]) for r in stats)
-        read = len(inputs.listing) if kind == "files" else inputs.frame.count()  # counted apart from the UDF
-        if inputs_in != read:
-            raise RuntimeError(f"ETL does not reconcile: {read} inputs read, {inputs_in} processed")
-        log.info("preprocessed and validated in %.1f s", time.perf_counter() - started)
+        if inputs_in != inputs_read:
+            raise RuntimeError(f"ETL does not reconcile: {inputs_read} inputs read, {inputs_in} processed")
         version = location.next_version()  # once, under the lock
-        manifest = build_manifest(cfg.output.name, version, record, stats, inputs_in, root,
-                                  cfg.model_dump(mode="json"), cfg.output.row_group_size_mb)
-        _refuse_empty(cfg, root, manifest)
+        manifest = build_manifest(output.name, version, record, stats, inputs_in, source,
+                                  cfg.model_dump(mode="json"), output.row_group_size_mb)
+        if lineage:
+            manifest["lineage"] = lineage
+        _refuse_empty(output, source_key, source, manifest)
         _write_splits(spark, fs, processed.where(F.col("reason").isNull()), staging, record,
-                      {s: sum(c.values()) for s, c in manifest["counts"].items()}, cfg, inputs.shuffled)
+                      {s: sum(c.values()) for s, c in manifest["counts"].items()}, output, seed, shuffled)
         _write_quarantine(processed.where(F.col("reason").isNotNull()), join(staging, QUARANTINE_DIR),
                           manifest["totals"]["quarantined"])
-        log.info("wrote splits and quarantine in %.1f s", time.perf_counter() - started)
         _reconcile(spark, staging, manifest)
         _write_manifest(fs, staging, manifest, cfg)
         lease.check()  # a run whose lease was taken over must not publish over its successor
@@ -419,26 +439,27 @@ def _run_locked(spark: "SparkSession", cfg: EtlConfig, fs: HadoopFS, location: V
     except BaseException:
         fs.delete(staging)
         raise
-    finally:
-        processed.unpersist()
-        inputs.frame.unpersist()
-    return EtlResult(version, url, inputs_in, manifest["totals"]["rows_written"],
-                     manifest["totals"]["quarantined"], time.perf_counter() - started, manifest)
+    return version, url, manifest
 
 
-def _refuse_empty(cfg: EtlConfig, root: str, manifest: dict) -> None:
+def _write_manifest(fs: HadoopFS, staging: str, manifest: dict, cfg: Any) -> None:
+    write_manifest(fs, staging, manifest)
+    fs.write_text(join(staging, CONFIG_FILE), config_to_yaml(cfg))
+
+
+def _refuse_empty(output: OutputSettings, key: str, root: str, manifest: dict) -> None:
     """No row to write fails the run before anything is written or published (naming the input and
     what became of its inputs), unless output.allow_empty; a split training reads by default that
     the data did not fill is said in the log at ETL time."""
     totals = manifest["totals"]
-    if totals["rows_written"] == 0 and not cfg.output.allow_empty:
+    if totals["rows_written"] == 0 and not output.allow_empty:
         reasons = ", ".join(f"{n} {r}" for r, n in totals["quarantine_by_reason"].items()) or "none"
-        raise ConfigError(f"input.path: {root} gave no row to write ({totals['inputs_in']} input(s); quarantined: "
+        raise ConfigError(f"{key}: {root} gave no row to write ({totals['inputs_in']} input(s); quarantined: "
                           f"{reasons}); nothing was published (output.allow_empty=true publishes an empty version)")
     missing = [s for s in ("train", "val", "test") if not sum(manifest["counts"].get(s, {}).values())]
     if missing and totals["rows_written"]:
         log.warning("dataset %s has no rows in split(s) %s: training needs train and test (data.train_split, "
-                    "data.test_split) and early stopping a val split", cfg.output.name, ", ".join(missing))
+                    "data.test_split) and early stopping a val split", output.name, ", ".join(missing))
 
 
 # Up to this many quarantine rows are collected and written by the driver as one Parquet file (a

@@ -25,13 +25,13 @@ def convnet(record: "ModalityRecord", filters: Sequence[int] = (32, 64), dense: 
     L = tf.keras.layers
     inputs = tf.keras.Input(shape=record.spec.shape, dtype="uint8", name="image")
     x = _normalise(inputs)
-    for width in filters:
-        x = L.Conv2D(int(width), 3, activation="relu")(x)
-    x = L.MaxPooling2D(2)(x)
-    x = L.Dropout(0.25)(x)
-    x = L.Flatten()(x)
-    x = L.Dense(dense, activation="relu")(x)
-    x = L.Dropout(dropout)(x)
+    for i, width in enumerate(filters, 1):  # named layers: feature transfer picks them by name
+        x = L.Conv2D(int(width), 3, activation="relu", name=f"conv{i}")(x)
+    x = L.MaxPooling2D(2, name="pool")(x)
+    x = L.Dropout(0.25, name="pool_dropout")(x)
+    x = L.Flatten(name="flatten")(x)
+    x = L.Dense(dense, activation="relu", name="dense")(x)
+    x = L.Dropout(dropout, name="dropout")(x)
     outputs = L.Dense(len(record.labels), activation="softmax", dtype="float32", name="probabilities")(x)
     return tf.keras.Model(inputs, outputs, name="convnet")
 
@@ -42,9 +42,9 @@ def mlp(record: "ModalityRecord", units: int = 128, dropout: float = 0.2):  # ty
 
     L = tf.keras.layers
     inputs = tf.keras.Input(shape=record.spec.shape, dtype="uint8", name="image")
-    x = L.Flatten()(_normalise(inputs))
-    x = L.Dense(units, activation="relu")(x)
-    x = L.Dropout(dropout)(x)
+    x = L.Flatten(name="flatten")(_normalise(inputs))
+    x = L.Dense(units, activation="relu", name="dense")(x)
+    x = L.Dropout(dropout, name="dropout")(x)
     outputs = L.Dense(len(record.labels), activation="softmax", dtype="float32", name="probabilities")(x)
     return tf.keras.Model(inputs, outputs, name="mlp")
 
