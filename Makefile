@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 UI_PORT ?= 5000
 SUBMIT := $(VENV)/bin/spark-submit --master local[2] --driver-java-options "-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties)"
 
-.PHONY: setup setup-test demo demo-text demo-audio demo-select infer test test-fast lint mutants ui bench dist clean
+.PHONY: setup setup-test demo demo-text demo-audio demo-select demo-transfer infer test test-fast lint mutants ui bench dist clean
 
 setup:
 	@bash scripts/setup.sh
@@ -37,6 +37,12 @@ demo-select: setup
 	$(PY) jobs/demo_data.py
 	@test -f data/datasets/fashion-mnist/_LATEST -o -d data/datasets/fashion-mnist/v=1 || $(SUBMIT) jobs/etl.py
 	$(SUBMIT) jobs/select_models.py
+
+# Transfer learning (jobs/demo_transfer.py): a backbone trained on five Fashion-MNIST classes,
+# the other five learned three ways (feature transfer, fine-tuning, from scratch) in one session.
+demo-transfer: setup
+	$(PY) jobs/demo_data.py --profile transfer
+	$(SUBMIT) jobs/demo_transfer.py
 
 infer: setup
 	$(SUBMIT) jobs/batch_inference.py

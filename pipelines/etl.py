@@ -149,6 +149,9 @@ def make_processor(modality: Modality, rules: Any, state: dict, spec: TensorSpec
 
 def _check_inputs(cfg: EtlConfig, fs: HadoopFS, modality: Modality) -> tuple[str, str, bool, float]:
     """Driver-side checks before any task: the input exists, its kind and layout are understood."""
+    if not modality.input_kinds:
+        raise ConfigError(f"modality: {cfg.modality} datasets are not made from raw inputs (features: "
+                          "jobs/featurize.py writes them from a dataset version)")
     root, kind = resolve_input(fs, cfg.input.path, "input.path", cfg.input.format, "records" in modality.input_kinds)
     if cfg.input.labels_csv and not fs.exists(to_url(cfg.input.labels_csv)):
         raise ConfigError(f"input.labels_csv: {cfg.input.labels_csv!r} does not exist")

@@ -32,7 +32,7 @@ from pipelines.config import FeaturizeConfig
 from pipelines.etl import EtlResult, processed_ddl, write_version
 
 if TYPE_CHECKING:
-    import pandas as pd
+    import pyarrow as pa
     from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
@@ -124,46 +124,51 @@ def _extractor_on_worker(shipped_as: str, modality: str, builder: str | None, th
 
 
 def make_featurizer(record: ModalityRecord, shipped_as: str, batch_size: int, threads: int
-                    ) -> Callable[[Iterable["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
-    """The picklable pandas function executors run: stored tensors -> feature vectors, one row out
-    per row in."""
+                    ) -> Callable[[Iterable["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]:
+    """The picklable Arrow function executors run (`mapInArrow`): stored tensors -> feature
+    vectors, one row out per row in. Arrow end to end: the tensors are read from the input
+    column's buffer and the vectors written as one buffer, with no Python object per row (a
+    vector of a wide layer is tens of KB)."""
     source = ModalityRecord.from_dict(record.state["source"])
     builder = record.state["backbone"].get("builder")
     columns = [c.split()[0] for c in processed_ddl(record.spec).split(", ")]
+    width = int(record.spec.shape[0])
 
-    def featurize(batches: Iterable["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
+    def featurize(batches: Iterable["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
         import numpy as np
-        import pandas as pd
+        import pyarrow as pa
 
         from deepspark.spark import lighten_python_worker
 
         lighten_python_worker()
         plugin = source.plugin
-        width = record.spec.shape[0]
         for batch in batches:
-            n = len(batch)
+            n = batch.num_rows
             features = np.zeros((0, width), np.float32)
             if n:  # an empty batch loads no model
                 model = _extractor_on_worker(shipped_as, source.modality, builder, threads)
-                tensors = plugin.decode(list(batch[source.spec.column]), source.spec)
-                features = np.concatenate([np.asarray(model.predict_on_batch(tensors[i : i + batch_size]))
-                                           for i in range(0, n, batch_size)])
+                tensors = plugin.decode_arrow(batch.column(source.spec.column), source.spec)
+                features = np.concatenate([np.asarray(model.predict_on_batch(tensors[i : i + batch_size]),
+                                                      dtype=np.float32) for i in range(0, n, batch_size)])
             finite = np.isfinite(features).all(axis=1)
-            stored = [f.astype(np.float32).tobytes() if ok else None for f, ok in zip(features, finite)]
-            frame = pd.DataFrame({
-                record.spec.column: stored,
-                LABEL: pd.array(np.where(finite, batch[LABEL], 0), dtype="Int32"),
-                LABEL_NAME: batch[LABEL_NAME].to_numpy(),
-                PATH: batch[PATH].to_numpy(),
-                CONTENT_HASH: batch[CONTENT_HASH].to_numpy(),
-                SPLIT: batch[SPLIT].to_numpy(),
-                "size": np.full(n, source.spec.row_bytes, np.int64),
-                "reason": [None if ok else NON_FINITE for ok in finite],
-                "detail": [None if ok else f"{int((~np.isfinite(f)).sum())} of {len(f)} values" for f, ok
-                           in zip(features, finite)],
-            }, columns=columns)
-            frame.loc[~finite, LABEL] = pd.NA
-            yield frame
+            kept = np.ascontiguousarray(features[finite])
+            offsets = np.zeros(n + 1, np.int32)
+            np.cumsum(np.where(finite, width * 4, 0), out=offsets[1:])
+            vectors = pa.Array.from_buffers(pa.binary(), n, [
+                None if finite.all() else pa.array(finite).buffers()[1], pa.py_buffer(offsets), pa.py_buffer(kept)])
+            names = batch.schema.names
+            yield pa.RecordBatch.from_arrays([
+                vectors,
+                pa.array(np.asarray(batch.column(names.index(LABEL))), pa.int32(), mask=~finite),
+                batch.column(names.index(LABEL_NAME)),
+                batch.column(names.index(PATH)),
+                batch.column(names.index(CONTENT_HASH)),
+                batch.column(names.index(SPLIT)),
+                pa.array(np.full(n, source.spec.row_bytes, np.int64)),
+                pa.array([None if ok else NON_FINITE for ok in finite], pa.string()),
+                pa.array([None if ok else f"{int((~np.isfinite(f)).sum())} of {width} values"
+                          for f, ok in zip(features, finite)], pa.string()),
+            ], names=columns)
 
     return featurize
 
@@ -216,7 +221,7 @@ def run_featurize(spark: "SparkSession", cfg: FeaturizeConfig) -> EtlResult:
             spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
             rows = _source_rows(spark, source)
             featurizer = make_featurizer(record, shipped_as, cfg.batch_size, cfg.intra_op_threads)
-            processed = rows.mapInPandas(featurizer, processed_ddl(record.spec)).persist(StorageLevel.MEMORY_AND_DISK)
+            processed = rows.mapInArrow(featurizer, processed_ddl(record.spec)).persist(StorageLevel.MEMORY_AND_DISK)
             read = sum(source.rows(split) for split in source.manifest["splits"])
             lineage = {"source": {"dataset": source.name, "version": source.version, "dataset_id": source.dataset_id,
                                   "url": source.url},

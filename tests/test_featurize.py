@@ -132,3 +132,67 @@ def test_a_backbone_of_another_input_fails_naming_the_key(spark, fashion_small, 
     model.save(path)
     with pytest.raises(ConfigError, match=r"backbone: .*takes uint8 \(32, 32, 3\), but dataset fashion-small"):
         featurize(spark, fashion_small, registry, tmp_path, f"backbone={path}")
+
+
+def test_a_search_chooses_the_feature_layer(spark, features, registry):
+    """The layer is a searchable choice: one features dataset, one head per layer, the winner
+    registered composed with the backbone."""
+    import mlflow
+
+    from training.selection.config import SelectConfig
+    from training.selection.job import run_job
+
+    result = run_job(spark, load_config(SelectConfig, "select_models", [
+        f"data.root={features.url.rsplit('/', 2)[0]}", "data.name=fashion-features", *registry, "epochs=1",
+        "model.name=linear", "search.method=grid", "search.space={model.params.layer: {choice: [conv2, dense]}}",
+        "execution.method=task", "optimizer.batch_size=16", "max_eval_rows=100", "registry.model_name=fashion-search"]))
+    assert sorted(row["params"]["model.params.layer"] for row in result.leaderboard) == ["conv2", "dense"]
+    won = next(row for row in result.leaderboard if row["trial"] == result.winner)["params"]["model.params.layer"]
+    mlflow.set_tracking_uri(registry[0].split("=", 1)[1])
+    winner = mlflow.pyfunc.load_model("models:/fashion-search/1").unwrap_python_model()
+    assert winner.record.modality == "image"
+    head_input = winner.keras_model.layers[-1].get_layer("layer")  # the head reads the winning layer's part
+    assert (head_input.offset, head_input.size) == ({"conv2": (0, 64), "dense": (64, 128)}[won])
+
+
+def test_the_etl_refuses_the_features_modality_naming_the_key(spark, etl_overrides):
+    from pipelines.config import EtlConfig
+    from pipelines.etl import run_etl
+
+    with pytest.raises(ConfigError, match="modality: features datasets are not made from raw inputs"):
+        run_etl(spark, load_config(EtlConfig, "etl", [*etl_overrides, "modality=features"]))
+
+
+def test_rows_whose_features_are_not_finite_are_quarantined_and_counted(spark, fashion_small, registry, tmp_path):
+    """A backbone whose `big` layer overflows float32 exactly on the brighter images: those rows
+    are quarantined with the reason, the others written, and the counts reconcile with the
+    source, row for row as computed by hand."""
+    import pyarrow.parquet as pq
+    import tensorflow as tf
+
+    from deepspark.datasets import open_dataset
+
+    inputs = tf.keras.Input((28, 28, 1), dtype="uint8")
+    x = tf.keras.layers.Flatten()(tf.keras.layers.Rescaling(1.0)(inputs))
+    big = tf.keras.layers.Dense(1, use_bias=False, kernel_initializer=tf.keras.initializers.Constant(1e34),
+                                name="big")(x)
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(2, activation="softmax", name="out")(big))
+    path = tmp_path / "overflowing.keras"
+    model.save(path)
+    result = featurize(spark, fashion_small, registry, tmp_path, f"backbone={path}")
+    assert [f["name"] for f in result.manifest["lineage"]["layers"]] == ["big"]  # the layer feeding the output
+
+    source = open_dataset(spark, str(fashion_small.root), fashion_small.name)
+    sums = {p: int(np.frombuffer(t, np.uint8).astype(np.float64).sum())
+            for split in source.manifest["splits"] for p, t in rows_of(source.url, split, "image").items()}
+    limit = float(np.finfo(np.float32).max)
+    overflow = {p for p, total in sums.items() if total * 1e34 > limit}
+    borderline = {p for p, total in sums.items() if abs(total * 1e34 - limit) < 1e-3 * limit}  # float32 rounding
+    assert 0 < len(overflow) < len(sums)
+    totals = result.manifest["totals"]
+    assert totals["quarantine_by_reason"] == {"non_finite_features": totals["quarantined"]}
+    assert totals["rows_written"] + totals["quarantined"] == totals["inputs_in"] == len(sums)
+    quarantine = pq.read_table(f"{result.url.replace('file:', '', 1)}/quarantine").to_pylist()
+    assert {row["path"] for row in quarantine} - borderline == overflow - borderline
+    assert len(quarantine) == totals["quarantined"]
+    assert {row["reason"] for row in quarantine} == {"non_finite_features"}

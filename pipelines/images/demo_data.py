@@ -16,6 +16,9 @@ CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", 
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 COMPLETE = "_COMPLETE"
+# Feature transfer's demo: each side has tops, footwear and one more; the target's classes are new.
+SOURCE_CLASSES = (0, 2, 5, 7, 8)  # T-shirt/top, Pullover, Sandal, Sneaker, Bag
+TARGET_CLASSES = (1, 3, 4, 6, 9)  # Trouser, Dress, Coat, Shirt, Ankle boot
 
 
 def folder_name(class_name: str) -> str:
@@ -64,6 +67,45 @@ def write_raw_folder(out: Path, source: Path = DEBIAN_DIR, limit: int | None = N
                 raise RuntimeError(f"cannot encode {split} image {i}")
             (tmp / split / folder_name(CLASS_NAMES[labels[i]]) / f"{i:05d}.png").write_bytes(png.tobytes())
         counts[split] = n
+    (tmp / COMPLETE).write_text("".join(f"{k}={v}\n" for k, v in counts.items()))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return counts
+
+
+def write_transfer_folders(out: Path, source: Path = DEBIAN_DIR, source_per_class: int = 2000,
+                           target_per_class: int = 50, test_per_class: int = 200) -> dict[str, int]:
+    """Feature transfer's demo data: `<out>/source/{train,test}/<class>/` holds five Fashion-MNIST
+    classes (T-shirts, pullovers, sandals, sneakers, bags), which the backbone learns;
+    `<out>/target/{train,test}/<class>/` the other five (trousers, dresses, coats, shirts, ankle
+    boots), never seen by the backbone, with `target_per_class` labelled train images each. The
+    first images of each class in file order, so a rerun writes the same files; written once,
+    never half."""
+    import cv2
+
+    out = Path(out)
+    marker = out / COMPLETE
+    if marker.is_file():
+        return {k: int(v) for k, v in (line.split("=") for line in marker.read_text().split())}
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    quota = {("source", "train"): source_per_class, ("source", "test"): test_per_class,
+             ("target", "train"): target_per_class, ("target", "test"): test_per_class}
+    counts: dict[str, int] = {}
+    for split in FILES:
+        images, labels = load_split(split, source)
+        for part, classes in (("source", SOURCE_CLASSES), ("target", TARGET_CLASSES)):
+            n = quota[(part, split)]
+            for label in classes:
+                folder = tmp / part / split / folder_name(CLASS_NAMES[label])
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in np.flatnonzero(labels == label)[:n]:
+                    ok, png = cv2.imencode(".png", images[i])
+                    if not ok:
+                        raise RuntimeError(f"cannot encode {split} image {i}")
+                    (folder / f"{i:05d}.png").write_bytes(png.tobytes())
+                counts[f"{part}_{split}"] = counts.get(f"{part}_{split}", 0) + min(n, int((labels == label).sum()))
     (tmp / COMPLETE).write_text("".join(f"{k}={v}\n" for k, v in counts.items()))
     if out.exists():
         shutil.rmtree(out)
