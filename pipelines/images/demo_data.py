@@ -7,6 +7,7 @@ import gzip
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -45,33 +46,49 @@ def load_split(split: str, source: Path = DEBIAN_DIR) -> tuple[np.ndarray, np.nd
     return read_idx(source / images_file), read_idx(source / labels_file)
 
 
-def write_raw_folder(out: Path, source: Path = DEBIAN_DIR, limit: int | None = None) -> dict[str, int]:
-    """Write the PNG folder once; a rerun is a no-op, a half-written folder is never left in place."""
-    import cv2
-
+def _write_once(out: Path, write: Callable[[Path], dict[str, int]]) -> dict[str, int]:
+    """`write(tmp)` fills a sibling folder, which then replaces `out` by one rename, with its counts
+    in a marker file: a rerun is a no-op, a half-written folder is never left in place."""
     out = Path(out)
     marker = out / COMPLETE
     if marker.is_file():
         return {k: int(v) for k, v in (line.split("=") for line in marker.read_text().split())}
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    counts = {}
-    for split in FILES:
-        images, labels = load_split(split, source)
-        n = len(images) if limit is None else min(limit, len(images))
-        for name in CLASS_NAMES:
-            (tmp / split / folder_name(name)).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            ok, png = cv2.imencode(".png", images[i])
-            if not ok:
-                raise RuntimeError(f"cannot encode {split} image {i}")
-            (tmp / split / folder_name(CLASS_NAMES[labels[i]]) / f"{i:05d}.png").write_bytes(png.tobytes())
-        counts[split] = n
+    counts = write(tmp)
     (tmp / COMPLETE).write_text("".join(f"{k}={v}\n" for k, v in counts.items()))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return counts
+
+
+def _png(image: np.ndarray, what: str) -> bytes:
+    import cv2
+
+    ok, png = cv2.imencode(".png", image)
+    if not ok:
+        raise RuntimeError(f"cannot encode {what}")
+    return png.tobytes()
+
+
+def write_raw_folder(out: Path, source: Path = DEBIAN_DIR, limit: int | None = None) -> dict[str, int]:
+    """Write the PNG folder once; a rerun is a no-op, a half-written folder is never left in place."""
+
+    def write(tmp: Path) -> dict[str, int]:
+        counts = {}
+        for split in FILES:
+            images, labels = load_split(split, source)
+            n = len(images) if limit is None else min(limit, len(images))
+            for name in CLASS_NAMES:
+                (tmp / split / folder_name(name)).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (tmp / split / folder_name(CLASS_NAMES[labels[i]]) / f"{i:05d}.png").write_bytes(
+                    _png(images[i], f"{split} image {i}"))
+            counts[split] = n
+        return counts
+
+    return _write_once(out, write)
 
 
 def write_transfer_folders(out: Path, source: Path = DEBIAN_DIR, source_per_class: int = 2000,
@@ -82,32 +99,21 @@ def write_transfer_folders(out: Path, source: Path = DEBIAN_DIR, source_per_clas
     boots), never seen by the backbone, with `target_per_class` labelled train images each. The
     first images of each class in file order, so a rerun writes the same files; written once,
     never half."""
-    import cv2
-
-    out = Path(out)
-    marker = out / COMPLETE
-    if marker.is_file():
-        return {k: int(v) for k, v in (line.split("=") for line in marker.read_text().split())}
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     quota = {("source", "train"): source_per_class, ("source", "test"): test_per_class,
              ("target", "train"): target_per_class, ("target", "test"): test_per_class}
-    counts: dict[str, int] = {}
-    for split in FILES:
-        images, labels = load_split(split, source)
-        for part, classes in (("source", SOURCE_CLASSES), ("target", TARGET_CLASSES)):
-            n = quota[(part, split)]
-            for label in classes:
-                folder = tmp / part / split / folder_name(CLASS_NAMES[label])
-                folder.mkdir(parents=True, exist_ok=True)
-                for i in np.flatnonzero(labels == label)[:n]:
-                    ok, png = cv2.imencode(".png", images[i])
-                    if not ok:
-                        raise RuntimeError(f"cannot encode {split} image {i}")
-                    (folder / f"{i:05d}.png").write_bytes(png.tobytes())
-                counts[f"{part}_{split}"] = counts.get(f"{part}_{split}", 0) + min(n, int((labels == label).sum()))
-    (tmp / COMPLETE).write_text("".join(f"{k}={v}\n" for k, v in counts.items()))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return counts
+
+    def write(tmp: Path) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for split in FILES:
+            images, labels = load_split(split, source)
+            for part, classes in (("source", SOURCE_CLASSES), ("target", TARGET_CLASSES)):
+                for label in classes:
+                    folder = tmp / part / split / folder_name(CLASS_NAMES[label])
+                    folder.mkdir(parents=True, exist_ok=True)
+                    chosen = np.flatnonzero(labels == label)[: quota[(part, split)]]
+                    for i in chosen:
+                        (folder / f"{i:05d}.png").write_bytes(_png(images[i], f"{split} image {i}"))
+                    counts[f"{part}_{split}"] = counts.get(f"{part}_{split}", 0) + len(chosen)
+        return counts
+
+    return _write_once(out, write)
