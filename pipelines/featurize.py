@@ -227,8 +227,10 @@ def run_featurize(spark: "SparkSession", cfg: FeaturizeConfig) -> EtlResult:
                                   "url": source.url},
                        "backbone": record.state["backbone"], "layers": record.state["layers"]}
             try:
+                # The source's rows are in its seeded order already (classes mixed in every row group),
+                # and featurizing keeps it: no shuffle to order them again.
                 version, url, manifest = write_version(
-                    spark, fs, location, lease, processed, record, read, source.url, cfg, cfg.output, 0, False,
+                    spark, fs, location, lease, processed, record, read, source.url, cfg, cfg.output, 0, True,
                     "source.name", lineage)
             finally:
                 processed.unpersist()
