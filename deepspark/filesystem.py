@@ -110,11 +110,57 @@ def read_all(urls: Iterable[str], sizes: Sequence[int] | None = None) -> list[by
     return out
 
 
+def read_bytes(url: str) -> bytes:
+    """One file's whole content."""
+    loc, path = location(url)
+    with loc.fs.open_input_stream(path) as handle:
+        return handle.read()
+
+
+def write_atomic(url: str, data: bytes) -> None:
+    """Write a file that readers see whole or not at all: written beside under a unique name, then
+    moved onto its name (an atomic rename on local and NFS disks and HDFS; an object store's move
+    is a copy whose new object appears whole). Its folder is created if needed."""
+    import uuid
+
+    loc, path = location(url)
+    loc.fs.create_dir(path.rpartition("/")[0], recursive=True)
+    staging = f"{path}.{uuid.uuid4().hex}.tmp"
+    with loc.fs.open_output_stream(staging) as out:
+        out.write(data)
+    loc.fs.move(staging, path)
+
+
+def is_file(url: str) -> bool:
+    import pyarrow.fs as pafs
+
+    loc, path = location(url)
+    return loc.fs.get_file_info(path).type == pafs.FileType.File
+
+
+def delete_file(url: str) -> None:
+    """Remove one file; nothing if it is already gone."""
+    loc, path = location(url)
+    try:
+        loc.fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def file_names(url: str) -> list[str]:
+    """The names of the files directly in a folder (none if it does not exist), sorted."""
+    import pyarrow.fs as pafs
+
+    loc, path = location(url)
+    return sorted(i.base_name for i in loc.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                  if i.type == pafs.FileType.File)
+
+
 def local_copy(url: str, folder: str) -> str:
     """A copy of one file (local or on any file system this layer reaches) in a local `folder`, for
     readers that take only a local path (Keras' model and weights loaders); its path."""
     local = os.path.join(folder, os.path.basename(url.rstrip("/")) or "file")
-    data = read_all([url])[0]
+    data = read_bytes(url)
     with open(local, "wb") as out:
         out.write(data)
     return local

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from deepspark.config import ConfigError
 from deepspark.modality import ModalityRecord
-from deepspark.serving import resolve
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -46,7 +45,7 @@ def resolve_and_ship(spark: "SparkSession", model_uri: str, workdir: str) -> Res
     and ship it to executors only when this SparkContext has not shipped that version yet."""
     import mlflow
 
-    from deepspark.serving import RECORD_FILE
+    from deepspark.serving import RECORD_FILE, resolve  # here: executors unpickling this module need no MLflow
 
     name, version, run_id = resolve(model_uri)
     try:

@@ -77,7 +77,7 @@ def test_only_the_users_own_code_is_shipped(user_package):
 def test_modalities_resolve_through_the_same_registry():
     assert get_modality("text").name == "text"
     assert get_modality("pipelines.audio.modality:AUDIO").name == "audio"  # a reference works too
-    with pytest.raises(ConfigError, match=r"modality: unknown modality 'video' \(registered: audio, image, text"):
+    with pytest.raises(ConfigError, match=r"modality: unknown modality 'video' \(registered: audio, features, image, text"):
         get_modality("video")
     with pytest.raises(ConfigError, match="modality: 'numpy:zeros' is not a deepspark.modality.Modality"):
         get_modality("numpy:zeros")

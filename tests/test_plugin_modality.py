@@ -14,7 +14,7 @@ REFERENCE = "tests.plugin_modality:HEAD"
 
 
 def test_an_unknown_modality_fails_listing_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"modality: unknown modality 'video' \(registered: audio, image, text"):
+    with pytest.raises(ConfigError, match=r"modality: unknown modality 'video' \(registered: audio, features, image, text"):
         load_config(EtlConfig, "etl", ["modality=video"])
 
 

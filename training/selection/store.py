@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from deepspark.filesystem import location, reaches
+from deepspark import filesystem
+from deepspark.filesystem import reaches
 
 TRIALS = "trials.json"
 
@@ -48,6 +48,9 @@ def unit_name(trial: int, index: int, suffix: str) -> str:
 
 @dataclass(frozen=True)
 class Store:
+    """The search's folder: names inside it, over `deepspark.filesystem`'s files (pyarrow.fs,
+    written whole by one rename)."""
+
     url: str  # the search's folder
 
     @staticmethod
@@ -55,28 +58,17 @@ class Store:
         if not reaches(url):
             raise ValueError(f"{url}: pyarrow.fs does not reach this URL from Python")
 
-    def _path(self, rel: str) -> tuple[Any, str]:
-        loc, root = location(self.url)
-        return loc.fs, f"{root.rstrip('/')}/{rel}"
+    def _url(self, rel: str) -> str:
+        return f"{self.url.rstrip('/')}/{rel}"
 
     def write(self, rel: str, data: bytes) -> None:
-        fs, path = self._path(rel)
-        fs.create_dir(path.rpartition("/")[0], recursive=True)
-        staging = f"{path}.{uuid.uuid4().hex}.tmp"
-        with fs.open_output_stream(staging) as out:
-            out.write(data)
-        fs.move(staging, path)
+        filesystem.write_atomic(self._url(rel), data)
 
     def read(self, rel: str) -> bytes:
-        fs, path = self._path(rel)
-        with fs.open_input_stream(path) as handle:
-            return handle.read()
+        return filesystem.read_bytes(self._url(rel))
 
     def exists(self, rel: str) -> bool:
-        import pyarrow.fs as pafs
-
-        fs, path = self._path(rel)
-        return fs.get_file_info(path).type == pafs.FileType.File
+        return filesystem.is_file(self._url(rel))
 
     def wait_for(self, rel: str, poll_s: float) -> float:
         """Block until `rel` exists (looking with a `Backoff` up to `poll_s`): seconds waited."""
@@ -86,11 +78,7 @@ class Store:
         return time.perf_counter() - started
 
     def delete(self, rel: str) -> None:
-        fs, path = self._path(rel)
-        try:
-            fs.delete_file(path)
-        except FileNotFoundError:
-            pass
+        filesystem.delete_file(self._url(rel))
 
     def write_json(self, rel: str, value: Any) -> None:
         self.write(rel, json.dumps(value, sort_keys=True).encode())
@@ -101,11 +89,8 @@ class Store:
     def markers(self, trial: int) -> list[dict[str, Any]]:
         """Every finished unit of a trial, in order (a gap ends the list: later files are from a
         unit whose predecessor never finished, which cannot happen with one writer per unit)."""
-        import pyarrow.fs as pafs
-
-        fs, path = self._path(f"m{trial:03d}")
-        names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-                       if i.base_name.endswith(".json") and i.base_name.startswith("unit-"))
+        names = [n for n in filesystem.file_names(self._url(f"m{trial:03d}"))
+                 if n.endswith(".json") and n.startswith("unit-")]
         out = []
         for expected, name in enumerate(names):
             if name != f"unit-{expected:05d}.json":
