@@ -196,3 +196,8 @@ def test_rows_whose_features_are_not_finite_are_quarantined_and_counted(spark, f
     assert {row["path"] for row in quarantine} - borderline == overflow - borderline
     assert len(quarantine) == totals["quarantined"]
     assert {row["reason"] for row in quarantine} == {"non_finite_features"}
+
+
+def test_a_missing_source_dataset_fails_naming_the_key(spark, fashion_small, registry, tmp_path):
+    with pytest.raises(ConfigError, match=r"source.name: 'nope' under .*no complete version"):
+        featurize(spark, fashion_small, registry, tmp_path, "source.name=nope")
