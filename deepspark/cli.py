@@ -40,6 +40,13 @@ def _load(ref: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def run_in_session(spark: Any, job: str, overrides: Sequence[str], profile: str | None = None) -> Any:
+    """One Spark job, its config resolved as on the command line, run in an existing session
+    (a demo or a benchmark chaining jobs in one SparkSession); its result."""
+    spec = JOBS[job]
+    return _load(spec.runner)(spark, load_config(_load(spec.config), job, overrides, profile))
+
+
 def run_job(job: str, profile: str | None, overrides: Sequence[str]) -> Any:
     """Resolve the config (failing before Spark starts), build the session, run, print the summary."""
     spec = JOBS[job]

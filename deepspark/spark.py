@@ -144,3 +144,13 @@ def lighten_python_worker() -> int:
     for cached in [p for p in sys.path_importer_cache if ".jar" in p]:  # the jar's and its folders' importers
         del sys.path_importer_cache[cached]
     return len(jars)
+
+
+def freeze_heap() -> None:
+    """Move everything alive now (TensorFlow, MLflow, a loaded model: ~540,000 objects) out of the
+    garbage collector's reach. Spark's Python worker runs a full `gc.collect()` after every task,
+    which walked that whole heap each time (0.29 s per task here; 0.0 s once frozen)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()

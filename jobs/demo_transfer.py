@@ -50,14 +50,12 @@ def steps(raw: str = RAW, root: str = "data/datasets", extra: Sequence[str] = ()
 
 def run_steps(spark: Any, plan: list[tuple[str, str, list[str]]]) -> dict[str, tuple[Any, float]]:
     """Each step's result and wall seconds, in order, in this SparkSession."""
-    from deepspark.cli import JOBS, _load
-    from deepspark.config import load_config
+    from deepspark.cli import run_in_session
 
     done = {}
     for name, job, overrides in plan:
-        cfg = load_config(_load(JOBS[job].config), job, overrides)
         started = time.perf_counter()
-        done[name] = (_load(JOBS[job].runner)(spark, cfg), time.perf_counter() - started)
+        done[name] = (run_in_session(spark, job, overrides), time.perf_counter() - started)
     return done
 
 
@@ -82,6 +80,7 @@ def main(argv: Sequence[str]) -> None:
                      f"{TARGET_MODEL} v{result.model_version} {how}")
     lines.append(f"{TARGET_MODEL}@champion is the best of the three; `make ui` shows every run")
     click.echo("\n".join(lines))
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -416,6 +416,7 @@ def write_version(spark: "SparkSession", fs: HadoopFS, location: VersionedLocati
     (version, url, manifest)."""
     from pyspark.sql import functions as F
 
+    started = time.perf_counter()
     removed = location.clean_staging(output.stale_staging_hours * 3600)
     if removed:
         log.info("removed %d staging folder(s) left by killed runs: %s", len(removed), removed)
@@ -425,6 +426,7 @@ def write_version(spark: "SparkSession", fs: HadoopFS, location: VersionedLocati
         inputs_in = sum(int(r["n"]) for r in stats)
         if inputs_in != inputs_read:
             raise RuntimeError(f"ETL does not reconcile: {inputs_read} inputs read, {inputs_in} processed")
+        log.info("processed and counted in %.1f s", time.perf_counter() - started)
         version = location.next_version()  # once, under the lock
         manifest = build_manifest(output.name, version, record, stats, inputs_in, source,
                                   cfg.model_dump(mode="json"), output.row_group_size_mb)
@@ -435,6 +437,7 @@ def write_version(spark: "SparkSession", fs: HadoopFS, location: VersionedLocati
                       {s: sum(c.values()) for s, c in manifest["counts"].items()}, output, seed, shuffled)
         _write_quarantine(processed.where(F.col("reason").isNotNull()), join(staging, QUARANTINE_DIR),
                           manifest["totals"]["quarantined"])
+        log.info("wrote splits and quarantine in %.1f s", time.perf_counter() - started)
         _reconcile(spark, staging, manifest)
         _write_manifest(fs, staging, manifest, cfg)
         lease.check()  # a run whose lease was taken over must not publish over its successor

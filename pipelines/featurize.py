@@ -101,13 +101,13 @@ def plan(cfg: FeaturizeConfig, source: DatasetRef, workdir: str) -> tuple[Modali
 @functools.lru_cache(maxsize=2)
 def _extractor_on_worker(shipped_as: str, modality: str, builder: str | None, threads: int) -> Any:
     """The extractor, loaded once per Python worker (Spark reuses workers across tasks)."""
-    import gc
     import importlib
 
     import tensorflow as tf
     from pyspark import SparkFiles
 
     from deepspark.modality import get_modality
+    from deepspark.spark import freeze_heap
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -118,8 +118,7 @@ def _extractor_on_worker(shipped_as: str, modality: str, builder: str | None, th
         importlib.import_module(builder.partition(":")[0])
     model = tf.keras.models.load_model(SparkFiles.get(shipped_as), compile=False,
                                        custom_objects=get_modality(modality).custom_objects())
-    gc.collect()
-    gc.freeze()  # the per-task gc.collect() of Spark's worker need not walk TensorFlow's heap
+    freeze_heap()
     return model
 
 
