@@ -51,6 +51,13 @@ def test_bad_value_from_command_line_names_key_and_source(conf_dir):
     assert "image.channels" in message and "command line (image.channels=2)" in message
 
 
+def test_a_negative_seed_is_refused_naming_the_key():
+    from training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"seed.*command line \(seed=-1\)"):
+        load_config(TrainConfig, "train", ["seed=-1"])
+
+
 def test_bad_split_fractions_rejected(conf_dir):
     with pytest.raises(ConfigError, match="input.split_fractions"):
         load_config(EtlConfig, "etl", ["input.split_fractions={train: 0.5, val: 0.1}"], None, conf_dir)

@@ -118,16 +118,21 @@ def test_winner_is_registered_through_the_gate(mop_search):
 
 
 def test_mop_and_task_reach_the_same_accuracy_from_the_same_seed(spark, fashion_small, tmp_path):
-    """One configuration, 3 epochs, trained by hopping between 2 partitions and by one task over
-    all rows: the same updates in a different order, so the same accuracy within noise."""
+    """Four configurations, 3 epochs, trained by hopping between 2 partitions and by one task over
+    all rows: the same updates in a different order, so the same mean accuracy within noise. One
+    configuration's accuracy after 3 epochs of 800 rows moves by up to 0.1 with its seed; the mean
+    of four moved by at most 0.04 between the methods over seeds 0-3, 9 and 42. Seed 0 also gives
+    the one-task pass of epoch 0 the smallest order seed (it was -1, which numpy refuses)."""
     from training.selection.job import run_job
 
-    one = 'search.space={optimizer.learning_rate: {choice: [0.002]}}'
+    four = 'search.space={optimizer.learning_rate: {choice: [0.0018, 0.0019, 0.002, 0.0021]}}'
     accuracy = {}
     for method in ("mop", "task"):
-        cfg = select(fashion_small, ["tracking.enabled=false"], tmp_path, one, "epochs=3", "max_eval_rows=400",
+        cfg = select(fashion_small, ["tracking.enabled=false"], tmp_path / method, four, "epochs=3", "seed=0",
                      f"execution.method={method}")
-        accuracy[method] = run_job(spark, cfg).test["test_accuracy"]
+        board = run_job(spark, cfg).leaderboard
+        assert len(board) == 4 and all(row["epochs"] == 3 for row in board), board
+        accuracy[method] = sum(row["val_accuracy"] for row in board) / len(board)
     assert accuracy["task"] > 0.45, accuracy  # it learned (10 classes: chance is 0.1)
     assert abs(accuracy["mop"] - accuracy["task"]) < 0.08, accuracy
 

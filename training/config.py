@@ -109,7 +109,7 @@ class TrainingSections(FrozenModel):
     registry: RegistrySettings = RegistrySettings()
     eval_batch_size: PositiveInt = 1024
     max_eval_rows: PositiveInt | None = None  # cap val/test rows (tests and smoke runs)
-    seed: int = 42
+    seed: NonNegativeInt = 42  # numpy and Keras take seeds in [0, 2**32)
     run_name: str | None = None
     extra_tags: dict[str, str] = Field(default_factory=dict)
 

@@ -47,7 +47,8 @@ class FusedModels:
 
         self._step = step
 
-    def fit_rows(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tuple[list[dict[str, float]], int]:
+    def fit_rows(self, x: np.ndarray, y: np.ndarray, batch_size: int,
+                 seed: int | Sequence[int]) -> tuple[list[dict[str, float]], int]:
         """One pass over in-memory rows in a seeded order, full batches only (the rest is dropped,
         as the streaming loader does): per member its mean loss and accuracy over the pass, and
         the samples each trained on."""

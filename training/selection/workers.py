@@ -171,7 +171,7 @@ def train_unit(cache: ModelCache, store: Store, group: Sequence[int], unit: int,
     started = time.perf_counter()
     models = cache.ready(store, group, unit)
     first = cache.trials[group[0]].cfg
-    seed = first.seed * 1_000_003 + unit * 7919 + partition
+    seed = (first.seed, unit, partition + 1)  # partition -1 (one task over all rows) stays non-negative
     per_member, samples = cache.fused(group).fit_rows(*rows, first.optimizer.batch_size, seed)
     trained_s = (time.perf_counter() - started) / len(group)  # each member's share of the core
     markers = []
