@@ -13,8 +13,8 @@ SUBMIT := $(VENV)/bin/spark-submit --master local[2] --driver-java-options "-Dlo
 setup:
 	@bash scripts/setup.sh
 
-setup-test:     ## the demo's set-up plus what only the tests need (a real Airflow in its own venv, Chromium)
-	@bash scripts/setup.sh --with-airflow --with-browser
+setup-test:     ## the demo's set-up plus what only the tests need (a real Airflow in its own venv, Chromium, an S3 server and Spark's S3 connector)
+	@bash scripts/setup.sh --with-airflow --with-browser --with-cluster
 
 demo: setup
 	$(PY) jobs/demo_data.py

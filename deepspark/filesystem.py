@@ -50,9 +50,21 @@ def _filesystem(key: str) -> "Location":
 
     if key == "file:":
         return Location(pafs.LocalFileSystem(), "file:")
-    fs, _ = pafs.FileSystem.from_uri(key + "/")
     scheme = key.split(":", 1)[0]
+    if scheme == "s3" and os.environ.get("AWS_ENDPOINT_URL"):
+        return Location(_s3_at(os.environ["AWS_ENDPOINT_URL"]), "s3://")
+    fs, _ = pafs.FileSystem.from_uri(key + "/")
     return Location(fs, key if scheme in ("hdfs", "viewfs") else f"{scheme}://")
+
+
+def _s3_at(endpoint: str) -> "pafs.FileSystem":
+    """An S3-compatible store at `AWS_ENDPOINT_URL` (pyarrow 10 does not read that variable);
+    credentials from the environment as the AWS SDK finds them."""
+    import pyarrow.fs as pafs
+
+    parsed = urlparse(endpoint)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https", region=region)
 
 
 def location(url: str) -> tuple[Location, str]:
@@ -65,6 +77,38 @@ def location(url: str) -> tuple[Location, str]:
     if loc.prefix.endswith("://") and scheme != "file":  # object stores: the bucket is part of the path
         path = urlparse(url).netloc + path
     return loc, path
+
+
+def s3_for_fsspec() -> None:
+    """Let fsspec (so Petastorm: its resolver, its metadata writer, its readers) reach `s3://`
+    through pyarrow's S3 client where s3fs is not installed (s3fs pins botocore against the pinned
+    stack). Call before handing an s3:// URL to Petastorm, in each process."""
+    import importlib.util
+
+    import fsspec
+
+    if importlib.util.find_spec("s3fs") is None:
+        fsspec.register_implementation("s3", _arrow_s3(), clobber=True)
+
+
+@lru_cache(maxsize=1)
+def _arrow_s3() -> "type":
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    class ArrowS3Wrapper(ArrowFSWrapper):  # type: ignore[misc]
+        """fsspec's view of `location("s3://")`: built from the environment, so Petastorm's
+        resolver can make one from a URL alone (on the driver and in every worker)."""
+
+        protocol = "s3"
+
+        def __init__(self, **kwargs: object) -> None:
+            super().__init__(_filesystem("s3://").fs, **kwargs)
+
+        @classmethod
+        def _strip_protocol(cls, path: str) -> str:
+            return path.split("://", 1)[-1].rstrip("/")
+
+    return ArrowS3Wrapper
 
 
 def reaches(url: str) -> bool:

@@ -25,7 +25,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for(check: Callable[[], bool], what: str, timeout_s: float, procs: Sequence[subprocess.Popen]) -> None:
+def wait_for(check: Callable[[], bool], what: str, timeout_s: float, procs: Sequence[subprocess.Popen]) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for proc in procs:
@@ -83,21 +83,44 @@ class MlflowServer(Processes):
         return {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password}
 
 
+def spark_home() -> Path:
+    import pyspark
+
+    return Path(pyspark.__file__).parent
+
+
+def daemon_environment(host: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A Spark daemon's environment on a host whose address is `host` (Spark binds and advertises
+    SPARK_LOCAL_IP); executors inherit it from their worker, as from spark-env.sh."""
+    return {**os.environ, "SPARK_HOME": str(spark_home()), "SPARK_LOCAL_IP": host,
+            "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable), **(extra or {})}
+
+
+def master_command(host: str, port: int, ui_port: int) -> list[str]:
+    return [str(spark_home() / "bin" / "spark-class"), "org.apache.spark.deploy.master.Master", "--host", host,
+            "--port", str(port), "--webui-port", str(ui_port)]
+
+
+def worker_command(host: str, master_url: str, cores: int, memory: str, workdir: Path, ui_port: int) -> list[str]:
+    return [str(spark_home() / "bin" / "spark-class"), "org.apache.spark.deploy.worker.Worker", "--host", host,
+            "--cores", str(cores), "--memory", memory, "--webui-port", str(ui_port), "--work-dir", str(workdir),
+            master_url]
+
+
+def alive_workers(ui_url: str) -> int:
+    with urllib.request.urlopen(f"{ui_url}/json/", timeout=2) as resp:
+        return sum(w["state"] == "ALIVE" for w in json.load(resp)["workers"])
+
+
 def start_standalone(workdir: Path, workers: int = 2, cores: int = 1, memory: str = "3g",
                      fake_gpus: bool = False, timeout_s: float = 90) -> Cluster:
     """Master and workers via the pinned pyspark's `spark-class`; returns once all are ALIVE."""
-    import pyspark
-
-    spark_home = Path(pyspark.__file__).parent
     port, ui = free_port(), free_port()
-    env = {**os.environ, "SPARK_HOME": str(spark_home), "SPARK_LOCAL_IP": "127.0.0.1",
-           "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable)}
-    spark_class = str(spark_home / "bin" / "spark-class")
+    env = daemon_environment("127.0.0.1")
     cluster = Cluster(master_url=f"spark://127.0.0.1:{port}", ui_url=f"http://127.0.0.1:{ui}", workdir=workdir)
     try:
         cluster.procs.append(subprocess.Popen(
-            [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-             "--webui-port", str(ui)], env=env, start_new_session=True,
+            master_command("127.0.0.1", port, ui), env=env, start_new_session=True,
             stdout=open(workdir / "master.log", "w"), stderr=subprocess.STDOUT))
         for i in range(workers):
             worker_env = dict(env)
@@ -106,44 +129,49 @@ def start_standalone(workdir: Path, workers: int = 2, cores: int = 1, memory: st
                 worker_env["SPARK_WORKER_OPTS"] = (f"-Dspark.worker.resource.gpu.amount=1 "
                                                    f"-Dspark.worker.resource.gpu.discoveryScript={DISCOVERY_SCRIPT}")
             cluster.procs.append(subprocess.Popen(
-                [spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", str(cores),
-                 "--memory", memory, "--webui-port", str(free_port()), "--work-dir", str(workdir / f"worker{i}"),
-                 cluster.master_url], env=worker_env, start_new_session=True,
+                worker_command("127.0.0.1", cluster.master_url, cores, memory, workdir / f"worker{i}", free_port()),
+                env=worker_env, start_new_session=True,
                 stdout=open(workdir / f"worker{i}.log", "w"), stderr=subprocess.STDOUT))
-
-        def all_alive() -> bool:
-            with urllib.request.urlopen(f"{cluster.ui_url}/json/", timeout=2) as resp:
-                state = json.load(resp)
-            return sum(w["state"] == "ALIVE" for w in state["workers"]) == workers
-
-        _wait_for(all_alive, "standalone cluster", timeout_s, cluster.procs)
+        wait_for(lambda: alive_workers(cluster.ui_url) == workers, "standalone cluster", timeout_s, cluster.procs)
     except BaseException:
         cluster.stop()
         raise
     return cluster
 
 
-def start_mlflow_server(workdir: Path, timeout_s: float = 120) -> MlflowServer:
-    """`mlflow server --app-name basic-auth` (sqlite backend and user store, artifact serving) on a
-    free loopback port, with a random admin password: anonymous requests get 401."""
+def mlflow_server_command(workdir: Path, host: str, port: int, artifacts_destination: str | None = None,
+                          ) -> tuple[list[str], dict[str, str], MlflowServer]:
+    """`mlflow server --app-name basic-auth` (sqlite backend and user store, artifact serving to
+    `artifacts_destination`, a folder under `workdir` by default) with a random admin password:
+    anonymous requests get 401. Returns the command, its environment and the server's handle."""
     import secrets
 
-    port = free_port()
-    server = MlflowServer(url=f"http://127.0.0.1:{port}", password=secrets.token_urlsafe(16))
+    server = MlflowServer(url=f"http://{host}:{port}", password=secrets.token_urlsafe(16))
     config = workdir / "basic_auth.ini"
     config.write_text("[mlflow]\ndefault_permission = READ\n"
                       f"database_uri = sqlite:///{workdir / 'basic_auth.db'}\nadmin_username = {server.username}\n"
                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": server.password,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
-    server.procs.append(subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--serve-artifacts",
-         "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
-        env=env, start_new_session=True, stdout=open(workdir / "server.log", "w"), stderr=subprocess.STDOUT))
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth", "--host", host,
+               "--port", str(port), "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--serve-artifacts",
+               "--artifacts-destination", artifacts_destination or str(workdir / "artifacts"), "--workers", "1",
+               # MLflow 3 refuses Host headers other than localhost and private ranges (DNS rebinding)
+               "--allowed-hosts", f"{host},{host}:{port},localhost:{port}"]
+    return command, env, server
+
+
+def healthy(url: str) -> bool:
+    return bool(urllib.request.urlopen(f"{url}/health", timeout=2).status == 200)
+
+
+def start_mlflow_server(workdir: Path, timeout_s: float = 120) -> MlflowServer:
+    """The basic-auth tracking server (`mlflow_server_command`) on a free loopback port."""
+    command, env, server = mlflow_server_command(workdir, "127.0.0.1", free_port())
+    server.procs.append(subprocess.Popen(command, env=env, start_new_session=True,
+                                         stdout=open(workdir / "server.log", "w"), stderr=subprocess.STDOUT))
     try:
-        _wait_for(lambda: urllib.request.urlopen(f"{server.url}/health", timeout=2).status == 200,
-                  "mlflow server", timeout_s, server.procs)
+        wait_for(lambda: healthy(server.url), "mlflow server", timeout_s, server.procs)
     except BaseException:
         server.stop()
         raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from pydantic import Field
 
@@ -16,6 +16,7 @@ from deepspark.config import FrozenModel
 
 if TYPE_CHECKING:
     import pandas as pd
+    from pyspark import SparkConf
     from pyspark.sql import DataFrame, SparkSession
 
 # Local mode: the driver and its UI stay on loopback (SPARK_LOCAL_IP, which the UI binds to); the
@@ -35,6 +36,30 @@ def interactive_defaults() -> dict[str, str]:
     return {"spark.ui.showConsoleProgress": "true" if sys.stderr.isatty() else "false"}
 
 
+def object_store_defaults(environ: "Mapping[str, str]") -> dict[str, str]:
+    """An S3-compatible store named by `AWS_ENDPOINT_URL` (the AWS SDKs' standard variable, which
+    boto3 and MLflow read too) for Hadoop's S3A connector and the executors' pyarrow, path-style
+    (what such stores serve). No credentials: S3A and pyarrow read them from each host's
+    environment or instance profile, so they never enter Spark's conf, its UI or event log."""
+    endpoint = environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return {}
+    return {"spark.hadoop.fs.s3a.endpoint": endpoint, "spark.hadoop.fs.s3a.path.style.access": "true",
+            "spark.hadoop.fs.s3a.connection.ssl.enabled": str(endpoint.startswith("https:")).lower(),
+            "spark.executorEnv.AWS_ENDPOINT_URL": endpoint}
+
+
+def s3_through_s3a(spark: "SparkSession") -> None:
+    """Plain Spark has no `s3:` file system; where Hadoop's S3A is on the classpath and nothing
+    (EMRFS, a core-site.xml) claims `s3:`, `s3://` URLs go through S3A as `s3a://` ones do."""
+    hadoop = spark.sparkContext._jsc.hadoopConfiguration()  # type: ignore[union-attr]
+    if hadoop.get("fs.s3.impl") is None and hadoop.getClassByNameOrNull(S3A) is not None:
+        hadoop.set("fs.s3.impl", S3A)
+
+
+S3A = "org.apache.hadoop.fs.s3a.S3AFileSystem"
+
+
 class SparkSettings(FrozenModel):
     """How to build the SparkSession when spark-submit did not already decide."""
 
@@ -43,15 +68,23 @@ class SparkSettings(FrozenModel):
     conf: dict[str, str] = Field(default_factory=dict)
 
 
-def submitted_master() -> str | None:
-    """The master spark-submit was given, when it launched this driver (its JVM is then already
-    up, so reading its conf starts nothing); None for a plain `python` run."""
+def submitted_conf() -> "SparkConf | None":
+    """What spark-submit passed (`--master`, `--conf`), when it launched this driver; None for a
+    plain `python` run. spark-submit hands them to its JVM as system properties, which a SparkConf
+    reads only once PySpark has joined that JVM: before, SparkConf() is empty and a builder's
+    `.master(...)` would silently override `--master`."""
     if not os.environ.get("PYSPARK_GATEWAY_PORT"):
         return None
-    from pyspark import SparkConf
+    from pyspark import SparkConf, SparkContext
 
-    submitted = SparkConf()
-    return submitted.get("spark.master") if submitted.contains("spark.master") else None
+    SparkContext._ensure_initialized()  # joins spark-submit's JVM (PYSPARK_GATEWAY_PORT); starts nothing
+    return SparkConf()
+
+
+def submitted_master() -> str | None:
+    """The master spark-submit was given, when it launched this driver."""
+    submitted = submitted_conf()
+    return submitted.get("spark.master") if submitted is not None and submitted.contains("spark.master") else None
 
 
 def is_local(master: str) -> bool:
@@ -70,16 +103,17 @@ def python_environment(local: bool) -> None:
 def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = None) -> "SparkSession":
     """Get or create the SparkSession; spark-submit's master and --conf take precedence, and the
     loopback defaults apply only when the effective master is local."""
-    master = submitted_master() or settings.master
-    python_environment(is_local(master))
     from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
-    submitted = SparkConf()  # holds what spark-submit passed as JVM system properties
+    submitted = submitted_conf() or SparkConf()
+    master = submitted.get("spark.master", settings.master)
+    python_environment(is_local(master))
     builder = SparkSession.builder.appName(settings.app_name)
     if not submitted.contains("spark.master"):
         builder = builder.master(settings.master)
     wanted = {**LOCAL_DEFAULTS, **interactive_defaults()} if is_local(master) else interactive_defaults()
+    wanted.update(object_store_defaults(os.environ))
     wanted.update(settings.conf)
     wanted.update(extra_conf or {})
     for key, value in wanted.items():
@@ -87,6 +121,7 @@ def build_session(settings: SparkSettings, extra_conf: dict[str, str] | None = N
             builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    s3_through_s3a(spark)
     return spark
 
 

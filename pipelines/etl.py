@@ -282,6 +282,8 @@ def _write_splits(spark: "SparkSession", fs: HadoopFS, good: "DataFrame", stagin
 
     from deepspark import filesystem
 
+    filesystem.s3_for_fsspec()
+
     spec = record.spec
     rows = good.select(*spec.data_columns, SPLIT)
     total = sum(counts.values())

@@ -41,18 +41,61 @@ install_browser() {
   apt-get update -qq || die "apt-get update failed"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || die "apt-get install chromium failed"
 }
+# The multi-host tests' object store and Spark's S3 connector (`--with-cluster`, which `make test`
+# passes): moto's S3-protocol server in its own venv (its dependencies are the server's, not the
+# jobs'), and hadoop-aws 3.3.1 with the AWS SDK bundle it was built against. Maven is out of reach
+# here, so the two jars come from the sagemaker_pyspark 1.4.5 sdist on PyPI, checked by hash
+# (Spark 3.5.7's Hadoop is 3.3.4; S3A 3.3.1 runs on it). A cluster that already reads s3a://
+# (EMR, Dataproc, a Hadoop install) needs neither.
+MOTO_VERSION=5.2.5
+MOTO_VENV=${DEEPSPARK_MOTO_VENV:-$HOME/.cache/deepspark/moto-$MOTO_VERSION}
+S3A_JARS=${DEEPSPARK_S3A_JARS:-$HOME/.cache/deepspark/s3a-jars}
+S3A_SUMS="6be50ad8a8b445d2802381b085b2a3ede5c29d353450a6a21f16b2fefa962b6e  hadoop-aws-3.3.1.jar
+b87175b32a16544cc1b37cf40390eb375833e62bed67f8ce6cde4b7ad6429ead  aws-java-sdk-bundle-1.11.901.jar"
+install_cluster() {
+  command -v ip >/dev/null || missing_ip=1
+  if [[ -n "${missing_ip:-}" && $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing Debian's iproute2 (network namespaces for the multi-host tests)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null \
+      || die "apt-get install iproute2 failed"
+  fi
+  if [[ "$(cat "$MOTO_VENV/.deepspark-moto" 2>/dev/null)" != "$MOTO_VERSION" ]]; then
+    say "installing moto[server] $MOTO_VERSION in $MOTO_VENV (the multi-host tests' S3 server)"
+    rm -rf "$MOTO_VENV"
+    "$PYTHON" -m venv "$MOTO_VENV"
+    "$MOTO_VENV/bin/python" -m pip --disable-pip-version-check -q install "moto[server]==$MOTO_VERSION" \
+      || die "pip install of moto[server] $MOTO_VERSION failed"
+    "$MOTO_VENV/bin/moto_server" --help >/dev/null || die "moto_server in $MOTO_VENV does not start"
+    echo "$MOTO_VERSION" > "$MOTO_VENV/.deepspark-moto"
+  fi
+  if ! (cd "$S3A_JARS" 2>/dev/null && sha256sum --quiet -c <<<"$S3A_SUMS" 2>/dev/null); then
+    say "unpacking hadoop-aws 3.3.1 and its AWS SDK bundle into $S3A_JARS (from PyPI's sagemaker_pyspark)"
+    local tmp; tmp=$(mktemp -d)
+    "$VENV/bin/python" -m pip --disable-pip-version-check -q download --no-deps --no-binary :all: \
+      -d "$tmp" sagemaker_pyspark==1.4.5 || die "pip download of sagemaker_pyspark 1.4.5 failed"
+    mkdir -p "$S3A_JARS"
+    tar -xzf "$tmp"/sagemaker_pyspark-1.4.5.tar.gz -C "$tmp" --wildcards '*/deps/jars/hadoop-aws-3.3.1.jar' \
+      '*/deps/jars/aws-java-sdk-bundle-1.11.901.jar' || die "the sdist has no S3A jars"
+    mv "$tmp"/sagemaker_pyspark-1.4.5/deps/jars/*.jar "$S3A_JARS"/
+    rm -rf "$tmp"
+    (cd "$S3A_JARS" && sha256sum --quiet -c <<<"$S3A_SUMS") || die "S3A jars in $S3A_JARS do not match their hashes"
+  fi
+}
 WITH_AIRFLOW=0
 WITH_BROWSER=0
+WITH_CLUSTER=0
 for arg in "$@"; do
   case "$arg" in
     --with-airflow) WITH_AIRFLOW=1 ;;
     --with-browser) WITH_BROWSER=1 ;;
-    *) die "unknown option $arg (--with-airflow, --with-browser)" ;;
+    --with-cluster) WITH_CLUSTER=1 ;;
+    *) die "unknown option $arg (--with-airflow, --with-browser, --with-cluster)" ;;
   esac
 done
 extras() {
   if (( WITH_AIRFLOW )); then install_airflow; fi
   if (( WITH_BROWSER )); then install_browser; fi
+  if (( WITH_CLUSTER )); then install_cluster; fi
 }
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/python" ]]; then

@@ -8,13 +8,17 @@ name and PID on exit, also when the test fails; leftovers of a killed run are re
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 PREFIX = "dsn"  # every namespace, bridge and veth this module makes starts with it
 NETWORK = "198.18"
+ETC_NETNS = Path("/etc/netns")  # per-namespace files `ip netns exec` mounts over /etc
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -43,6 +47,8 @@ def remove_leftovers() -> None:
         if name.startswith(PREFIX):
             _kill_in(name)
             _ip("netns", "del", name, check=False)
+    for etc in ETC_NETNS.glob(f"{PREFIX}*"):
+        shutil.rmtree(etc, ignore_errors=True)
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
         if name.startswith(PREFIX):
@@ -96,8 +102,11 @@ class VirtualHosts:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add(self, name: str, nics: dict[str, tuple[int, int]]) -> Host:
-        """A host with interfaces `nics`: name inside the host -> (network, last address byte)."""
+    def add(self, name: str, nics: dict[str, tuple[int, int]], name_resolves_to: str | None = None) -> Host:
+        """A host with interfaces `nics`: name inside the host -> (network, last address byte).
+        Inside it, the machine's host name resolves to the address of `name_resolves_to` (default:
+        the first interface), as a cluster's DNS would, not to Debian's 127.0.1.1: `ip netns exec`
+        mounts /etc/netns/<namespace>/hosts over /etc/hosts."""
         namespace = f"{PREFIX}{self.run_id}{name}"
         _ip("netns", "add", namespace)
         host = Host(namespace, {})
@@ -113,6 +122,10 @@ class VirtualHosts:
             _ip("netns", "exec", namespace, "ip", "addr", "add", f"{address}/24", "dev", inner)
             _ip("netns", "exec", namespace, "ip", "link", "set", inner, "up")
             host.addresses[inner] = address
+        etc = ETC_NETNS / namespace
+        etc.mkdir(parents=True, exist_ok=True)
+        own = host.addresses[name_resolves_to] if name_resolves_to else host.address
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n{own} {socket.gethostname()}\n")
         return host
 
     def spawn(self, name: str, argv: Sequence[str], **popen: object) -> subprocess.Popen:
@@ -122,9 +135,10 @@ class VirtualHosts:
         self.processes.append(process)
         return process
 
-    def run(self, name: str, argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(self, name: str, argv: Sequence[str], timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", self.hosts[name].name, *argv], capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env=env)
 
     def link_down(self, name: str) -> None:
         """Take a host off every network (its root-side ends down): peers get no reset, only silence."""
@@ -144,6 +158,7 @@ class VirtualHosts:
         for host in self.hosts.values():
             _kill_in(host.name)
             _ip("netns", "del", host.name, check=False)
+            shutil.rmtree(ETC_NETNS / host.name, ignore_errors=True)
             for veth in host.veths:
                 _ip("link", "del", veth, check=False)
         for network in self.networks:

@@ -239,9 +239,12 @@ def open_reader(shard: ShardSpec, seeds: PassSeeds, passes: int | None) -> Any:
     from petastorm.workers_pool.dummy_pool import DummyPool
     from petastorm.workers_pool.thread_pool import ThreadPool
 
+    from deepspark.filesystem import s3_for_fsspec
+
     if shard.pool_type not in ("thread", "dummy"):
         raise ValueError(f"pool_type {shard.pool_type!r}: expected 'thread' or 'dummy'")
     reader_class = _pass_reader_class(urlparse(shard.url).scheme in ("", "file"))
+    s3_for_fsspec()
     filesystem, path = get_filesystem_and_path_or_paths(normalize_dataset_url_or_urls(shard.url))
     fields = unischema(shard.spec, shard.modality).fields
     sharded = shard.size > 1
