@@ -60,6 +60,81 @@ def glob_matcher(pattern: str) -> "Callable[[str], bool]":
     return lambda name: any(r.match(name) for r in regexes)
 
 
+
+
+def s3_object(url: str) -> tuple[str, str] | None:
+    """(bucket, key) of an s3:// or s3a:// URL; None for other schemes."""
+    parsed = urlparse(url)
+    return (parsed.netloc, parsed.path.lstrip("/")) if parsed.scheme in ("s3", "s3a") else None
+
+
+class S3Conditional:
+    """Exclusive create, heartbeat and move of small files on S3 through the store's conditional
+    writes (If-None-Match / If-Match, which AWS S3 and most S3-compatible stores honour): S3A's
+    create-if-absent is a check then a write and its rename a copy then a delete, so two writers
+    could both win there. boto3 finds the endpoint (AWS_ENDPOINT_URL) and credentials itself."""
+
+    LOST = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404", "412")
+
+    def __init__(self) -> None:
+        import boto3
+
+        self.client = boto3.client("s3")
+
+    def _refused(self, exc: Exception, url: str) -> bool:
+        """True when a condition failed; raises naming the store when it cannot do conditions."""
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if code in self.LOST:
+            return True
+        if code in ("NotImplemented", "501"):
+            raise OSError(f"{url}: this S3 store does not support conditional writes (If-None-Match/If-Match), "
+                          "which locks and commit logs need; keep this output on HDFS or a local disk") from exc
+        raise exc
+
+    def create_exclusive(self, url: str, body: bytes) -> bool:
+        bucket, key = s3_object(url) or ("", "")
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+            return True
+        except Exception as exc:
+            if self._refused(exc, url):
+                return False
+            raise
+
+    def rewrite(self, url: str) -> bool:
+        """Write a file's own content again (a new modification time), unless it changed since read."""
+        bucket, key = s3_object(url) or ("", "")
+        try:
+            current = self.client.get_object(Bucket=bucket, Key=key)
+            self.client.put_object(Bucket=bucket, Key=key, Body=current["Body"].read(), IfMatch=current["ETag"])
+            return True
+        except Exception as exc:
+            if self._refused(exc, url):
+                return False
+            raise
+
+    def move(self, src: str, dst: str) -> bool:
+        """Copy `src` to a `dst` that does not exist, then delete `src` only if it is still what was
+        copied: of two movers of the same file both may copy, but a file that changed in between
+        (a new lock) is never deleted. False if `src` is gone, changed, or `dst` exists."""
+        bucket, key = s3_object(src) or ("", "")
+        try:
+            current = self.client.get_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            if self._refused(exc, src):
+                return False
+            raise
+        if not self.create_exclusive(dst, current["Body"].read()):
+            return False
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key, IfMatch=current["ETag"])
+            return True
+        except Exception as exc:
+            if self._refused(exc, src):
+                return False
+            raise
+
+
 @dataclass(frozen=True)
 class HadoopFS:
     """Thin wrapper over the JVM's Hadoop FileSystem for the driver-side bookkeeping."""
@@ -193,7 +268,11 @@ class HadoopFS:
         return int(fs.getFileStatus(path).getModificationTime()) if fs.exists(path) else None
 
     def touch(self, url: str) -> None:
-        """Set a file's modification time to now (a lease's heartbeat)."""
+        """Set a file's modification time to now (a lease's heartbeat; on S3, where S3A cannot set
+        times, the file is written again unless it changed)."""
+        if s3_object(url) is not None:
+            S3Conditional().rewrite(url)
+            return
         local = local_path(url)
         if local is not None:
             os.utime(local)
@@ -206,7 +285,9 @@ class HadoopFS:
         when one does. Atomic where the project claims it: on a local disk the content is written
         to a temporary file and hard-linked to the name (link fails if the name exists); on HDFS
         a file renamed onto an existing name fails. (s3a: a rename is copy + delete, so two writers
-        can both win there; keep locks and logs on HDFS or a local/NFS disk.)"""
+        can both win there: on S3 the store's conditional write decides, `S3Conditional`.)"""
+        if s3_object(url) is not None:
+            return S3Conditional().create_exclusive(url, text.encode("utf-8"))
         local = local_path(url)
         tmp = f"{url}.{uuid.uuid4().hex}.tmp"
         if local is not None:
@@ -233,6 +314,8 @@ class HadoopFS:
     def move_file(self, src: str, dst: str) -> bool:
         """Rename a file to a name that does not exist yet; False if `src` is gone (someone else
         moved it first) or `dst` exists."""
+        if s3_object(src) is not None and s3_object(dst) is not None:
+            return S3Conditional().move(src, dst)
         local, dst_local = local_path(src), local_path(dst)
         if local is not None and dst_local is not None:
             if dst_local.exists():

@@ -24,7 +24,10 @@ DEFAULT_ARTIFACTS = "data/mlflow/artifacts"
 class TrackingSettings(FrozenModel):
     enabled: bool = True
     uri: str | None = None  # default: sqlite database at data/mlflow/mlflow.db
-    artifact_root: str = DEFAULT_ARTIFACTS  # used when the experiment is created
+    # Where a new experiment keeps artifacts. Unset: data/mlflow/artifacts beside the default sqlite
+    # store; with a tracking server, the server's own root (its --artifacts-destination), which
+    # every host reaches through the server, never a folder on the driver's disk.
+    artifact_root: str | None = None
     experiment: str = "deepspark"
 
 
@@ -35,6 +38,10 @@ def tracking_uri(settings: TrackingSettings) -> str:
     db = os.path.abspath(DEFAULT_DB)
     os.makedirs(os.path.dirname(db), exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def _is_server(uri: str) -> bool:
+    return uri.split(":", 1)[0] in ("http", "https", "databricks")
 
 
 # MLflow 3's UI opens an experiment on its GenAI traces overview unless it is tagged as model
@@ -55,6 +62,9 @@ def ensure_experiment(settings: TrackingSettings) -> str:
                 mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = settings.artifact_root
+    if location is None and _is_server(tracking_uri(settings)):
+        return mlflow.create_experiment(settings.experiment, tags=EXPERIMENT_KIND)
+    location = location or DEFAULT_ARTIFACTS
     if "://" not in location:
         os.makedirs(location, exist_ok=True)
         location = "file://" + os.path.abspath(location)

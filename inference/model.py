@@ -2,7 +2,7 @@
 
 The driver turns `models:/<name>@<alias>` into one concrete version once per job (a promotion
 mid-job cannot mix versions), downloads it once, reads its modality record (what it takes and
-how inputs are preprocessed) and ships it with `SparkContext.addFile`. Each Python worker loads
+how inputs are preprocessed) and ships it as one zip with `SparkContext.addArchive`. Each Python worker loads
 it at most once and reuses it across batches and tasks.
 """
 
@@ -29,7 +29,7 @@ class ResolvedModel:
     version: int
     run_id: str
     record: ModalityRecord  # modality, stored tensor, preprocessing rules, fitted state, labels
-    shipped_as: str  # the folder name SparkFiles.get() finds on executors
+    shipped_as: str  # the archive's name; SparkFiles.get() finds it unpacked on executors
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -58,13 +58,16 @@ def resolve_and_ship(spark: "SparkSession", model_uri: str, workdir: str) -> Res
         record = ModalityRecord.from_dict(json.load(fh))
     # Named by the source run too: a registry recreated (or a second tracking store in the same
     # SparkContext) can hold another "v1", which must not reuse this one's shipped files or workers.
-    shipped = f"deepspark-model-{name}-v{version}-{run_id}"
-    already = {os.path.basename(f.rstrip("/")) for f in spark.sparkContext.listFiles}
+    # One zip, which executors unpack into a folder of that name (Spark ships a folder with addFile
+    # only to a local master).
+    shipped = f"deepspark-model-{name}-v{version}-{run_id}.zip"
+    already = {os.path.basename(f.rstrip("/")) for f in spark.sparkContext.listArchives}
     if shipped not in already:  # a long-lived SparkContext ships each model version once
+        import shutil
+
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=os.path.join(workdir, "model"))
-        target = os.path.join(workdir, shipped)
-        os.rename(local, target)
-        spark.sparkContext.addFile(target, recursive=True)
+        archive = shutil.make_archive(os.path.join(workdir, shipped.removesuffix(".zip")), "zip", root_dir=local)
+        spark.sparkContext.addArchive(archive)
     return ResolvedModel(name, version, run_id, record, shipped)
 
 

@@ -166,15 +166,20 @@ class MultiHostCluster:
             cmd += ["--conf", f"{key}={value}"]
         return ["ip", "netns", "exec", self.hosts.hosts["driver"].name, *cmd, str(script), *args]
 
-    def submit(self, script: Path, args: Sequence[str], py_files: Path, cwd: Path,
-               conf: dict[str, str] | None = None, timeout_s: float = 900) -> tuple[str, float]:
+    def run_submit(self, script: Path, args: Sequence[str], py_files: Path, cwd: Path,
+                   conf: dict[str, str] | None = None, timeout_s: float = 900) -> tuple[int, str, float]:
+        """(exit code, output, seconds) of a spark-submit from the driver host."""
         started = time.perf_counter()
         proc = subprocess.run(self.submit_command(script, args, py_files, conf), cwd=cwd, env=self.driver_env(),
                               capture_output=True, text=True, timeout=timeout_s)
-        output = proc.stdout + proc.stderr
-        if proc.returncode != 0:
-            raise RuntimeError(f"spark-submit {script.name} exited {proc.returncode}:\n{output[-8000:]}")
-        return output, time.perf_counter() - started
+        return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - started
+
+    def submit(self, script: Path, args: Sequence[str], py_files: Path, cwd: Path,
+               conf: dict[str, str] | None = None, timeout_s: float = 900) -> tuple[str, float]:
+        code, output, seconds = self.run_submit(script, args, py_files, cwd, conf, timeout_s)
+        if code != 0:
+            raise RuntimeError(f"spark-submit {script.name} exited {code}:\n{output[-8000:]}")
+        return output, seconds
 
     def bytes_sent(self, host: str, nic: str) -> int:
         """What `host` has sent on its interface `nic` (the kernel's counter inside the host)."""

@@ -68,6 +68,26 @@ def test_executors_import_the_shipped_zip_not_the_checkout(submit, tmp_path):
         assert not cwd.startswith(str(PROJECT)), cwd
 
 
+def test_a_submitted_job_runs_on_the_master_spark_submit_names(submit, standalone_cluster, tmp_path):
+    """A job's session takes spark-submit's --master and --conf over the config's defaults
+    (local[2], loopback driver), so its tasks run in the cluster's executors, not in the driver."""
+    probe = write_probe(tmp_path, """
+        import json
+        from deepspark.spark import SparkSettings, build_session
+        spark = build_session(SparkSettings(conf={"spark.sql.shuffle.partitions": "7"}))
+        sc = spark.sparkContext
+        executors = sc.parallelize(range(2), 2).map(lambda _: __import__("os").getcwd()).collect()
+        print("PROBE", json.dumps({"master": sc.master, "executors": executors,
+                                   "ui": sc.getConf().get("spark.ui.enabled")}))
+        spark.stop()
+    """)
+    output, _ = submit(probe)
+    seen = json.loads(output.split("PROBE ", 1)[1].splitlines()[0])
+    assert seen["master"] == standalone_cluster.master_url
+    assert all(cwd.startswith(str(standalone_cluster.workdir)) for cwd in seen["executors"]), seen  # a worker's dir
+    assert seen["ui"] == "false"  # --conf spark.ui.enabled=false beat the local default "true"
+
+
 def test_etl_train_and_inference_through_spark_submit(submit, mlflow_server, fashion_small, tmp_path):
     from mlflow.tracking import MlflowClient
 

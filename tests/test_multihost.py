@@ -61,26 +61,40 @@ def test_every_component_runs_on_its_own_host(cluster):
     assert cluster.hosts.run("driver", ["python3", "-c", probe]).returncode != 0
 
 
-def test_etl_training_and_inference_across_hosts_on_the_object_store(cluster, pyfiles, tmp_path):
+@pytest.fixture(scope="module")
+def dataset(cluster, pyfiles, tmp_path_factory) -> str:
+    """400 Fashion-MNIST PNGs uploaded to s3://raw/fashion and the README's ETL command run on them
+    from the driver host (the dataset lands in s3://datasets/fm); returns the job's output."""
+    from pipelines.images.demo_data import write_raw_folder
+
+    tmp = tmp_path_factory.mktemp("raw")
+    for bucket in ("raw", "datasets", "predictions"):
+        cluster.make_bucket(bucket)
+    write_raw_folder(tmp / "raw", limit=200)
+    sent = upload(s3(cluster), tmp / "raw", "raw/fashion")
+    assert sent == 401  # 400 PNGs and the generator's _COMPLETE marker, which the ETL does not take
+    out, _ = cluster.submit(PROJECT / "jobs" / "etl.py", ["input.path=s3://raw/fashion", "output.root=s3://datasets",
+                                                        "output.name=fm", "output.row_group_size_mb=0.05",
+                                                        *tracking(cluster)], pyfiles, tmp)
+    return out
+
+
+def tracking(cluster) -> list[str]:
+    return [f"tracking.uri={cluster.mlflow.url}", "tracking.experiment=multihost"]
+
+
+def test_etl_training_and_inference_across_hosts_on_the_object_store(cluster, pyfiles, dataset, tmp_path,
+                                                                     monkeypatch):
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
     from mlflow.tracking import MlflowClient
 
-    from pipelines.images.demo_data import write_raw_folder
-
     fs = s3(cluster)
-    for bucket in ("raw", "datasets", "predictions"):
-        cluster.make_bucket(bucket)
-    write_raw_folder(tmp_path / "raw", limit=200)
-    sent = upload(fs, tmp_path / "raw", "raw/fashion")  # 400 PNGs and the generator's _COMPLETE marker
-    tracking = [f"tracking.uri={cluster.mlflow.url}", "tracking.experiment=multihost"]
     work = tmp_path / "driver-cwd"
     work.mkdir()
 
-    out, _ = cluster.submit(PROJECT / "jobs" / "etl.py", ["input.path=s3://raw/fashion", "output.root=s3://datasets",
-                                                        "output.name=fm", "output.row_group_size_mb=0.05", *tracking],
-                            pyfiles, work)
-    assert sent == 401 and "inputs in 400 = rows written 400 + quarantined 0" in out, ours(out)
+    out = dataset
+    assert "inputs in 400 = rows written 400 + quarantined 0" in out, ours(out)
     assert fs.get_file_info("datasets/fm/_LATEST").size > 0  # published in the store
 
     # Ranks on both worker hosts, gloo on the data network; the interfaces' counters say which.
@@ -89,24 +103,28 @@ def test_etl_training_and_inference_across_hosts_on_the_object_store(cluster, py
                                                           "steps_per_epoch=5", "optimizer.batch_size=16",
                                                           "max_eval_rows=200", "horovod.num_proc=2",
                                                           "horovod.nics=[data0]", "registry.model_name=fm-hosts",
-                                                          *tracking], pyfiles, work)
+                                                          *tracking(cluster)], pyfiles, work)
     assert "with 2 Horovod ranks" in out, ours(out)
     data_sent = cluster.bytes_sent("w1", "data0") - data_before
     mgmt_sent = cluster.bytes_sent("w1", "eth0") - mgmt_before
     gradients = 2 * 5 * 2 * 4 * 100_000  # epochs x steps x (reduce-scatter + gather) x float32 x ~100 k weights
     assert data_sent > gradients, (data_sent, mgmt_sent)
 
+    for key, value in cluster.mlflow.client_env().items():
+        monkeypatch.setenv(key, value)
     client = MlflowClient(cluster.mlflow.url)
     experiment = client.get_experiment_by_name("multihost")
     run = client.search_runs([experiment.experiment_id], "tags.`deepspark.job` = 'train'")[0]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1]  # rank 0 over HTTP
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the tracking server ...
     stored = [f.path for f in fs.get_file_info(pafs.FileSelector("mlflow/artifacts", recursive=True))]
-    assert any(p.endswith(f"{run.info.run_id}/artifacts/model/MLmodel") for p in stored)  # ... from the store
+    assert any(f"{run.info.run_id}/artifacts/checkpoints/" in p for p in stored), stored  # ... from the store:
+    assert any(p.endswith("/MLmodel") for p in stored), stored  # the checkpoints and the registered model
 
     out, _ = cluster.submit(PROJECT / "jobs" / "batch_inference.py", ["input.path=s3://raw/fashion/test",
                                                                     "output.path=s3://predictions/fm",
-                                                                    "model_uri=models:/fm-hosts@champion", *tracking],
+                                                                    "model_uri=models:/fm-hosts@champion",
+                                                                    *tracking(cluster)],
                             pyfiles, work)
     assert "scored now 200" in out, ours(out)
     written = pq.read_table("predictions/fm", filesystem=fs)
@@ -118,6 +136,75 @@ def test_etl_training_and_inference_across_hosts_on_the_object_store(cluster, py
         assert not any(s in json.dumps([logged.data.params, logged.data.tags]) for s in secrets)
     assert not any(s in out for s in secrets)
     assert not any(s.encode() in pyfiles.read_bytes() for s in secrets)
+
+
+def test_an_interface_a_host_lacks_fails_before_launch_naming_the_key(cluster, pyfiles, dataset, tmp_path):
+    """Unset, horovod.nics is the driver's interface for spark.driver.host: eth0, which w2 calls
+    ens5. The job stops before any run opens or any rank starts, naming the key, the host, what
+    it has and what every host shares."""
+    code, out, _ = cluster.run_submit(PROJECT / "jobs" / "train.py", ["data.root=s3://datasets", "data.name=fm",
+                                                                     "epochs=1", "horovod.num_proc=2",
+                                                                     "tracking.experiment=multihost-nics",
+                                                                     f"tracking.uri={cluster.mlflow.url}"],
+                                      pyfiles, tmp_path)
+    assert code != 0
+    assert ("horovod.nics (unset: the driver's interface for spark.driver.host 198.18.0.10): interface 'eth0' is "
+            "missing on executor host 198.18.0.22") in out, ours(out)
+    assert "ens5 198.18.0.22" in out and "every host has: data0" in out
+    assert "Horovod ranks" not in out and "View run" not in out  # nothing launched, no run opened
+
+
+RACE = """
+import sys
+from deepspark.storage import S3Conditional
+store = S3Conditional()
+print(" ".join(str(int(store.create_exclusive(f"s3://locks/race/{i}", sys.argv[1].encode()))) for i in range(30)))
+"""
+
+
+def test_exclusive_creates_on_the_store_have_exactly_one_winner(cluster):
+    """Two processes on two hosts create the same 30 names at once: the store's conditional write
+    (If-None-Match) gives each name to exactly one of them, and the file holds the winner's text."""
+    import subprocess
+    import sys
+
+    cluster.make_bucket("locks")
+    env = cluster.driver_env(tracking=False)
+    racers = [subprocess.Popen(["ip", "netns", "exec", cluster.hosts.hosts[host].name, sys.executable, "-c", RACE,
+                                host], env=env, stdout=subprocess.PIPE, text=True, cwd=PROJECT)
+              for host in ("w1", "w2")]
+    won = [[int(bit) for bit in racer.communicate(timeout=120)[0].split()] for racer in racers]
+    assert [len(w) for w in won] == [30, 30]
+    assert all(a + b == 1 for a, b in zip(*won)), won
+    fs = s3(cluster)
+    for i, (w1_won, _) in enumerate(zip(*won)):
+        with fs.open_input_stream(f"locks/race/{i}") as handle:
+            assert handle.read().decode() == ("w1" if w1_won else "w2")
+
+
+def test_two_etl_runs_racing_for_one_output_on_the_store_publish_once(cluster, pyfiles, dataset, tmp_path):
+    """The README's ETL twice at once into the same s3:// dataset: one holds the lease (created
+    with a conditional write) and publishes v=1, the other stops naming the holder."""
+    import subprocess
+
+    args = ["input.path=s3://raw/fashion", "output.root=s3://datasets", "output.name=race",
+            "output.row_group_size_mb=0.05", "tracking.enabled=false"]
+    command = cluster.submit_command(PROJECT / "jobs" / "etl.py", args, pyfiles)
+    jobs = [subprocess.Popen(command, cwd=tmp_path, env=cluster.driver_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outcomes = [(job.wait(timeout=600), job.stdout.read()) for job in jobs]  # type: ignore[union-attr]
+    assert sorted(code == 0 for code, _ in outcomes) == [False, True], [ours(out) for _, out in outcomes]
+    loser = next(out for code, out in outcomes if code != 0)
+    assert "s3://datasets/race/_LOCK is locked by job" in loser, ours(loser)
+    fs = s3(cluster)
+    assert [i.base_name for i in fs.get_file_info(pafs_selector("datasets/race")) if i.base_name.startswith("v=")] \
+        == ["v=1"]
+
+
+def pafs_selector(path: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSelector(path)
 
 
 def ours(output: str) -> str:

@@ -53,7 +53,9 @@ class HorovodSettings(FrozenModel):
     intra_op_threads: PositiveInt = 1
     inter_op_threads: PositiveInt = 1
     start_timeout_s: PositiveInt = 120
-    nics: list[str] | None = Field(default_factory=lambda: ["lo"])  # None: let Horovod pick (clusters)
+    # Gloo's interfaces between ranks; unset: `lo` on a local master, else the driver's interface
+    # for spark.driver.host. Checked on every rank's host before launch (training/distributed.py).
+    nics: list[str] | None = None
     compression: Literal["none", "fp16"] = "none"  # gradients on the wire (fp16 halves allreduce bytes)
     # Local gradient aggregation: each rank sums this many batches' gradients before one allreduce
     # (1/N of the communication; the update then averages N x the global batch).

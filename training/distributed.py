@@ -7,7 +7,10 @@ Everything Horovod-specific that the driver touches lives here, so another launc
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
+
+from deepspark.config import ConfigError
 
 
 class RankFailure(RuntimeError):
@@ -33,10 +36,103 @@ def rank_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k in RANK_ENV_NAMES or k.startswith(RANK_ENV_PREFIXES)}
 
 
+@dataclass(frozen=True)
+class HostInterfaces:
+    """What a host running ranks offers Gloo: IPv4 addresses per interface, and the address its
+    host name resolves to (Horovod 0.28.1's process-set Gloo context connects to that one, not to
+    HOROVOD_GLOO_IFACE's)."""
+
+    host: str  # how Spark names it (SPARK_LOCAL_IP, else the host name)
+    host_hash: str  # Horovod's notion of a host (name + namespaces)
+    addresses: dict[str, list[str]]
+    name_resolves_to: str
+
+
+def decide_nics(requested: Sequence[str] | None, local_master: bool, driver_address: str,
+                driver: dict[str, list[str]], executors: Sequence[HostInterfaces]) -> list[str]:
+    """The interfaces Gloo uses between ranks: `horovod.nics`, else `lo` on a local master, else
+    the driver's interface holding the address Spark advertises for it (spark.driver.host).
+    Raises naming `horovod.nics` when the driver or a rank's host lacks it, or when ranks span
+    hosts and a host's name resolves to a loopback address (its ranks would be unreachable)."""
+    if requested:
+        nics = list(requested)
+        origin = "horovod.nics"
+    elif local_master:
+        return ["lo"]
+    else:
+        holding = [nic for nic, addrs in driver.items() if driver_address in addrs]
+        if not holding:
+            raise ConfigError(f"horovod.nics: no interface of the driver holds spark.driver.host {driver_address} "
+                              f"(it has {_describe(driver)}); set horovod.nics to an interface every host has")
+        nics = holding[:1]
+        origin = f"horovod.nics (unset: the driver's interface for spark.driver.host {driver_address})"
+    for nic in nics:
+        if not driver.get(nic):
+            raise ConfigError(f"{origin}: the driver has no IPv4 interface {nic!r} (it has {_describe(driver)})")
+        for host in executors:
+            if not host.addresses.get(nic):
+                common = sorted(set.intersection(*(set(k for k, v in h.addresses.items() if v) for h in executors),
+                                                 set(k for k, v in driver.items() if v)) - {"lo"})
+                raise ConfigError(f"{origin}: interface {nic!r} is missing on executor host {host.host} (it has "
+                                  f"{_describe(host.addresses)}); interfaces every host has: "
+                                  f"{', '.join(common) or 'none besides lo'}")
+    if len({h.host_hash for h in executors}) > 1:
+        for host in executors:
+            if host.name_resolves_to.startswith("127.") or host.name_resolves_to == "::1":
+                raise ConfigError(f"horovod.nics: ranks span hosts, but on {host.host} the host name resolves to "
+                                  f"{host.name_resolves_to}; Horovod 0.28.1's Gloo process sets connect to that "
+                                  f"address whatever the interface, so map the name to its {nics[0]} address "
+                                  "(DNS or /etc/hosts)")
+    return nics
+
+
+def _describe(addresses: dict[str, list[str]]) -> str:
+    return ", ".join(f"{nic} {'/'.join(a) or '-'}" for nic, a in sorted(addresses.items()))
+
+
+def local_interfaces() -> dict[str, list[str]]:
+    import socket
+
+    import psutil
+
+    return {nic: [a.address for a in addrs if a.family == socket.AF_INET]
+            for nic, addrs in psutil.net_if_addrs().items()}
+
+
+def _probe_host(_: Any) -> Any:
+    import socket
+
+    from horovod.runner.common.util.host_hash import host_hash
+
+    try:
+        resolved = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        resolved = "unresolved"
+    yield HostInterfaces(os.environ.get("SPARK_LOCAL_IP") or socket.gethostname(), host_hash(),
+                         local_interfaces(), resolved)
+
+
+def gloo_interfaces(num_proc: int, requested: Sequence[str] | None) -> list[str]:
+    """`decide_nics` on the active SparkSession: on a cluster, `num_proc` probe tasks report their
+    hosts' interfaces (where Horovod's tasks will run), before any rank starts."""
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.getActiveSession()
+    if spark is None:
+        return list(requested or ["lo"])
+    sc = spark.sparkContext
+    local = (sc.master or "").startswith("local")
+    executors = [] if local else sc.parallelize(range(num_proc), num_proc).mapPartitions(_probe_host).collect()
+    return decide_nics(requested, local, sc.getConf().get("spark.driver.host", ""), local_interfaces(), executors)
+
+
 def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: Sequence[str] | None,
               env: dict[str, str] | None = None) -> list[Any]:
-    """Run `fn` on `num_proc` Horovod ranks over gloo, one per Spark task; results by rank."""
+    """Run `fn` on `num_proc` Horovod ranks over gloo, one per Spark task; results by rank. The
+    interfaces are checked (or chosen, when `nics` is None) on the hosts first."""
     import horovod.spark
+
+    nics = gloo_interfaces(num_proc, nics)
 
     rank_env = rank_environment(os.environ)
     rank_env.update({
@@ -51,7 +147,7 @@ def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: 
     try:
         return horovod.spark.run(
             fn, num_proc=num_proc, start_timeout=start_timeout_s, use_gloo=True,
-            nics=set(nics) if nics else None, env=rank_env, verbose=1,
+            nics=set(nics), env=rank_env, verbose=1,
         )
     except Exception as exc:
         raise RankFailure(f"Horovod ranks failed: {type(exc).__name__}: {exc}") from exc

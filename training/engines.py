@@ -61,6 +61,14 @@ class HorovodEngine:
     def ranks(self, requested: int | None, slots: int) -> int:
         return requested or slots
 
+    def preflight(self, num_proc: int, cfg: "TrainConfig") -> "TrainConfig":
+        """The config with Gloo's interfaces checked on the ranks' hosts (chosen when unset), so a
+        bad `horovod.nics` fails before any run is opened."""
+        from training.distributed import gloo_interfaces
+
+        nics = gloo_interfaces(num_proc, cfg.horovod.nics)
+        return cfg.model_copy(update={"horovod": cfg.horovod.model_copy(update={"nics": nics})})
+
     def launch(self, task: Callable[[], Any], num_proc: int, cfg: "TrainConfig") -> list[Any]:
         from training.config import horovod_environment
         from training.distributed import run_ranks

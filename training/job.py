@@ -187,6 +187,10 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
         last, checkpoint = latest_checkpoint(cfg.resume)
         start_epoch = last + 1
         log.info("resuming run %s after epoch %d", cfg.resume, last + 1)
+    engine = engines.load(planned.engine)
+    preflight = getattr(engine, "preflight", None)  # optional for engine plug-ins
+    if preflight is not None:
+        cfg = preflight(num_proc, cfg)
     started = time.perf_counter()
     tags = {"deepspark.job": "train", "deepspark.modality": dataset.record.modality, "dataset.name": dataset.name,
             "dataset.version": str(dataset.version), "dataset.id": dataset.dataset_id, **cfg.extra_tags}
@@ -211,7 +215,7 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
             tracking_uri=tracking_uri(cfg.tracking) if run else None, run_id=run_id, checkpoint=checkpoint,
         )
         try:
-            results = engines.load(planned.engine).launch(task, num_proc, cfg)
+            results = engine.launch(task, num_proc, cfg)
         except RankFailure as exc:
             hint = f"; resume with resume={run_id}" if run_id else ""
             raise TrainingFailed(f"training failed{hint}: {exc}") from exc
