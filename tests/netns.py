@@ -140,6 +140,10 @@ class VirtualHosts:
         return subprocess.run(["ip", "netns", "exec", self.hosts[name].name, *argv], capture_output=True, text=True,
                               timeout=timeout, env=env)
 
+    def kill_processes(self, name: str) -> None:
+        """SIGKILL every process running on host `name` (a host's sudden death)."""
+        _kill_in(self.hosts[name].name)
+
     def link_down(self, name: str) -> None:
         """Take a host off every network (its root-side ends down): peers get no reset, only silence."""
         for veth in self.hosts[name].veths:

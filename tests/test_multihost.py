@@ -201,6 +201,53 @@ def test_two_etl_runs_racing_for_one_output_on_the_store_publish_once(cluster, p
         == ["v=1"]
 
 
+def test_a_worker_host_that_dies_mid_training_fails_the_job_in_bounded_time_and_resume_finishes(
+        cluster, pyfiles, dataset, tmp_path, monkeypatch):
+    """w2's processes are SIGKILLed and its links taken down after the first checkpoint, so its
+    peer gets no reset, only silence: the job fails within horovod.peer_timeout_s plus Horovod's
+    and Spark's reaction, printing the resume command, and resume=<run id> finishes on w1 alone
+    with every epoch logged once. (Last in this module: the cluster has one worker after it.)"""
+    import re
+    import subprocess
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    args = ["data.root=s3://datasets", "data.name=fm", "epochs=6", "steps_per_epoch=30", "optimizer.batch_size=16",
+            "max_eval_rows=200", "horovod.num_proc=2", "horovod.nics=[data0]", "horovod.peer_timeout_s=20",
+            "registry.enabled=false", "tracking.experiment=multihost-fault", f"tracking.uri={cluster.mlflow.url}"]
+    job = subprocess.Popen(cluster.submit_command(PROJECT / "jobs" / "train.py", args, pyfiles), cwd=tmp_path,
+                           env=cluster.driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    fs = s3(cluster)
+    deadline = time.monotonic() + 400
+    while not any("checkpoints/epoch-0001" in info.path for info in fs.get_file_info(
+            pafs_selector_recursive("mlflow/artifacts"))):
+        assert job.poll() is None and time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(1)
+    cluster.hosts.kill_processes("w2")
+    cluster.hosts.link_down("w2")
+    faulted = time.monotonic()
+    output, _ = job.communicate(timeout=400)
+    took = time.monotonic() - faulted
+    assert job.returncode != 0
+    assert took < 20 + 120, took  # the peer timeout, then Horovod stops the job; no hang
+    found = re.search(r"resume with resume=(\w+)", output)
+    assert found, ours(output)
+
+    out, _ = cluster.submit(PROJECT / "jobs" / "train.py", [*args[:6], "horovod.num_proc=1", *args[7:],
+                                                          f"resume={found.group(1)}"], pyfiles, tmp_path)
+    for key, value in cluster.mlflow.client_env().items():
+        monkeypatch.setenv(key, value)
+    history = MlflowClient(cluster.mlflow.url).get_metric_history(found.group(1), "loss")
+    assert sorted(m.step for m in history) == list(range(6)), [m.step for m in history]  # each epoch once
+
+
+def pafs_selector_recursive(path: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSelector(path, recursive=True)
+
+
 def pafs_selector(path: str):
     import pyarrow.fs as pafs
 

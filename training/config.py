@@ -53,6 +53,8 @@ class HorovodSettings(FrozenModel):
     intra_op_threads: PositiveInt = 1
     inter_op_threads: PositiveInt = 1
     start_timeout_s: PositiveInt = 120
+    # A collective waits this long for a peer before the ranks fail (a dead host sends no reset)
+    peer_timeout_s: PositiveInt = 60
     # Gloo's interfaces between ranks; unset: `lo` on a local master, else the driver's interface
     # for spark.driver.host. Checked on every rank's host before launch (training/distributed.py).
     nics: list[str] | None = None
@@ -69,7 +71,7 @@ class HorovodSettings(FrozenModel):
 
 def horovod_environment(settings: HorovodSettings) -> dict[str, str]:
     """The Horovod tuning knobs as the environment variables the ranks read at `hvd.init()`."""
-    env = {}
+    env = {"HOROVOD_GLOO_TIMEOUT_SECONDS": str(settings.peer_timeout_s)}
     if settings.fusion_threshold_mb is not None:
         env["HOROVOD_FUSION_THRESHOLD"] = str(settings.fusion_threshold_mb * 1024 * 1024)
     if settings.cycle_time_ms is not None:

@@ -136,7 +136,7 @@ def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: 
 
     rank_env = rank_environment(os.environ)
     rank_env.update({
-        "HOROVOD_GLOO_TIMEOUT_SECONDS": "60",  # a dead peer fails collectives within a minute
+        "HOROVOD_GLOO_TIMEOUT_SECONDS": "60",  # a dead peer fails collectives within a minute (horovod.peer_timeout_s)
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
         "PYTHONUNBUFFERED": "1",
         # pyarrow's legacy-dataset notices and Petastorm's "use make_reader" hint (we read raw
