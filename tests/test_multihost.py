@@ -201,6 +201,19 @@ def test_two_etl_runs_racing_for_one_output_on_the_store_publish_once(cluster, p
         == ["v=1"]
 
 
+def test_a_model_search_hops_between_hosts_with_its_store_in_the_object_store(cluster, pyfiles, dataset, tmp_path):
+    """execution.method=mop across w1 and w2, the models' state between sub-epochs in s3://."""
+    cluster.make_bucket("selection")
+    out, _ = cluster.submit(PROJECT / "jobs" / "select_models.py", [
+        "data.root=s3://datasets", "data.name=fm", "execution.method=mop", "execution.store_root=s3://selection",
+        "search.method=grid", "search.space={optimizer.learning_rate: {choice: [0.003, 0.001]}}", "epochs=2",
+        "max_eval_rows=200", "registry.model_name=fm-search", *tracking(cluster)], pyfiles, tmp_path)
+    assert "model selection (grid, mop): 2 configurations" in out, ours(out)
+    stored = [info.path for info in s3(cluster).get_file_info(pafs_selector_recursive("selection"))]
+    # each configuration's marker after each of its 2 x 2 units (epoch x partition) is in the store
+    assert len([p for p in stored if "/unit-" in p and p.endswith(".json")]) == 2 * 2 * 2, stored
+
+
 def test_a_worker_host_that_dies_mid_training_fails_the_job_in_bounded_time_and_resume_finishes(
         cluster, pyfiles, dataset, tmp_path, monkeypatch):
     """w2's processes are SIGKILLed and its links taken down after the first checkpoint, so its
