@@ -1,6 +1,13 @@
-"""Wall time of each job through spark-submit: local[2] against a standalone cluster
-(master + 2 workers x 1 core on 127.0.0.1, code shipped as --py-files, tracking on a real
-`mlflow server`), on the same Fashion-MNIST subset, side by side in one run.
+"""Cluster mode, side by side in one run.
+
+(a) Wall time of each job through spark-submit: local[2] against a standalone cluster (master + 2
+    workers x 1 core on 127.0.0.1, code shipped as --py-files, tracking on a real `mlflow server`),
+    on the same Fashion-MNIST subset.
+(b) Between hosts (tests/multihost.py: network-namespace hosts, as root; skipped with the reason
+    elsewhere): gloo allreduce bus bandwidth between ranks on w1 and w2 over their data network
+    against two ranks on one host over loopback (the same probe, the same sizes); and the ETL's
+    marginal rate reading raw files from and writing the dataset to the S3 store against the shared
+    local disk, each the slope between two input sizes (fixed costs cancel; they are reported apart).
 
 Usage: python benchmarks/cluster.py [--quick] [--json PATH]
 """
@@ -40,6 +47,97 @@ def run_all(master: str, tracking: str, raw: Path, out: Path, pyfiles: Path | No
     return times
 
 
+PROBE = """
+import json, statistics, time
+from deepspark.spark import SparkSettings, build_session
+from training.distributed import run_ranks
+spark = build_session(SparkSettings())
+SIZES, REPEATS, NICS = {sizes}, {repeats}, {nics}
+def probe():
+    import horovod.tensorflow as hvd, tensorflow as tf
+    hvd.init()
+    out = {{}}
+    for mb in SIZES:
+        tensor = tf.ones((mb * 1024 * 1024 // 4,), tf.float32)
+        hvd.allreduce(tensor, op=hvd.Sum, name=f"warm{{mb}}")
+        times = []
+        for r in range(REPEATS):
+            started = time.perf_counter()
+            hvd.allreduce(tensor, op=hvd.Sum, name=f"t{{mb}}_{{r}}").numpy()
+            times.append(time.perf_counter() - started)
+        out[mb] = statistics.median(times)
+    return out
+print("PROBE", json.dumps(run_ranks(probe, 2, 120, NICS)[0]))
+spark.stop()
+"""
+
+
+def multihost(quick: bool) -> list[dict]:
+    """(b): allreduce between hosts vs loopback, ETL on S3 vs local disk (see the docstring)."""
+    from tests import multihost as hosts
+    from tests import netns
+
+    why_not = netns.unavailable() or hosts.missing()
+    if why_not:
+        print(f"\n(b) between hosts: skipped ({why_not})")
+        return []
+    import pyarrow.fs as pafs
+
+    sizes, repeats = ([16, 64], 5) if quick else ([4, 16, 64], 9)
+    per_split = (100, 400) if quick else (200, 1200)
+    figures: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        pyfiles = build_pyfiles(tmp / "dist")
+        with hosts.MultiHostCluster(tmp) as cluster:
+            bus = {}
+            for where, nics, master in (("hosts", ["data0"], None), ("loopback", ["lo"], "local[2]")):
+                script = tmp / f"probe_{where}.py"
+                script.write_text(PROBE.format(sizes=sizes, repeats=repeats, nics=nics))
+                out, _ = cluster.submit(script, [], pyfiles, tmp, master=master)
+                seconds = json.loads(out.split("PROBE ", 1)[1].splitlines()[0])
+                bus[where] = {mb: mb / 1024 / seconds[str(mb)] for mb in sizes}  # GB/s; 2(n-1)/n = 1 for n = 2
+            store = pafs.S3FileSystem(endpoint_override=cluster.s3_endpoint.split("//")[1], scheme="http",
+                                      access_key=cluster.aws["AWS_ACCESS_KEY_ID"],
+                                      secret_key=cluster.aws["AWS_SECRET_ACCESS_KEY"], region="us-east-1")
+            for bucket in ("raw", "datasets"):
+                cluster.make_bucket(bucket)
+            etl: dict[str, dict[int, float]] = {"s3": {}, "local": {}}
+            for n in per_split:
+                raw = tmp / f"raw{n}"
+                write_raw_folder(raw, limit=n)
+                pafs.copy_files(str(raw), f"raw/r{n}", destination_filesystem=store)
+                for where, source, root in (("local", str(raw), str(tmp / "datasets")),
+                                            ("s3", f"s3://raw/r{n}", "s3://datasets")):
+                    _, etl[where][n] = cluster.submit(JOBS / "etl.py", [
+                        f"input.path={source}", f"output.root={root}", f"output.name=r{n}",
+                        "output.row_group_size_mb=0.5", "tracking.enabled=false"], pyfiles, tmp)
+    print("\n(b) between hosts: allreduce of float32 across 2 gloo ranks, bus GB/s")
+    print(f"  {'MB':>4}{'w1 <-> w2 (data0)':>20}{'one host (lo)':>16}{'ratio':>8}")
+    for mb in sizes:
+        ratio = bus["hosts"][mb] / bus["loopback"][mb]
+        print(f"  {mb:>4}{bus['hosts'][mb]:>20.2f}{bus['loopback'][mb]:>16.2f}{ratio:>8.2f}")
+    largest = sizes[-1]
+    figures.append({"name": "multihost_allreduce_over_loopback",
+                    "value": round(bus["hosts"][largest] / bus["loopback"][largest], 3), "goal": 0.5, "unit": "ratio"})
+    figures.append({"name": f"multihost_allreduce_bus_gbps_{largest}mb", "value": round(bus["hosts"][largest], 3),
+                    "goal": None, "unit": "GB/s"})
+    small, large = per_split
+    images = 2 * (large - small)
+    print(f"\n(b) ETL of {2 * small:,} and {2 * large:,} PNGs on the 2 worker hosts: wall s, marginal images/s")
+    marginal = {}
+    for where in ("local", "s3"):
+        marginal[where] = images / (etl[where][large] - etl[where][small])
+        fixed = etl[where][small] - 2 * small / marginal[where]
+        print(f"  {where:<6} {etl[where][small]:6.1f} s, {etl[where][large]:6.1f} s: marginal {marginal[where]:6.0f} "
+              f"images/s, fixed {fixed:5.1f} s")
+        figures.append({"name": f"etl_marginal_images_per_s_{where}", "value": round(marginal[where]), "goal": None,
+                        "unit": "images/s"})
+    figures.append({"name": "s3_etl_marginal_over_local", "value": round(marginal["s3"] / marginal["local"], 3),
+                    "goal": 0.7, "unit": "ratio"})
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -73,6 +171,7 @@ def main() -> None:
         print(f"{job:<18}{local[job]:>12.1f}{standalone[job]:>14.1f}{ratio:>8.2f}")
         figures += [{"name": f"{job}_seconds_local", "value": round(local[job], 1), "goal": None, "unit": "s"},
                     {"name": f"{job}_seconds_standalone", "value": round(standalone[job], 1), "goal": None, "unit": "s"}]
+    figures += multihost(args.quick)
     if args.json:
         args.json.write_text(json.dumps({"figures": figures}, indent=2) + "\n")
 

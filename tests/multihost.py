@@ -156,27 +156,31 @@ class MultiHostCluster:
         return env
 
     def submit_command(self, script: Path, args: Sequence[str], py_files: Path,
-                       conf: dict[str, str] | None = None) -> list[str]:
-        """The README's standalone command, run on the driver host."""
+                       conf: dict[str, str] | None = None, master: str | None = None) -> list[str]:
+        """The README's standalone command, run on the driver host (`master`: another master, such
+        as local[2] for a comparison on the driver host alone)."""
         settings = {"spark.executor.cores": "1", "spark.executor.memory": "2g", "spark.ui.enabled": "false",
                     **(conf or {})}
-        cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", self.master_url,
+        cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", master or self.master_url,
                "--jars", ",".join(str(S3A_JARS / jar) for jar in JARS), "--py-files", str(py_files)]
         for key, value in settings.items():
             cmd += ["--conf", f"{key}={value}"]
         return ["ip", "netns", "exec", self.hosts.hosts["driver"].name, *cmd, str(script), *args]
 
     def run_submit(self, script: Path, args: Sequence[str], py_files: Path, cwd: Path,
-                   conf: dict[str, str] | None = None, timeout_s: float = 900) -> tuple[int, str, float]:
+                   conf: dict[str, str] | None = None, timeout_s: float = 900,
+                   master: str | None = None) -> tuple[int, str, float]:
         """(exit code, output, seconds) of a spark-submit from the driver host."""
         started = time.perf_counter()
-        proc = subprocess.run(self.submit_command(script, args, py_files, conf), cwd=cwd, env=self.driver_env(),
+        proc = subprocess.run(self.submit_command(script, args, py_files, conf, master), cwd=cwd,
+                              env=self.driver_env(),
                               capture_output=True, text=True, timeout=timeout_s)
         return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - started
 
     def submit(self, script: Path, args: Sequence[str], py_files: Path, cwd: Path,
-               conf: dict[str, str] | None = None, timeout_s: float = 900) -> tuple[str, float]:
-        code, output, seconds = self.run_submit(script, args, py_files, cwd, conf, timeout_s)
+               conf: dict[str, str] | None = None, timeout_s: float = 900,
+               master: str | None = None) -> tuple[str, float]:
+        code, output, seconds = self.run_submit(script, args, py_files, cwd, conf, timeout_s, master)
         if code != 0:
             raise RuntimeError(f"spark-submit {script.name} exited {code}:\n{output[-8000:]}")
         return output, seconds

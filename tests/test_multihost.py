@@ -207,6 +207,7 @@ def test_a_model_search_hops_between_hosts_with_its_store_in_the_object_store(cl
     out, _ = cluster.submit(PROJECT / "jobs" / "select_models.py", [
         "data.root=s3://datasets", "data.name=fm", "execution.method=mop", "execution.store_root=s3://selection",
         "search.method=grid", "search.space={optimizer.learning_rate: {choice: [0.003, 0.001]}}", "epochs=2",
+        "optimizer.batch_size=16",
         "max_eval_rows=200", "registry.model_name=fm-search", *tracking(cluster)], pyfiles, tmp_path)
     assert "model selection (grid, mop): 2 configurations" in out, ours(out)
     stored = [info.path for info in s3(cluster).get_file_info(pafs_selector_recursive("selection"))]
@@ -229,12 +230,17 @@ def test_a_worker_host_that_dies_mid_training_fails_the_job_in_bounded_time_and_
     args = ["data.root=s3://datasets", "data.name=fm", "epochs=6", "steps_per_epoch=30", "optimizer.batch_size=16",
             "max_eval_rows=200", "horovod.num_proc=2", "horovod.nics=[data0]", "horovod.peer_timeout_s=20",
             "registry.enabled=false", "tracking.experiment=multihost-fault", f"tracking.uri={cluster.mlflow.url}"]
+    fs = s3(cluster)
+
+    def first_checkpoints() -> set[str]:
+        return {i.path for i in fs.get_file_info(pafs_selector_recursive("mlflow/artifacts"))
+                if "checkpoints/epoch-0001" in i.path}
+
+    earlier = first_checkpoints()  # other tests' runs
     job = subprocess.Popen(cluster.submit_command(PROJECT / "jobs" / "train.py", args, pyfiles), cwd=tmp_path,
                            env=cluster.driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    fs = s3(cluster)
     deadline = time.monotonic() + 400
-    while not any("checkpoints/epoch-0001" in info.path for info in fs.get_file_info(
-            pafs_selector_recursive("mlflow/artifacts"))):
+    while not first_checkpoints() - earlier:
         assert job.poll() is None and time.monotonic() < deadline, "no first checkpoint"
         time.sleep(1)
     cluster.hosts.kill_processes("w2")

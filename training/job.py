@@ -189,8 +189,7 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
         log.info("resuming run %s after epoch %d", cfg.resume, last + 1)
     engine = engines.load(planned.engine)
     preflight = getattr(engine, "preflight", None)  # optional for engine plug-ins
-    if preflight is not None:
-        cfg = preflight(num_proc, cfg)
+    launched = preflight(num_proc, cfg) if preflight is not None else cfg  # the run logs `cfg` as given
     started = time.perf_counter()
     tags = {"deepspark.job": "train", "deepspark.modality": dataset.record.modality, "dataset.name": dataset.name,
             "dataset.version": str(dataset.version), "dataset.id": dataset.dataset_id, **cfg.extra_tags}
@@ -204,9 +203,10 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
                 _log_dataset(dataset)
                 mlflow.log_params({"resolved.num_proc": num_proc, "resolved.steps_per_epoch": steps,
                                    "resolved.model_builder": planned.builder, "resolved.modality": dataset.record.modality,
-                                   "resolved.global_batch_size": cfg.optimizer.batch_size * num_proc})
+                                   "resolved.global_batch_size": cfg.optimizer.batch_size * num_proc,
+                                   "resolved.horovod.nics": ",".join(launched.horovod.nics or [])})
         task = RankTask(
-            cfg=cfg, record=dataset.record, builder=planned.builder,
+            cfg=launched, record=dataset.record, builder=planned.builder,
             train_url=dataset.split_url(cfg.data.train_split),
             val_url=dataset.split_url(cfg.data.val_split) if cfg.data.val_split in dataset.manifest["splits"] else None,
             test_url=dataset.split_url(cfg.data.test_split), steps_per_epoch=steps, start_epoch=start_epoch,
@@ -215,7 +215,7 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
             tracking_uri=tracking_uri(cfg.tracking) if run else None, run_id=run_id, checkpoint=checkpoint,
         )
         try:
-            results = engine.launch(task, num_proc, cfg)
+            results = engine.launch(task, num_proc, launched)
         except RankFailure as exc:
             hint = f"; resume with resume={run_id}" if run_id else ""
             raise TrainingFailed(f"training failed{hint}: {exc}") from exc
