@@ -152,6 +152,7 @@ def main() -> None:
         (tmp / "server").mkdir()
         (tmp / "cluster").mkdir()
         server = start_mlflow_server(tmp / "server")
+        os.environ.update(server.client_env())  # the basic-auth server: jobs and ranks authenticate
         try:
             (tmp / "local").mkdir()
             local = run_all("local[2]", server.url, raw, tmp / "local", None, steps)
