@@ -36,6 +36,9 @@ def interactive_defaults() -> dict[str, str]:
     return {"spark.ui.showConsoleProgress": "true" if sys.stderr.isatty() else "false"}
 
 
+S3A = "org.apache.hadoop.fs.s3a.S3AFileSystem"
+
+
 def object_store_defaults(environ: "Mapping[str, str]") -> dict[str, str]:
     """An S3-compatible store named by `AWS_ENDPOINT_URL` (the AWS SDKs' standard variable, which
     boto3 and MLflow read too) for Hadoop's S3A connector and the executors' pyarrow, path-style
@@ -55,9 +58,6 @@ def s3_through_s3a(spark: "SparkSession") -> None:
     hadoop = spark.sparkContext._jsc.hadoopConfiguration()  # type: ignore[union-attr]
     if hadoop.get("fs.s3.impl") is None and hadoop.getClassByNameOrNull(S3A) is not None:
         hadoop.set("fs.s3.impl", S3A)
-
-
-S3A = "org.apache.hadoop.fs.s3a.S3AFileSystem"
 
 
 class SparkSettings(FrozenModel):

@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
@@ -133,6 +134,12 @@ class S3Conditional:
             if self._refused(exc, src):
                 return False
             raise
+
+
+@lru_cache(maxsize=1)
+def _s3() -> S3Conditional:
+    """One boto3 client per process for locks and commit logs (a lease beats every ttl/3)."""
+    return S3Conditional()
 
 
 @dataclass(frozen=True)
@@ -271,7 +278,7 @@ class HadoopFS:
         """Set a file's modification time to now (a lease's heartbeat; on S3, where S3A cannot set
         times, the file is written again unless it changed)."""
         if s3_object(url) is not None:
-            S3Conditional().rewrite(url)
+            _s3().rewrite(url)
             return
         local = local_path(url)
         if local is not None:
@@ -287,7 +294,7 @@ class HadoopFS:
         a file renamed onto an existing name fails. (s3a: a rename is copy + delete, so two writers
         can both win there: on S3 the store's conditional write decides, `S3Conditional`.)"""
         if s3_object(url) is not None:
-            return S3Conditional().create_exclusive(url, text.encode("utf-8"))
+            return _s3().create_exclusive(url, text.encode("utf-8"))
         local = local_path(url)
         tmp = f"{url}.{uuid.uuid4().hex}.tmp"
         if local is not None:
@@ -315,7 +322,7 @@ class HadoopFS:
         """Rename a file to a name that does not exist yet; False if `src` is gone (someone else
         moved it first) or `dst` exists."""
         if s3_object(src) is not None and s3_object(dst) is not None:
-            return S3Conditional().move(src, dst)
+            return _s3().move(src, dst)
         local, dst_local = local_path(src), local_path(dst)
         if local is not None and dst_local is not None:
             if dst_local.exists():
