@@ -215,6 +215,65 @@ def test_a_model_search_hops_between_hosts_with_its_store_in_the_object_store(cl
     assert len([p for p in stored if "/unit-" in p and p.endswith(".json")]) == 2 * 2 * 2, stored
 
 
+def test_a_worker_host_that_dies_mid_training_fails_the_job_in_bounded_time_and_resume_finishes(
+        cluster, pyfiles, dataset, tmp_path, monkeypatch):
+    """w2's processes are SIGKILLed and its links taken down after this run's first checkpoint, so
+    w1 gets no reset, only silence. Spark notices within spark.network.timeout, the survivor fails
+    after horovod.peer_timeout_s, and the lost-rank watch stops Horovod's driver, which would
+    otherwise wait on w2 forever: the job exits with the resume command, and resume=<run id>
+    finishes on w1 alone with every epoch logged once. (Last in this module: w2 stays dead.)"""
+    import re
+    import subprocess
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    args = ["data.root=s3://datasets", "data.name=fm", "epochs=6", "steps_per_epoch=30", "optimizer.batch_size=16",
+            "max_eval_rows=200", "horovod.num_proc=2", "horovod.nics=[data0]", "horovod.peer_timeout_s=20",
+            "registry.enabled=false", "tracking.experiment=multihost-fault", f"tracking.uri={cluster.mlflow.url}"]
+    detection = {"spark.network.timeout": "30s", "spark.network.timeoutInterval": "10s",
+                 "spark.executor.heartbeatInterval": "3s"}
+    fs = s3(cluster)
+
+    def first_checkpoints() -> set[str]:
+        return {i.path for i in fs.get_file_info(pafs_selector_recursive("mlflow/artifacts"))
+                if "checkpoints/epoch-0001" in i.path}
+
+    earlier = first_checkpoints()  # other tests' runs
+    log = tmp_path / "train.log"  # a file, not a pipe: nobody reads a pipe while the job runs
+    with log.open("w") as sink:
+        job = subprocess.Popen(cluster.submit_command(PROJECT / "jobs" / "train.py", args, pyfiles, detection),
+                               cwd=tmp_path, env=cluster.driver_env(), stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 400
+        while not first_checkpoints() - earlier:
+            if job.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no first checkpoint: {job.poll()=}\n{log.read_text()[-6000:]}")
+            time.sleep(1)
+        cluster.hosts.kill_processes("w2")
+        cluster.hosts.link_down("w2")
+        faulted = time.monotonic()
+        job.wait(timeout=400)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    took = time.monotonic() - faulted
+    output = log.read_text()
+    assert job.returncode != 0
+    # Spark notices (30 s + its 10 s check) + the watch's grace (peer timeout 20 s + 15 s) + unwinding
+    assert took < 40 + 35 + 60, took
+    found = re.search(r"resume with resume=(\w+)", output)
+    assert found, ours(output)
+    assert "a rank's host was lost" in output, ours(output)
+
+    out, _ = cluster.submit(PROJECT / "jobs" / "train.py", [*args[:6], "horovod.num_proc=1", *args[7:],
+                                                          f"resume={found.group(1)}"], pyfiles, tmp_path)
+    for key, value in cluster.mlflow.client_env().items():
+        monkeypatch.setenv(key, value)
+    history = MlflowClient(cluster.mlflow.url).get_metric_history(found.group(1), "loss")
+    assert sorted(m.step for m in history) == list(range(6)), [m.step for m in history]  # each epoch once
+
+
 def pafs_selector_recursive(path: str):
     import pyarrow.fs as pafs
 

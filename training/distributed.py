@@ -112,27 +112,44 @@ def _probe_host(_: Any) -> Any:
                          local_interfaces(), resolved)
 
 
-def gloo_interfaces(num_proc: int, requested: Sequence[str] | None) -> list[str]:
-    """`decide_nics` on the active SparkSession: on a cluster, `num_proc` probe tasks report their
-    hosts' interfaces (where Horovod's tasks will run), before any rank starts."""
-    from pyspark.sql import SparkSession
+def _probed_hosts(num_proc: int) -> tuple[Any, bool, list[HostInterfaces]]:
+    """(SparkContext, local master?, the hosts of `num_proc` probe tasks: where Horovod's tasks
+    will run); no probe on a local master."""
+    from pyspark import SparkContext
 
-    spark = SparkSession.getActiveSession()
-    if spark is None:
-        return list(requested or ["lo"])
-    sc = spark.sparkContext
+    sc = SparkContext.getOrCreate()
     local = (sc.master or "").startswith("local")
     executors = [] if local else sc.parallelize(range(num_proc), num_proc).mapPartitions(_probe_host).collect()
+    return sc, local, executors
+
+
+def gloo_interfaces(num_proc: int, requested: Sequence[str] | None) -> list[str]:
+    """`decide_nics` on the active SparkContext: on a cluster, `num_proc` probe tasks report their
+    hosts' interfaces, before any rank starts."""
+    sc, local, executors = _probed_hosts(num_proc)
     return decide_nics(requested, local, sc.getConf().get("spark.driver.host", ""), local_interfaces(), executors)
+
+
+def peer_addresses(executors: Sequence[HostInterfaces], driver: dict[str, list[str]]) -> set[str]:
+    """The executors' hosts' addresses, less the driver's own and loopback (whose sockets the lost-rank
+    watch may shut)."""
+    own = {a for addrs in driver.values() for a in addrs}
+    return {a for h in executors for addrs in h.addresses.values() for a in addrs
+            if a not in own and not a.startswith("127.")}
 
 
 def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: Sequence[str] | None,
               env: dict[str, str] | None = None) -> list[Any]:
     """Run `fn` on `num_proc` Horovod ranks over gloo, one per Spark task; results by rank. The
-    interfaces are checked (or chosen, when `nics` is None) on the hosts first."""
+    interfaces are checked (or chosen, when `nics` is None) on the hosts first. A rank's host lost
+    mid-run fails the run within Spark's detection plus the peer timeout (training/lost_ranks.py)."""
     import horovod.spark
 
-    nics = gloo_interfaces(num_proc, nics)
+    from training.lost_ranks import run_watched
+
+    sc, local, executors = _probed_hosts(num_proc)
+    driver = local_interfaces()
+    nics = decide_nics(nics, local, sc.getConf().get("spark.driver.host", ""), driver, executors)
 
     rank_env = rank_environment(os.environ)
     rank_env.update({
@@ -144,11 +161,15 @@ def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: 
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning:petastorm.reader",
     })
     rank_env.update(env or {})
+    # Survivors of a lost host fail after the peer timeout; give them that, plus time to report.
+    grace_s = int(rank_env["HOROVOD_GLOO_TIMEOUT_SECONDS"]) + 15
+
+    def launch() -> list[Any]:
+        return horovod.spark.run(fn, num_proc=num_proc, start_timeout=start_timeout_s, use_gloo=True,
+                                 nics=set(nics), env=rank_env, verbose=1)
+
     try:
-        return horovod.spark.run(
-            fn, num_proc=num_proc, start_timeout=start_timeout_s, use_gloo=True,
-            nics=set(nics), env=rank_env, verbose=1,
-        )
+        return run_watched(launch, sc, num_proc, grace_s, peer_addresses(executors, driver))  # type: ignore[no-any-return]
     except Exception as exc:
         raise RankFailure(f"Horovod ranks failed: {type(exc).__name__}: {exc}") from exc
 
