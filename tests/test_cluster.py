@@ -174,6 +174,24 @@ def test_each_task_and_rank_sees_its_own_gpu_address(submit, tmp_path):
     assert sorted(seen["ranks"]) == ["0", "1"]
 
 
+def test_the_gpu_check_sees_spark_assign_each_task_a_gpu_and_names_the_cpu_build(submit, tmp_path):
+    """scripts/gpu_check.py on the fake-GPU workers: Spark's half works (each task gets its
+    address), and on this CPU-only build it exits non-zero naming the fix, not a stack trace."""
+    from deepspark.localcluster import DISCOVERY_SCRIPT
+
+    found = tmp_path / "gpu_check.json"
+    with pytest.raises(RuntimeError) as failed:
+        submit(PROJECT / "scripts" / "gpu_check.py", "--tasks", "2", "--json", str(found),
+               conf={"spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1",
+                     "spark.executor.resource.gpu.discoveryScript": str(DISCOVERY_SCRIPT)})
+    assert "exited 1" in str(failed.value)
+    checked = json.loads(found.read_text())
+    assert sorted(r["assigned"] for r in checked["reports"]) == ["0", "1"], checked
+    assert len(checked["problems"]) == 2
+    assert any(p.endswith("(Spark's GPU 0): TensorFlow 2.15.1 sees no GPU; it is the CPU build (run scripts/setup.sh "
+                          "--gpu)") for p in checked["problems"]), checked["problems"]
+
+
 def test_stopping_a_cluster_leaves_no_process_behind(tmp_path):
     from deepspark.localcluster import start_standalone
 
