@@ -9,7 +9,7 @@
     marginal rate reading raw files from and writing the dataset to the S3 store against the shared
     local disk, each the slope between two input sizes (fixed costs cancel; they are reported apart).
 
-Usage: python benchmarks/cluster.py [--quick] [--json PATH]
+Usage: python benchmarks/cluster.py [--quick] [--json PATH] [--part a|b]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -84,17 +85,20 @@ def multihost(quick: bool) -> list[dict]:
     import pyarrow.fs as pafs
 
     sizes, repeats = ([16, 64], 5) if quick else ([4, 16, 64], 9)
-    per_split = (100, 400) if quick else (200, 1200)
+    per_split = (100, 1000) if quick else (200, 3000)
     figures: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         pyfiles = build_pyfiles(tmp / "dist")
+        started = time.perf_counter()
         with hosts.MultiHostCluster(tmp) as cluster:
+            print(f"(b) five hosts up in {time.perf_counter() - started:.0f} s", flush=True)
             bus = {}
             for where, nics, master in (("hosts", ["data0"], None), ("loopback", ["lo"], "local[2]")):
                 script = tmp / f"probe_{where}.py"
                 script.write_text(PROBE.format(sizes=sizes, repeats=repeats, nics=nics))
-                out, _ = cluster.submit(script, [], pyfiles, tmp, master=master)
+                out, took = cluster.submit(script, [], pyfiles, tmp, master=master)
+                print(f"(b) allreduce probe on {where}: {took:.0f} s", flush=True)
                 seconds = json.loads(out.split("PROBE ", 1)[1].splitlines()[0])
                 bus[where] = {mb: mb / 1024 / seconds[str(mb)] for mb in sizes}  # GB/s; 2(n-1)/n = 1 for n = 2
             store = pafs.S3FileSystem(endpoint_override=cluster.s3_endpoint.split("//")[1], scheme="http",
@@ -112,6 +116,7 @@ def multihost(quick: bool) -> list[dict]:
                     _, etl[where][n] = cluster.submit(JOBS / "etl.py", [
                         f"input.path={source}", f"output.root={root}", f"output.name=r{n}",
                         "output.row_group_size_mb=0.5", "tracking.enabled=false"], pyfiles, tmp)
+                    print(f"(b) ETL of {2 * n} PNGs from {where}: {etl[where][n]:.0f} s", flush=True)
     print("\n(b) between hosts: allreduce of float32 across 2 gloo ranks, bus GB/s")
     print(f"  {'MB':>4}{'w1 <-> w2 (data0)':>20}{'one host (lo)':>16}{'ratio':>8}")
     for mb in sizes:
@@ -142,8 +147,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--part", choices=("a", "b"), help="only part (a) or (b); default both")
     args = parser.parse_args()
-    per_split, steps = (2000, 30) if args.quick else (10000, 100)
+    figures = [] if args.part == "b" else part_a(args.quick)
+    if args.part != "a":
+        figures += multihost(args.quick)
+    if args.json:
+        args.json.write_text(json.dumps({"figures": figures}, indent=2) + "\n")
+
+
+def part_a(quick: bool) -> list[dict]:
+    """(a): each job through spark-submit, local[2] against the loopback standalone cluster."""
+    per_split, steps = (2000, 30) if quick else (10000, 100)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         raw = tmp / "raw"
@@ -172,9 +187,7 @@ def main() -> None:
         print(f"{job:<18}{local[job]:>12.1f}{standalone[job]:>14.1f}{ratio:>8.2f}")
         figures += [{"name": f"{job}_seconds_local", "value": round(local[job], 1), "goal": None, "unit": "s"},
                     {"name": f"{job}_seconds_standalone", "value": round(standalone[job], 1), "goal": None, "unit": "s"}]
-    figures += multihost(args.quick)
-    if args.json:
-        args.json.write_text(json.dumps({"figures": figures}, indent=2) + "\n")
+    return figures
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -62,6 +63,7 @@ class MultiHostCluster:
         "AWS_ACCESS_KEY_ID": "deepspark-test", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),
         "AWS_DEFAULT_REGION": "us-east-1"})
     mlflow: localcluster.MlflowServer | None = None
+    _mlflow_launch: tuple[list[str], dict[str, str]] = field(default_factory=lambda: ([], {}), repr=False)
 
     def address(self, host: str, nic: str = "") -> str:
         found = self.hosts.hosts[host].addresses
@@ -113,29 +115,63 @@ class MultiHostCluster:
         self.make_bucket("mlflow")
         command, env, server = localcluster.mlflow_server_command(self.workdir, store, 5000, "s3://mlflow/artifacts")
         env.update({**self.aws, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint, "AWS_ENDPOINT_URL": self.s3_endpoint})
-        server.procs.append(self.hosts.spawn("store", command, env=env, stdout=self._log("mlflow"),
-                                             stderr=subprocess.STDOUT))
-        self._wait(lambda: self._in_host("driver", f"import urllib.request; urllib.request.urlopen("
-                                                   f"'{server.url}/health', timeout=2)"), "mlflow server", server.procs)
         self.mlflow = server
+        self._mlflow_launch = (command, env)
+        self._spawn_mlflow()
+
+    def _spawn_mlflow(self) -> None:
+        assert self.mlflow is not None
+        command, env = self._mlflow_launch
+        self.mlflow.procs.append(self.hosts.spawn("store", command, env=env, stdout=self._log(f"mlflow-{time.time():.0f}"),
+                                                  stderr=subprocess.STDOUT))
+        url = self.mlflow.url
+        self._wait(lambda: self._in_host("driver", f"import urllib.request; urllib.request.urlopen("
+                                                   f"'{url}/health', timeout=2)"), "mlflow server", self.mlflow.procs)
+
+    def restart_mlflow(self, down_s: float) -> None:
+        """SIGKILL the tracking server (its whole process group), leave it down `down_s`, then start
+        it again on the same backend store and artifact store."""
+        assert self.mlflow is not None
+        for proc in self.mlflow.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        self.mlflow.procs.clear()
+        time.sleep(down_s)
+        self._spawn_mlflow()
 
     def _start_spark(self) -> None:
         master = self.address("master")
-        procs = [self.hosts.spawn("master", localcluster.master_command(master, 7077, 8080),
-                                  env=localcluster.daemon_environment(master), stdout=self._log("master"),
-                                  stderr=subprocess.STDOUT)]
-        for name in WORKERS:
-            host = self.address(name)
-            env = localcluster.daemon_environment(host, {**self.store_env(), "TF_CPP_MIN_LOG_LEVEL": "2"})
-            procs.append(self.hosts.spawn(
-                name, localcluster.worker_command(host, self.master_url, 1, self.worker_memory,
-                                                  self.workdir / name, 8081),
-                env=env, stdout=self._log(name), stderr=subprocess.STDOUT))
-        self._wait(lambda: self._in_host("driver", self._alive_probe()), "standalone cluster", procs)
+        # A worker that stops heartbeating is dropped after 15 s (Spark: 60 s), so a host's death
+        # in one test is settled before the next.
+        env = localcluster.daemon_environment(master, {"SPARK_MASTER_OPTS": "-Dspark.worker.timeout=15"})
+        procs = [self.hosts.spawn("master", localcluster.master_command(master, 7077, 8080), env=env,
+                                  stdout=self._log("master"), stderr=subprocess.STDOUT)]
+        procs += [self._spawn_worker(name) for name in WORKERS]
+        self._wait(lambda: self._in_host("driver", self._alive_probe(len(WORKERS))), "standalone cluster", procs)
 
-    def _alive_probe(self) -> str:
+    def _spawn_worker(self, name: str) -> subprocess.Popen:
+        host = self.address(name)
+        env = localcluster.daemon_environment(host, {**self.store_env(), "TF_CPP_MIN_LOG_LEVEL": "2"})
+        return self.hosts.spawn(name, localcluster.worker_command(host, self.master_url, 1, self.worker_memory,
+                                                                  self.workdir / name, 8081),
+                                env=env, stdout=self._log(f"{name}-{time.time():.0f}"), stderr=subprocess.STDOUT)
+
+    def revive(self, name: str) -> None:
+        """Bring a worker host that was killed (`hosts.kill_processes`, `hosts.link_down`) back:
+        once the master has dropped its dead worker, links up and a new worker started."""
+        self._wait(lambda: self._in_host("driver", self._alive_probe(len(WORKERS) - 1)), f"{name}'s worker dropped",
+                   [], timeout_s=90)
+        self.hosts.link_up(name)
+        worker = self._spawn_worker(name)
+        self._wait(lambda: self._in_host("driver", self._alive_probe(len(WORKERS))), f"{name}'s worker back",
+                   [worker])
+
+    def _alive_probe(self, count: int) -> str:
         return (f"import json, urllib.request; workers = json.load(urllib.request.urlopen('{self.master_ui}/json/', "
-                f"timeout=2))['workers']; assert sum(w['state'] == 'ALIVE' for w in workers) == {len(WORKERS)}")
+                f"timeout=2))['workers']; assert sum(w['state'] == 'ALIVE' for w in workers) == {count}")
 
     def _in_host(self, host: str, code: str) -> bool:
         return self.hosts.run(host, [sys.executable, "-c", code], timeout=30).returncode == 0

@@ -149,6 +149,11 @@ class VirtualHosts:
         for veth in self.hosts[name].veths:
             _ip("link", "set", veth, "down")
 
+    def link_up(self, name: str) -> None:
+        """Put a host back on its networks (after `link_down`)."""
+        for veth in self.hosts[name].veths:
+            _ip("link", "set", veth, "up")
+
     def close(self) -> None:
         """Kill every process started here (by process group, then whatever else runs in the
         namespaces), remove the namespaces and the bridges."""

@@ -7,6 +7,7 @@ Horovod ranks on both worker hosts over gloo on the data network, predictions to
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,115 @@ def test_a_model_search_hops_between_hosts_with_its_store_in_the_object_store(cl
     assert len([p for p in stored if "/unit-" in p and p.endswith(".json")]) == 2 * 2 * 2, stored
 
 
+DETECTION = {"spark.network.timeout": "30s", "spark.network.timeoutInterval": "10s",
+             "spark.executor.heartbeatInterval": "3s"}  # Spark notices a silent executor in 30-40 s
+
+
+def python_rss_mb(cluster, host: str) -> float:
+    """The largest Python process on `host` (a Spark Python worker that loaded TensorFlow and the
+    model is several hundred MB)."""
+    import psutil
+
+    pids = subprocess.run(["ip", "netns", "pids", cluster.hosts.hosts[host].name], capture_output=True,
+                          text=True).stdout.split()
+    sizes = [0.0]
+    for pid in pids:
+        try:
+            proc = psutil.Process(int(pid))
+            if "python" in proc.name():
+                sizes.append(proc.memory_info().rss / 2**20)
+        except psutil.Error:
+            continue
+    return max(sizes)
+
+
+def test_a_tracking_server_restart_mid_training_loses_and_doubles_no_metric(cluster, pyfiles, dataset, tmp_path,
+                                                                           monkeypatch):
+    """Once rank 0 has logged the first epoch, the tracking server is SIGKILLed and started again
+    10 s later on the same stores: MLflow's client retries carry rank 0 over the gap, the job
+    finishes, and every epoch's metric is there exactly once."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    for key, value in cluster.mlflow.client_env().items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(cluster.mlflow.url)
+    args = ["data.root=s3://datasets", "data.name=fm", "epochs=6", "steps_per_epoch=30", "optimizer.batch_size=16",
+            "max_eval_rows=200", "horovod.num_proc=2", "horovod.nics=[data0]", "registry.enabled=false",
+            "tracking.experiment=multihost-restart", f"tracking.uri={cluster.mlflow.url}"]
+    log = tmp_path / "train.log"
+    with log.open("w") as sink:
+        job = subprocess.Popen(cluster.submit_command(PROJECT / "jobs" / "train.py", args, pyfiles), cwd=tmp_path,
+                               env=cluster.driver_env(), stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 400
+        run_id = None
+        while run_id is None or not client.get_metric_history(run_id, "loss"):
+            if job.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no first epoch: {job.poll()=}\n{ours(log.read_text())[-4000:]}")
+            time.sleep(1)
+            experiment = client.get_experiment_by_name("multihost-restart")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            run_id = runs[0].info.run_id if runs else None
+        cluster.restart_mlflow(down_s=10)
+        assert job.wait(timeout=600) == 0, ours(log.read_text())[-6000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(6)), [(m.step, m.value) for m in history]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_worker_host_that_dies_mid_inference_has_its_tasks_rerun_and_every_input_scored_once(
+        cluster, pyfiles, dataset, tmp_path):
+    """Batch inference over 400 PNGs in s3://, four files per task; once a Python worker on w2 has
+    loaded TensorFlow, w2's processes are SIGKILLed and its links taken down. Spark loses w2's
+    executor with its running tasks and its shuffle output, redoes that work on w1, and the one
+    commit holds each input exactly once."""
+    import re
+    import time
+
+    import pyarrow.parquet as pq
+
+    fs = s3(cluster)
+    log = tmp_path / "inference.log"
+    args = ["input.path=s3://raw/fashion", "output.path=s3://predictions/fault", "files_per_task=4",
+            "model_uri=models:/fm-hosts@champion", *tracking(cluster)]
+    try:
+        with log.open("w") as sink:
+            job = subprocess.Popen(cluster.submit_command(PROJECT / "jobs" / "batch_inference.py", args, pyfiles,
+                                                          DETECTION),
+                                   cwd=tmp_path, env=cluster.driver_env(), stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while python_rss_mb(cluster, "w2") < 400:  # w2 is scoring
+                if job.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"w2 never scored: {job.poll()=}\n{ours(log.read_text())[-4000:]}")
+                time.sleep(0.2)
+            cluster.hosts.kill_processes("w2")
+            cluster.hosts.link_down("w2")
+            assert job.wait(timeout=400) == 0, ours(log.read_text())[-6000:]
+        finally:
+            if job.poll() is None:
+                job.kill()
+        output = log.read_text()
+        assert re.search(r"Lost executor \d+ on 198\.18\.0\.22", output), ours(output)[-4000:]
+        # work w2 had done or was doing is redone: its running tasks, or its shuffle output
+        assert "ExecutorLostFailure" in output or "FetchFailed" in output, ours(output)[-4000:]
+        assert "scored now 400" in output, ours(output)[-4000:]
+        entries = sorted(i.path for i in fs.get_file_info(pafs_selector("predictions/fault/_log")))
+        assert len(entries) == 2, entries  # the empty entry a first run begins with, and its one commit
+        committed = json.loads(fs.open_input_stream(entries[-1]).read())["batches"]["predictions"]
+        rows = [pq.read_table(f"predictions/fault/model_version={v}/batch={b}", filesystem=fs)
+                for v, batches in committed.items() for b in batches]
+        paths = [p for table in rows for p in table.column("path").to_pylist()]
+        assert len(paths) == 400 and len(set(paths)) == 400  # every input once
+    finally:
+        cluster.revive("w2")
+
+
 def test_a_worker_host_that_dies_mid_training_fails_the_job_in_bounded_time_and_resume_finishes(
         cluster, pyfiles, dataset, tmp_path, monkeypatch):
     """w2's processes are SIGKILLed and its links taken down after this run's first checkpoint, so
@@ -223,7 +333,6 @@ def test_a_worker_host_that_dies_mid_training_fails_the_job_in_bounded_time_and_
     otherwise wait on w2 forever: the job exits with the resume command, and resume=<run id>
     finishes on w1 alone with every epoch logged once. (Last in this module: w2 stays dead.)"""
     import re
-    import subprocess
     import time
 
     from mlflow.tracking import MlflowClient
@@ -231,8 +340,6 @@ def test_a_worker_host_that_dies_mid_training_fails_the_job_in_bounded_time_and_
     args = ["data.root=s3://datasets", "data.name=fm", "epochs=6", "steps_per_epoch=30", "optimizer.batch_size=16",
             "max_eval_rows=200", "horovod.num_proc=2", "horovod.nics=[data0]", "horovod.peer_timeout_s=20",
             "registry.enabled=false", "tracking.experiment=multihost-fault", f"tracking.uri={cluster.mlflow.url}"]
-    detection = {"spark.network.timeout": "30s", "spark.network.timeoutInterval": "10s",
-                 "spark.executor.heartbeatInterval": "3s"}
     fs = s3(cluster)
 
     def first_checkpoints() -> set[str]:
@@ -242,7 +349,7 @@ def test_a_worker_host_that_dies_mid_training_fails_the_job_in_bounded_time_and_
     earlier = first_checkpoints()  # other tests' runs
     log = tmp_path / "train.log"  # a file, not a pipe: nobody reads a pipe while the job runs
     with log.open("w") as sink:
-        job = subprocess.Popen(cluster.submit_command(PROJECT / "jobs" / "train.py", args, pyfiles, detection),
+        job = subprocess.Popen(cluster.submit_command(PROJECT / "jobs" / "train.py", args, pyfiles, DETECTION),
                                cwd=tmp_path, env=cluster.driver_env(), stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 400
