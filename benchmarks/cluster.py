@@ -30,6 +30,7 @@ from deepspark.packaging import PROJECT_ROOT, build_pyfiles  # noqa: E402
 from pipelines.images.demo_data import write_raw_folder  # noqa: E402
 
 JOBS = PROJECT_ROOT / "jobs"
+RESOLUTION_S = 1.0  # two spark-submits of the same job differ by about this much
 
 
 def run_all(master: str, tracking: str, raw: Path, out: Path, pyfiles: Path | None, steps: int) -> dict[str, float]:
@@ -73,6 +74,13 @@ spark.stop()
 """
 
 
+def upload(store, local: Path, prefix: str) -> None:  # type: ignore[no-untyped-def]
+    """Every file under `local` to the store, one stream each (pyarrow's copy_files stalls on moto)."""
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        with store.open_output_stream(f"{prefix}/{path.relative_to(local).as_posix()}") as out:
+            out.write(path.read_bytes())
+
+
 def multihost(quick: bool) -> list[dict]:
     """(b): allreduce between hosts vs loopback, ETL on S3 vs local disk (see the docstring)."""
     from tests import multihost as hosts
@@ -110,7 +118,7 @@ def multihost(quick: bool) -> list[dict]:
             for n in per_split:
                 raw = tmp / f"raw{n}"
                 write_raw_folder(raw, limit=n)
-                pafs.copy_files(str(raw), f"raw/r{n}", destination_filesystem=store)
+                upload(store, raw, f"raw/r{n}")
                 for where, source, root in (("local", str(raw), str(tmp / "datasets")),
                                             ("s3", f"s3://raw/r{n}", "s3://datasets")):
                     _, etl[where][n] = cluster.submit(JOBS / "etl.py", [
@@ -130,16 +138,22 @@ def multihost(quick: bool) -> list[dict]:
     small, large = per_split
     images = 2 * (large - small)
     print(f"\n(b) ETL of {2 * small:,} and {2 * large:,} PNGs on the 2 worker hosts: wall s, marginal images/s")
-    marginal = {}
+    marginal, bounded = {}, set()
     for where in ("local", "s3"):
-        marginal[where] = images / (etl[where][large] - etl[where][small])
+        extra_s = etl[where][large] - etl[where][small]
+        if extra_s < RESOLUTION_S:  # the extra images cost less than run-to-run noise: a lower bound
+            extra_s, bounded = RESOLUTION_S, bounded | {where}
+        marginal[where] = images / extra_s
         fixed = etl[where][small] - 2 * small / marginal[where]
-        print(f"  {where:<6} {etl[where][small]:6.1f} s, {etl[where][large]:6.1f} s: marginal {marginal[where]:6.0f} "
-              f"images/s, fixed {fixed:5.1f} s")
+        print(f"  {where:<6} {etl[where][small]:6.1f} s, {etl[where][large]:6.1f} s: marginal "
+              f"{'>' if where in bounded else ' '}{marginal[where]:6.0f} images/s, fixed {fixed:5.1f} s")
         figures.append({"name": f"etl_marginal_images_per_s_{where}", "value": round(marginal[where]), "goal": None,
-                        "unit": "images/s"})
-    figures.append({"name": "s3_etl_marginal_over_local", "value": round(marginal["s3"] / marginal["local"], 3),
-                    "goal": 0.7, "unit": "ratio"})
+                        "unit": "images/s (lower bound)" if where in bounded else "images/s"})
+    ratio = marginal["s3"] / marginal["local"]
+    if "local" in bounded:
+        print(f"  local's extra {images:,} images took under {RESOLUTION_S:.0f} s (noise): the ratio is an upper bound")
+    figures.append({"name": "s3_etl_marginal_over_local", "value": round(ratio, 3), "goal": 0.7,
+                    "unit": "ratio (upper bound)" if "local" in bounded else "ratio"})
     return figures
 
 
