@@ -5,9 +5,10 @@
     on the same Fashion-MNIST subset.
 (b) Between hosts (tests/multihost.py: network-namespace hosts, as root; skipped with the reason
     elsewhere): gloo allreduce bus bandwidth between ranks on w1 and w2 over their data network
-    against two ranks on one host over loopback (the same probe, the same sizes); and the ETL's
-    marginal rate reading raw files from and writing the dataset to the S3 store against the shared
-    local disk, each the slope between two input sizes (fixed costs cancel; they are reported apart).
+    against two ranks on one host over loopback (the same probe, the same sizes); and the marginal
+    rates of the ETL (raw files to a dataset) and of batch inference (raw files to predictions) on
+    the S3 store against the shared local disk, each the slope between two input sizes (fixed costs
+    cancel; they are reported apart).
 
 Usage: python benchmarks/cluster.py [--quick] [--json PATH] [--part a|b]
 """
@@ -74,15 +75,8 @@ spark.stop()
 """
 
 
-def upload(store, local: Path, prefix: str) -> None:  # type: ignore[no-untyped-def]
-    """Every file under `local` to the store, one stream each (pyarrow's copy_files stalls on moto)."""
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        with store.open_output_stream(f"{prefix}/{path.relative_to(local).as_posix()}") as out:
-            out.write(path.read_bytes())
-
-
 def multihost(quick: bool) -> list[dict]:
-    """(b): allreduce between hosts vs loopback, ETL on S3 vs local disk (see the docstring)."""
+    """(b): allreduce between hosts vs loopback, ETL and inference on S3 vs local disk (see the docstring)."""
     from tests import multihost as hosts
     from tests import netns
 
@@ -90,8 +84,6 @@ def multihost(quick: bool) -> list[dict]:
     if why_not:
         print(f"\n(b) between hosts: skipped ({why_not})")
         return []
-    import pyarrow.fs as pafs
-
     sizes, repeats = ([16, 64], 5) if quick else ([4, 16, 64], 9)
     per_split = (100, 1000) if quick else (200, 3000)
     figures: list[dict] = []
@@ -109,16 +101,13 @@ def multihost(quick: bool) -> list[dict]:
                 print(f"(b) allreduce probe on {where}: {took:.0f} s", flush=True)
                 seconds = json.loads(out.split("PROBE ", 1)[1].splitlines()[0])
                 bus[where] = {mb: mb / 1024 / seconds[str(mb)] for mb in sizes}  # GB/s; 2(n-1)/n = 1 for n = 2
-            store = pafs.S3FileSystem(endpoint_override=cluster.s3_endpoint.split("//")[1], scheme="http",
-                                      access_key=cluster.aws["AWS_ACCESS_KEY_ID"],
-                                      secret_key=cluster.aws["AWS_SECRET_ACCESS_KEY"], region="us-east-1")
             for bucket in ("raw", "datasets"):
                 cluster.make_bucket(bucket)
             etl: dict[str, dict[int, float]] = {"s3": {}, "local": {}}
             for n in per_split:
                 raw = tmp / f"raw{n}"
                 write_raw_folder(raw, limit=n)
-                upload(store, raw, f"raw/r{n}")
+                cluster.upload(raw, f"raw/r{n}")
                 for where, source, root in (("local", str(raw), str(tmp / "datasets")),
                                             ("s3", f"s3://raw/r{n}", "s3://datasets")):
                     _, etl[where][n] = cluster.submit(JOBS / "etl.py", [

@@ -176,6 +176,24 @@ class MultiHostCluster:
     def _in_host(self, host: str, code: str) -> bool:
         return self.hosts.run(host, [sys.executable, "-c", code], timeout=30).returncode == 0
 
+    def store_filesystem(self):  # type: ignore[no-untyped-def]
+        """The store through pyarrow, as the test machine sees it (the root namespace is on the bridges)."""
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(endpoint_override=self.s3_endpoint.split("//")[1], scheme="http",
+                                 region=self.aws["AWS_DEFAULT_REGION"], access_key=self.aws["AWS_ACCESS_KEY_ID"],
+                                 secret_key=self.aws["AWS_SECRET_ACCESS_KEY"])
+
+    def upload(self, local: Path, prefix: str) -> int:
+        """Every file under `local` to `prefix` in the store, one stream each (pyarrow's copy_files
+        stalls on moto); returns how many."""
+        store = self.store_filesystem()
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        for path in files:
+            with store.open_output_stream(f"{prefix}/{path.relative_to(local).as_posix()}") as out:
+                out.write(path.read_bytes())
+        return len(files)
+
     def make_bucket(self, bucket: str) -> None:
         code = ("import boto3; boto3.client('s3').create_bucket(Bucket=" + repr(bucket) + ")")
         done = self.hosts.run("driver", [sys.executable, "-c", code], timeout=60, env=self.driver_env(False))

@@ -34,24 +34,6 @@ def pyfiles(tmp_path_factory) -> Path:
     return build_pyfiles(tmp_path_factory.mktemp("dist"))
 
 
-def s3(cluster):
-    """The store as the test machine sees it (the root namespace is on the bridges)."""
-    import pyarrow.fs as pafs
-
-    return pafs.S3FileSystem(endpoint_override=cluster.s3_endpoint.split("//")[1], scheme="http", region="us-east-1",
-                             access_key=cluster.aws["AWS_ACCESS_KEY_ID"],
-                             secret_key=cluster.aws["AWS_SECRET_ACCESS_KEY"])
-
-
-def upload(fs, local: Path, bucket_path: str) -> int:
-    count = 0
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        with fs.open_output_stream(f"{bucket_path}/{path.relative_to(local).as_posix()}") as out:
-            out.write(path.read_bytes())
-        count += 1
-    return count
-
-
 def test_every_component_runs_on_its_own_host(cluster):
     state = json.loads(cluster.hosts.run("driver", ["python3", "-c", (
         f"import urllib.request; print(urllib.request.urlopen('{cluster.master_ui}/json/').read().decode())")]).stdout)
@@ -72,7 +54,7 @@ def dataset(cluster, pyfiles, tmp_path_factory) -> str:
     for bucket in ("raw", "datasets", "predictions"):
         cluster.make_bucket(bucket)
     write_raw_folder(tmp / "raw", limit=200)
-    sent = upload(s3(cluster), tmp / "raw", "raw/fashion")
+    sent = cluster.upload(tmp / "raw", "raw/fashion")
     assert sent == 401  # 400 PNGs and the generator's _COMPLETE marker, which the ETL does not take
     out, _ = cluster.submit(PROJECT / "jobs" / "etl.py", ["input.path=s3://raw/fashion", "output.root=s3://datasets",
                                                         "output.name=fm", "output.row_group_size_mb=0.05",
@@ -90,7 +72,7 @@ def test_etl_training_and_inference_across_hosts_on_the_object_store(cluster, py
     import pyarrow.parquet as pq
     from mlflow.tracking import MlflowClient
 
-    fs = s3(cluster)
+    fs = cluster.store_filesystem()
     work = tmp_path / "driver-cwd"
     work.mkdir()
 
@@ -177,7 +159,7 @@ def test_exclusive_creates_on_the_store_have_exactly_one_winner(cluster):
     won = [[int(bit) for bit in racer.communicate(timeout=120)[0].split()] for racer in racers]
     assert [len(w) for w in won] == [30, 30]
     assert all(a + b == 1 for a, b in zip(*won)), won
-    fs = s3(cluster)
+    fs = cluster.store_filesystem()
     for i, (w1_won, _) in enumerate(zip(*won)):
         with fs.open_input_stream(f"locks/race/{i}") as handle:
             assert handle.read().decode() == ("w1" if w1_won else "w2")
@@ -197,7 +179,7 @@ def test_two_etl_runs_racing_for_one_output_on_the_store_publish_once(cluster, p
     assert sorted(code == 0 for code, _ in outcomes) == [False, True], [ours(out) for _, out in outcomes]
     loser = next(out for code, out in outcomes if code != 0)
     assert "s3://datasets/race/_LOCK is locked by job" in loser, ours(loser)
-    fs = s3(cluster)
+    fs = cluster.store_filesystem()
     assert [i.base_name for i in fs.get_file_info(pafs_selector("datasets/race")) if i.base_name.startswith("v=")] \
         == ["v=1"]
 
@@ -211,7 +193,7 @@ def test_a_model_search_hops_between_hosts_with_its_store_in_the_object_store(cl
         "optimizer.batch_size=16",
         "max_eval_rows=200", "registry.model_name=fm-search", *tracking(cluster)], pyfiles, tmp_path)
     assert "model selection (grid, mop): 2 configurations" in out, ours(out)
-    stored = [info.path for info in s3(cluster).get_file_info(pafs_selector_recursive("selection"))]
+    stored = [info.path for info in cluster.store_filesystem().get_file_info(pafs_selector_recursive("selection"))]
     # each configuration's marker after each of its 2 x 2 units (epoch x partition) is in the store
     assert len([p for p in stored if "/unit-" in p and p.endswith(".json")]) == 2 * 2 * 2, stored
 
@@ -288,7 +270,7 @@ def test_a_worker_host_that_dies_mid_inference_has_its_tasks_rerun_and_every_inp
 
     import pyarrow.parquet as pq
 
-    fs = s3(cluster)
+    fs = cluster.store_filesystem()
     log = tmp_path / "inference.log"
     args = ["input.path=s3://raw/fashion", "output.path=s3://predictions/fault", "files_per_task=4",
             "model_uri=models:/fm-hosts@champion", *tracking(cluster)]
@@ -340,7 +322,7 @@ def test_a_worker_host_that_dies_mid_training_fails_the_job_in_bounded_time_and_
     args = ["data.root=s3://datasets", "data.name=fm", "epochs=6", "steps_per_epoch=30", "optimizer.batch_size=16",
             "max_eval_rows=200", "horovod.num_proc=2", "horovod.nics=[data0]", "horovod.peer_timeout_s=20",
             "registry.enabled=false", "tracking.experiment=multihost-fault", f"tracking.uri={cluster.mlflow.url}"]
-    fs = s3(cluster)
+    fs = cluster.store_filesystem()
 
     def first_checkpoints() -> set[str]:
         return {i.path for i in fs.get_file_info(pafs_selector_recursive("mlflow/artifacts"))

@@ -123,11 +123,19 @@ def _probed_hosts(num_proc: int) -> tuple[Any, bool, list[HostInterfaces]]:
     return sc, local, executors
 
 
+def _decided(num_proc: int, requested: Sequence[str] | None
+             ) -> tuple[Any, list[str], list[HostInterfaces], dict[str, list[str]]]:
+    """(SparkContext, Gloo's interfaces, the probed executor hosts, the driver's interfaces)."""
+    sc, local, executors = _probed_hosts(num_proc)
+    driver = local_interfaces()
+    nics = decide_nics(requested, local, sc.getConf().get("spark.driver.host", ""), driver, executors)
+    return sc, nics, executors, driver
+
+
 def gloo_interfaces(num_proc: int, requested: Sequence[str] | None) -> list[str]:
     """`decide_nics` on the active SparkContext: on a cluster, `num_proc` probe tasks report their
     hosts' interfaces, before any rank starts."""
-    sc, local, executors = _probed_hosts(num_proc)
-    return decide_nics(requested, local, sc.getConf().get("spark.driver.host", ""), local_interfaces(), executors)
+    return _decided(num_proc, requested)[1]
 
 
 def peer_addresses(executors: Sequence[HostInterfaces], driver: dict[str, list[str]]) -> set[str]:
@@ -147,9 +155,7 @@ def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: 
 
     from training.lost_ranks import run_watched
 
-    sc, local, executors = _probed_hosts(num_proc)
-    driver = local_interfaces()
-    nics = decide_nics(nics, local, sc.getConf().get("spark.driver.host", ""), driver, executors)
+    sc, nics, executors, driver = _decided(num_proc, nics)
 
     rank_env = rank_environment(os.environ)
     rank_env.update({

@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ class StageWatch:
     stage_id: int | None = None
     failed_since: float | None = None
     failed_attempts: int = 0
-    seen: set[int] = field(default_factory=set)
 
     def observe(self, stages: Iterable[tuple[int, int, int]], now: float) -> bool:
         for stage_id, tasks, failed in stages:
