@@ -96,6 +96,15 @@ class OnDevice:
             return self.classifier.probabilities(x, batch_size)
 
 
+def gpu_device(gpu_names: list[str], assigned: str | None) -> str | None:
+    """The TensorFlow device for the GPU Spark assigned (its address ends the device's name), the
+    first GPU when Spark assigned none, None without GPUs."""
+    if not gpu_names:
+        return None
+    index = next((i for i, name in enumerate(gpu_names) if assigned is not None and name.endswith(f":{assigned}")), 0)
+    return f"/GPU:{index}"
+
+
 @functools.lru_cache(maxsize=4)
 def load_on_worker(shipped_as: str, intra_op_threads: int, gpu: str | None = None) -> OnDevice:
     """The registered model (`deepspark.serving.ModalityClassifier`), loaded once per Python
@@ -115,10 +124,7 @@ def load_on_worker(shipped_as: str, intra_op_threads: int, gpu: str | None = Non
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:
         pass
-    device = None
-    if gpus:
-        index = next((i for i, g in enumerate(gpus) if gpu is not None and g.name.endswith(f":{gpu}")), 0)
-        device = f"/GPU:{index}"
+    device = gpu_device([g.name for g in gpus], gpu)
     import mlflow.pyfunc
 
     from deepspark.spark import freeze_heap

@@ -4,7 +4,9 @@ one inference batch, placed on that GPU the way DeepSpark's ranks and UDFs place
     spark-submit --master spark://<master>:7077 \\
         --conf spark.executor.resource.gpu.amount=1 --conf spark.task.resource.gpu.amount=1 \\
         --conf spark.executor.resource.gpu.discoveryScript=/opt/deepspark/conf/gpu/discover_gpus.sh \\
-        scripts/gpu_check.py [--tasks N] [--json PATH]
+        [--py-files dist/deepspark.zip] scripts/gpu_check.py [--tasks N] [--json PATH]
+
+(the executors import DeepSpark's placement code: installed on the hosts, or shipped as --py-files).
 
 It prints one line per task (host, the address Spark assigned, TensorFlow's GPUs, where the step
 and the batch ran, whether Horovod has NCCL) and exits 0 when every task trained and predicted on
@@ -29,11 +31,10 @@ def check_on_assigned_gpu(_: Any) -> Iterator[dict[str, Any]]:
     import socket
 
     import numpy as np
-    from pyspark import TaskContext
 
-    context = TaskContext.get()
-    resources = context.resources() if context is not None else {}
-    assigned = resources["gpu"].addresses[0] if "gpu" in resources and resources["gpu"].addresses else None
+    from inference.model import gpu_device, task_gpu
+
+    assigned = task_gpu()
     report: dict[str, Any] = {"host": socket.gethostname(), "assigned": assigned}
     try:
         import horovod.tensorflow as hvd
@@ -49,8 +50,7 @@ def check_on_assigned_gpu(_: Any) -> Iterator[dict[str, Any]]:
     if not gpus:
         yield report
         return
-    index = next((i for i, g in enumerate(gpus) if assigned is not None and g.name.endswith(f":{assigned}")), 0)
-    device = f"/GPU:{index}"
+    device = gpu_device([g.name for g in gpus], assigned)
     x = np.random.default_rng(0).random((64, 28, 28, 1), dtype=np.float32)
     y = np.arange(64) % 10
     with tf.device(device):

@@ -57,3 +57,12 @@ def test_the_gpu_check_passes_only_when_the_step_and_the_batch_ran_on_a_gpu():
     cpu_build = problems([{**on_gpu, "cuda_build": False, "tensorflow_gpus": []}])
     assert cpu_build == ["w1 (Spark's GPU 1): TensorFlow 2.15.1 sees no GPU; it is the CPU build "
                          "(run scripts/setup.sh --gpu)"]
+
+
+def test_a_task_uses_the_gpu_spark_assigned_else_the_first():
+    from inference.model import gpu_device
+
+    names = ["/physical_device:GPU:0", "/physical_device:GPU:1"]
+    assert gpu_device(names, "1") == "/GPU:1"
+    assert gpu_device(names, None) == "/GPU:0"
+    assert gpu_device([], "1") is None
