@@ -67,6 +67,14 @@ class HorovodSettings(FrozenModel):
     autotune: bool = False  # HOROVOD_AUTOTUNE: Horovod searches fusion threshold and cycle time itself
     mixed_precision: bool = False
     xla: bool = False
+    # Elastic training (horovod.spark.run_elastic, Gloo): a lost rank or host does not end the job;
+    # the others restore the last committed state and go on, down to `min_num_proc` ranks, and a
+    # rank Spark starts again joins in. The global batch and the learning-rate schedule stay as
+    # planned for num_proc ranks (fewer ranks take larger per-rank batches).
+    elastic: bool = False
+    min_num_proc: PositiveInt = 1  # elastic: the fewest ranks training goes on with
+    commit_batches: PositiveInt = 20  # elastic: state committed every N batches (and at each epoch end)
+    reset_limit: PositiveInt | None = None  # elastic: the job fails after this many membership changes
 
 
 def horovod_environment(settings: HorovodSettings) -> dict[str, str]:

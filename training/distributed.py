@@ -146,11 +146,21 @@ def peer_addresses(executors: Sequence[HostInterfaces], driver: dict[str, list[s
             if a not in own and not a.startswith("127.")}
 
 
+@dataclass(frozen=True)
+class ElasticLimits:
+    """An elastic run's bounds: it goes on with as few as `min_num_proc` ranks and fails after
+    `reset_limit` membership changes (None: no limit)."""
+
+    min_num_proc: int = 1
+    reset_limit: int | None = None
+
+
 def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: Sequence[str] | None,
-              env: dict[str, str] | None = None) -> list[Any]:
+              env: dict[str, str] | None = None, elastic: ElasticLimits | None = None) -> list[Any]:
     """Run `fn` on `num_proc` Horovod ranks over gloo, one per Spark task; results by rank. The
     interfaces are checked (or chosen, when `nics` is None) on the hosts first. A rank's host lost
-    mid-run fails the run within Spark's detection plus the peer timeout (training/lost_ranks.py)."""
+    mid-run fails the run within Spark's detection plus the peer timeout (training/lost_ranks.py);
+    with `elastic`, through horovod.spark.run_elastic, the other ranks go on without it instead."""
     import horovod.spark
 
     from training.lost_ranks import run_watched
@@ -168,14 +178,21 @@ def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: 
     })
     rank_env.update(env or {})
     # Survivors of a lost host fail after the peer timeout; give them that, plus time to report.
-    grace_s = int(rank_env["HOROVOD_GLOO_TIMEOUT_SECONDS"]) + 15
+    # Elastic runs shut only connections to hosts that no longer answer, which needs no grace.
+    grace_s = 0 if elastic is not None else int(rank_env["HOROVOD_GLOO_TIMEOUT_SECONDS"]) + 15
 
     def launch() -> list[Any]:
+        if elastic is not None:
+            return horovod.spark.run_elastic(fn, num_proc=num_proc, min_num_proc=elastic.min_num_proc,
+                                             max_num_proc=num_proc, start_timeout=start_timeout_s,
+                                             reset_limit=elastic.reset_limit, env=rank_env, verbose=1,
+                                             nics=set(nics))
         return horovod.spark.run(fn, num_proc=num_proc, start_timeout=start_timeout_s, use_gloo=True,
                                  nics=set(nics), env=rank_env, verbose=1)
 
     try:
-        return run_watched(launch, sc, num_proc, grace_s, peer_addresses(executors, driver))  # type: ignore[no-any-return]
+        return run_watched(launch, sc, num_proc, grace_s, peer_addresses(executors, driver),  # type: ignore[no-any-return]
+                           elastic=elastic is not None)
     except Exception as exc:
         raise RankFailure(f"Horovod ranks failed: {type(exc).__name__}: {exc}") from exc
 
@@ -193,11 +210,23 @@ def available_gpu() -> str | None:
 
 class HorovodCollective:
     """The trainer seam's Collective over Horovod (training/trainer.py): `start()` inside a rank
-    runs `hvd.init()`; every other Horovod call a rank makes goes through this object."""
+    runs `hvd.init()`; every other Horovod call a rank makes goes through this object. Rank and
+    size are read when asked: an elastic run changes them at each reset."""
 
     def __init__(self, hvd: Any) -> None:
         self._hvd = hvd
-        self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+
+    @property
+    def rank(self) -> int:
+        return int(self._hvd.rank())
+
+    @property
+    def size(self) -> int:
+        return int(self._hvd.size())
+
+    @property
+    def local_rank(self) -> int:
+        return int(self._hvd.local_rank())
 
     @classmethod
     def start(cls) -> "HorovodCollective":
@@ -214,8 +243,26 @@ class HorovodCollective:
                                         backward_passes_per_step=settings.backward_passes_per_step,
                                         average_aggregated_gradients=True)
 
-    def fit_callbacks(self) -> list[Any]:
-        return [self._hvd.callbacks.BroadcastGlobalVariablesCallback(0), self._hvd.callbacks.MetricAverageCallback()]
+    def fit_callbacks(self, broadcast: bool = True) -> list[Any]:
+        """Rank 0's variables broadcast at the start (unless an elastic state's sync does it) and
+        the epoch's training metrics averaged."""
+        averaged = [self._hvd.callbacks.MetricAverageCallback()]
+        return [self._hvd.callbacks.BroadcastGlobalVariablesCallback(0), *averaged] if broadcast else averaged
+
+    def elastic_state(self, model: Any, **progress: Any) -> Any:
+        """Horovod elastic state holding the model's and its built optimizer's variables and
+        `progress` (plain values: epoch, batch): committed, restored on a failed collective and
+        synchronised from rank 0 at each reset."""
+        from training.elastic import KerasModelState
+
+        return KerasModelState(model, **progress)
+
+    def run_elastic(self, train: Callable[[Any], Any], state: Any) -> Any:
+        """`train(state)` under Horovod's elastic loop: a failed collective restores the last commit,
+        a change of hosts re-initialises Horovod (new rank and size), then `train` runs again."""
+        import horovod.tensorflow.keras as hvd
+
+        return hvd.elastic.run(train)(state)
 
     def allreduce(self, values: Any, op: str, name: str) -> Any:
         import horovod.tensorflow as hvd_tf

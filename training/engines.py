@@ -54,9 +54,11 @@ def load(ref: str) -> Engine:
 
 @dataclass(frozen=True)
 class HorovodEngine:
-    """Horovod ranks on Spark executors over gloo (`horovod.*` settings)."""
+    """Horovod ranks on Spark executors over gloo (`horovod.*` settings); elastic with
+    `horovod.elastic`."""
 
     name: str = "horovod"
+    elastic: bool = True  # runs `horovod.elastic=true` (an engine without this attribute refuses it)
 
     def ranks(self, requested: int | None, slots: int) -> int:
         return requested or slots
@@ -71,10 +73,12 @@ class HorovodEngine:
 
     def launch(self, task: Callable[[], Any], num_proc: int, cfg: "TrainConfig") -> list[Any]:
         from training.config import horovod_environment
-        from training.distributed import run_ranks
+        from training.distributed import ElasticLimits, run_ranks
 
-        return run_ranks(task, num_proc, cfg.horovod.start_timeout_s, cfg.horovod.nics,
-                         horovod_environment(cfg.horovod))
+        settings = cfg.horovod
+        elastic = ElasticLimits(settings.min_num_proc, settings.reset_limit) if settings.elastic else None
+        return run_ranks(task, num_proc, settings.start_timeout_s, settings.nics, horovod_environment(settings),
+                         elastic)
 
     def collective(self) -> "Collective":
         from training.distributed import HorovodCollective

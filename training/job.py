@@ -96,6 +96,8 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
     num_proc = engines.load(engine).ranks(cfg.horovod.num_proc, slots)
     if num_proc > slots:
         raise ConfigError(f"horovod.num_proc={num_proc} exceeds Spark's {slots} task slots")
+    if cfg.horovod.elastic:
+        check_elastic(cfg, num_proc, engines.load(engine), spark)
     groups = train_row_groups(dataset.split_url(cfg.data.train_split))
     if groups < num_proc:
         raise ConfigError(f"horovod.num_proc={num_proc} but the {cfg.data.train_split} split has {groups} row "
@@ -107,6 +109,38 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
         raise ConfigError(f"optimizer.batch_size={cfg.optimizer.batch_size} x {num_proc} ranks exceeds the "
                           f"{dataset.rows(cfg.data.train_split)} training rows")
     return Plan(dataset, builder, num_proc, steps, builders.user_code(builder), weights, engine)
+
+
+def check_elastic(cfg: TrainConfig, num_proc: int, engine: object, spark: "SparkSession") -> None:
+    """`horovod.elastic` against the engine, the other keys and Spark's task retries, before launch."""
+    if not getattr(engine, "elastic", False):
+        raise ConfigError(f"horovod.elastic: engine={cfg.engine} does not run elastic training (engine=horovod does)")
+    if cfg.horovod.min_num_proc > num_proc:
+        raise ConfigError(f"horovod.min_num_proc={cfg.horovod.min_num_proc} exceeds the {num_proc} ranks planned "
+                          "(horovod.num_proc)")
+    for key, on in (("finetune.freeze_epochs", cfg.finetune.freeze_epochs),
+                    ("early_stopping.patience", cfg.early_stopping.patience),
+                    ("early_stopping.restore_best", cfg.early_stopping.restore_best)):
+        if on:
+            raise ConfigError(f"{key}: not supported with horovod.elastic=true yet (its state is not carried "
+                              "across a change of ranks)")
+    retries = spark_task_attempts(spark)
+    if retries < 2:
+        raise ConfigError(f"horovod.elastic: Spark makes {retries} attempt per task here, so a lost rank's task "
+                          "fails the job instead of starting again; set spark.task.maxFailures >= 2, or on a local "
+                          "master use local[N,F] (e.g. --master 'local[2,4]')")
+
+
+def spark_task_attempts(spark: "SparkSession") -> int:
+    """How many attempts Spark makes per task: local[N,F]'s F on a local master (local[N]: 1), else
+    spark.task.maxFailures (default 4)."""
+    import re
+
+    master = spark.sparkContext.master or ""
+    if master.startswith("local"):
+        found = re.fullmatch(r"local\[[^,\]]+,\s*(\d+)\]", master)
+        return int(found.group(1)) if found else 1
+    return int(spark.sparkContext.getConf().get("spark.task.maxFailures", "4"))
 
 
 @dataclass(frozen=True)
@@ -210,7 +244,7 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
             train_url=dataset.split_url(cfg.data.train_split),
             val_url=dataset.split_url(cfg.data.val_split) if cfg.data.val_split in dataset.manifest["splits"] else None,
             test_url=dataset.split_url(cfg.data.test_split), steps_per_epoch=steps, start_epoch=start_epoch,
-            initial_weights=planned.initial_weights, engine=planned.engine,
+            initial_weights=planned.initial_weights, engine=planned.engine, ranks=num_proc,
             user_code=builders.CodeArchive.pack(planned.user_code) if planned.user_code else None,
             tracking_uri=tracking_uri(cfg.tracking) if run else None, run_id=run_id, checkpoint=checkpoint,
         )

@@ -8,6 +8,11 @@ reports a failed attempt of Horovod's stage (a non-elastic run can never finish 
 survivors have had their peer timeout, it shuts this process's connections to the executors'
 hosts, so Horovod's waits return and Horovod cancels its Spark job and raises as it does for a
 failed rank.
+
+An elastic run (`horovod.spark.run_elastic`) hangs the same way: its driver waits for every
+worker's exit code before the survivors may go on. There the watch shuts only the connections to
+hosts that no longer answer a new connection, so the lost worker is recorded as failed and the run
+goes on without it.
 """
 
 from __future__ import annotations
@@ -85,24 +90,58 @@ def shut_connections_to(addresses: set[str]) -> int:
     return shut
 
 
+def unreachable(endpoints: Iterable[tuple[str, int]], timeout_s: float = 3.0) -> set[str]:
+    """The addresses among `endpoints` (address, port) where a new TCP connection gets no answer
+    at all within `timeout_s` (a refusal is an answer: that host is up)."""
+    dead, alive = set(), set()
+    for address, port in endpoints:
+        if address in dead or address in alive:
+            continue
+        try:
+            socket.create_connection((address, port), timeout=timeout_s).close()
+            alive.add(address)
+        except ConnectionRefusedError:
+            alive.add(address)
+        except OSError:
+            dead.add(address)
+    return dead
+
+
+def connected_endpoints(addresses: set[str]) -> list[tuple[str, int]]:
+    """(address, port) of this process's established TCP connections to `addresses`."""
+    import psutil
+
+    return [(c.raddr.ip, c.raddr.port) for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.ip in addresses]
+
+
 def run_watched(run: Callable[[], Any], spark_context: Any, num_proc: int, grace_s: float,
-                peer_addresses: set[str], poll_s: float = 1.0) -> Any:
-    """`run()` (a `horovod.spark.run` call, which must stay on the main thread: Horovod installs a
-    signal handler) watched from a thread as the module says. Returns its result, or raises its
-    exception (as `LostRank` when Spark had lost one of its tasks)."""
+                peer_addresses: set[str], poll_s: float = 1.0, elastic: bool = False) -> Any:
+    """`run()` (a `horovod.spark.run` or `run_elastic` call, which must stay on the main thread:
+    Horovod installs a signal handler) watched from a thread as the module says. Returns its
+    result, or raises its exception (as `LostRank` when Spark had lost one of its tasks)."""
     tracker = spark_context.statusTracker()
     watch = StageWatch(num_proc, grace_s, frozenset(tracker.getActiveStageIds()))
     done = threading.Event()
 
     def watch_loop() -> None:
         while not done.wait(poll_s):
-            if watch.observe(_stages(tracker, watch.stage_id), time.monotonic()):
-                # Again on every poll: a wait that opens a connection after the first shut gets it too.
-                shut = shut_connections_to(peer_addresses)
+            if not watch.observe(_stages(tracker, watch.stage_id), time.monotonic()):
+                continue
+            # Again on every poll: a wait that opens a connection after the first shut gets it too.
+            if elastic:
+                gone = unreachable(connected_endpoints(peer_addresses))
+                shut = shut_connections_to(gone) if gone else 0
                 if shut:
-                    log.error("Spark lost %d attempt(s) of Horovod's tasks and the ranks did not end within "
-                              "%.0f s: a host is gone; shut %d connection(s) to the executors' hosts so Horovod "
-                              "stops", watch.failed_attempts, grace_s, shut)
+                    log.error("Spark lost an attempt of Horovod's tasks and %s answers no more: shut %d "
+                              "connection(s) to it, so the elastic run goes on without it", ", ".join(sorted(gone)),
+                              shut)
+                continue
+            shut = shut_connections_to(peer_addresses)
+            if shut:
+                log.error("Spark lost %d attempt(s) of Horovod's tasks and the ranks did not end within "
+                          "%.0f s: a host is gone; shut %d connection(s) to the executors' hosts so Horovod "
+                          "stops", watch.failed_attempts, grace_s, shut)
 
     watcher = threading.Thread(target=watch_loop, name="horovod-lost-rank-watch", daemon=True)
     watcher.start()

@@ -48,6 +48,7 @@ class RankTask:
     initial_weights: list[np.ndarray] | None = field(default=None, repr=False)  # model.init_from's (a checkpoint wins)
     engine: str = "training.engines:HOROVOD"  # the training engine's reference: its collective runs here
     user_code: CodeArchive | None = None  # the user's builder package, put on this rank's path first
+    ranks: int | None = None  # the planned number of ranks, which scales the learning rate (None: those running)
 
     def __call__(self) -> dict[str, Any] | None:
         from deepspark.logs import configure_logging
@@ -76,16 +77,13 @@ class RankTask:
         cfg = self.cfg
         set_threads(cfg.horovod.intra_op_threads, cfg.horovod.inter_op_threads)
         collective = engines.load(self.engine).collective()
-        rank, size = collective.rank, collective.size
         self._pin_device(tf, collective)
         if cfg.horovod.mixed_precision:
             tf.keras.mixed_precision.set_global_policy("mixed_float16")
         tf.keras.utils.set_random_seed(cfg.seed)
 
-        from training.data import ShardSpec, StallMeter, strided_rows, training_batches
-
-        spec = self.record.spec
-        model, schedule = compiled_model(cfg, self.record, self.builder, self.steps_per_epoch, collective)
+        model, schedule = compiled_model(cfg, self.record, self.builder, self.steps_per_epoch, collective,
+                                         ranks=self.ranks)
         stop_epoch = self.stop_epoch or cfg.epochs
         phases = finetune_phases(cfg.finetune.freeze_epochs, self.start_epoch, stop_epoch)
         first_frozen = phases[0][2] if phases else None
@@ -97,80 +95,86 @@ class RankTask:
             restore_checkpoint(self.checkpoint, model, None if fresh else model.optimizer)
         elif self.initial_weights is not None:  # rank 0's are broadcast to the others before the first step
             model.set_weights(self.initial_weights)
-        pool = (cfg.loader.pool_type, cfg.loader.workers)
-        shard = ShardSpec(self.train_url, spec, self.record.modality, rank, size, *pool)
-        val = strided_rows(ShardSpec(self.val_url, spec, self.record.modality, rank, size, *pool),
-                           cfg.max_eval_rows) if self.val_url else None
-        batch = cfg.optimizer.batch_size
-        meter = StallMeter()
-
-        # A buffer larger than a rank's epoch only delays the first batch (it fills before any
-        # batch leaves), which costs whole epochs of reading on small datasets of large rows.
-        buffer_rows = max(batch, min(cfg.loader.shuffle_buffer, self.steps_per_epoch * batch))
-
-        def epochs_of(first: int, end: int):  # type: ignore[no-untyped-def]
-            """One generator and one reader for a whole fit (a fine-tuning phase): no per-epoch
-            iterator teardown (which stalled ~20 s), no per-epoch reader set-up, reading ahead
-            across epoch boundaries; the order depends only on seed, epoch and rank."""
-            steps = self.steps_per_epoch * (end - first)
-            return tf.data.Dataset.from_generator(
-                lambda: training_batches(shard, batch, buffer_rows, cfg.seed, first, steps, cfg.loader.queue_batches,
-                                         meter),
-                output_signature=(tf.TensorSpec((batch, *spec.shape), tf.as_dtype(spec.dtype)),
-                                  tf.TensorSpec((batch,), tf.int32)))
-        task, client = self, (self._mlflow_client() if rank == 0 else None)
-        epochs: list[dict[str, float]] = []
-
-        class EpochEnd(tf.keras.callbacks.Callback):
-            """Per-epoch validation, throughput, stall share, logging, checkpoint (rank 0)."""
-
-            def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-                self.started = time.perf_counter()
-                meter.reset()
-
-            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-                assert logs is not None  # Keras passes each epoch's logs (and KeepBest reads what we add)
-                elapsed = time.perf_counter() - self.started
-                wait, _ = meter.reset()
-                metrics = {"loss": logs["loss"], "accuracy": logs["accuracy"]}
-                if val is not None:
-                    metrics.update(task._evaluate(self.model, *val, "val_", collective)[0])
-                slowest = collective.allreduce(np.array([elapsed]), "max", f"elapsed{epoch}")[0]
-                metrics["samples_per_s"] = task.steps_per_epoch * batch * size / slowest
-                stall = collective.allreduce(np.array([wait / elapsed]), "sum", f"stall{epoch}")[0]
-                metrics["input_stall_share"] = stall / size
-                metrics["epoch_seconds"] = slowest
-                metrics["learning_rate"] = schedule(self.model.optimizer.iterations)
-                metrics = {k: float(v) for k, v in metrics.items()}
-                logs.update(metrics)  # the exact, rank-shared validation metrics, for KeepBest
-                if rank == 0:
-                    epochs.append(dict(metrics))
-                    task._log_epoch(client, epoch, metrics, self.model)
-
+        now = Membership(collective, schedule)
+        if cfg.horovod.elastic:
+            return self._train_elastic(tf, model, now, stop_epoch)
+        now.join(self, cfg.optimizer.batch_size)
         from training.callbacks import KeepBest
 
         keep_best = KeepBest(cfg.early_stopping.monitor, cfg.early_stopping.patience, cfg.early_stopping.restore_best)
         for index, (first, end, frozen) in enumerate(phases):
             if index:  # the unfrozen phase after the frozen one: a fresh optimizer, the weights kept
-                schedule = enter_phase(model, cfg, bool(frozen), self.steps_per_epoch, collective)
-            model.fit(epochs_of(first, end), initial_epoch=first, epochs=end, steps_per_epoch=self.steps_per_epoch,
-                      verbose=0, callbacks=[*collective.fit_callbacks(), EpochEnd(), keep_best])
+                now.schedule = enter_phase(model, cfg, bool(frozen), self.steps_per_epoch, collective)
+            model.fit(self._batches(tf, now, first, self.steps_per_epoch * (end - first)), initial_epoch=first,
+                      epochs=end, steps_per_epoch=self.steps_per_epoch,
+                      verbose=0, callbacks=[*collective.fit_callbacks(), _epoch_end(tf, self, now), keep_best])
             if keep_best.stopped:
                 break
+        return self._result(model, now, keep_best.best_epoch if cfg.early_stopping.restore_best else None)
 
+    def _train_elastic(self, tf: Any, model: Any, now: "Membership", stop_epoch: int) -> dict[str, Any] | None:
+        """Training under Horovod's elastic loop. Each (re)start reads rank and size afresh, reshards
+        the data and takes a per-rank batch that keeps the planned global batch; it resumes the
+        committed epoch at the committed batch, so a reset costs at most `commit_batches` steps.
+        Rank 0 logs each membership as the `ranks` metric, and an epoch already logged (by a rank 0
+        that was then lost) is not logged again."""
+        cfg = self.cfg
+        global_batch = cfg.optimizer.batch_size * (self.ranks or now.collective.size)
+        state = now.collective.elastic_state(model, epoch=self.start_epoch, batch=0)  # type: ignore[attr-defined]  # HorovodCollective
+        commit = _commit_callback(tf, state, cfg.horovod.commit_batches)
+
+        def train(state: Any) -> dict[str, Any] | None:
+            now.join(self, -(-global_batch // now.collective.size))
+            if now.rank == 0:
+                log.info("elastic: %d rank(s) from epoch %d batch %d", now.size, state.epoch + 1, state.batch)
+                if now.client is not None:
+                    now.client.log_metric(self.run_id, "ranks", now.size, step=state.epoch)
+            while state.epoch < stop_epoch:
+                first, skip = state.epoch, state.batch
+                steps = self.steps_per_epoch - skip  # a partial epoch first when resuming mid-epoch
+                end = first + 1 if skip else stop_epoch
+                commit.skip = skip
+                model.fit(self._batches(tf, now, first, steps * (end - first)), initial_epoch=first, epochs=end,
+                          steps_per_epoch=steps, verbose=0,
+                          callbacks=[*now.collective.fit_callbacks(broadcast=False), _epoch_end(tf, self, now), commit])
+            return self._result(model, now, None)
+
+        return now.collective.run_elastic(train, state)  # type: ignore[attr-defined,no-any-return]
+
+    def _batches(self, tf: Any, now: "Membership", first: int, steps: int) -> Any:
+        """One generator and one reader for a whole fit (a fine-tuning phase, an elastic restart):
+        no per-epoch iterator teardown (which stalled ~20 s), no per-epoch reader set-up, reading
+        ahead across epoch boundaries; the order depends only on seed, epoch and rank."""
+        from training.data import training_batches
+
+        cfg, spec, shard, batch = self.cfg, self.record.spec, now.shard, now.batch
+        # A buffer larger than a rank's epoch only delays the first batch (it fills before any
+        # batch leaves), which costs whole epochs of reading on small datasets of large rows.
+        buffer_rows = max(batch, min(cfg.loader.shuffle_buffer, self.steps_per_epoch * batch))
+        return tf.data.Dataset.from_generator(
+            lambda: training_batches(shard, batch, buffer_rows, cfg.seed, first, steps, cfg.loader.queue_batches,
+                                     now.meter),
+            output_signature=(tf.TensorSpec((batch, *spec.shape), tf.as_dtype(spec.dtype)),
+                              tf.TensorSpec((batch,), tf.int32)))
+
+    def _result(self, model: Any, now: "Membership", best_epoch: int | None) -> dict[str, Any] | None:
+        """Test metrics over every rank's share; rank 0 returns them with the weights."""
+        from training.data import ShardSpec, strided_rows
+
+        cfg = self.cfg
         test_metrics: dict[str, float] = {}
         confusion = np.zeros((0, 0), np.int64)
         if self.test_url is not None:
             test_metrics, confusion = self._evaluate(model, *strided_rows(
-                ShardSpec(self.test_url, spec, self.record.modality, rank, size, *pool), cfg.max_eval_rows), "test_",
-                collective)
-        if rank != 0:
+                ShardSpec(self.test_url, self.record.spec, self.record.modality, now.rank, now.size,
+                          cfg.loader.pool_type, cfg.loader.workers), cfg.max_eval_rows), "test_", now.collective)
+        if now.rank != 0:
             return None
-        if cfg.early_stopping.restore_best and keep_best.best_epoch is not None:  # the weights tested
-            test_metrics["best_epoch"] = float(keep_best.best_epoch)
+        if best_epoch is not None:  # the weights tested
+            test_metrics["best_epoch"] = float(best_epoch)
         result = {"weights": model.get_weights(), "test": test_metrics, "confusion": confusion.tolist()}
         if self.epoch_results:
-            result.update(epochs=epochs, checkpoint=pack_checkpoint(model, model.optimizer))
+            result.update(epochs=now.epochs, checkpoint=pack_checkpoint(model, model.optimizer))
         return result
 
     def _pin_device(self, tf: Any, collective: Collective) -> None:
@@ -203,9 +207,14 @@ class RankTask:
 
         return MlflowClient(tracking_uri=self.tracking_uri)
 
-    def _log_epoch(self, client: Any, epoch: int, metrics: dict[str, float], model: Any) -> None:
+    def _log_epoch(self, client: Any, epoch: int, metrics: dict[str, float], model: Any, once: bool = False) -> None:
+        """The epoch's metrics and checkpoint (rank 0); `once`: not when the run already has this
+        epoch's metrics (logged by a rank 0 lost before the others committed the epoch)."""
         log.info("epoch %d/%d: %s", epoch + 1, self.cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if client is None:
+            return
+        if once and any(m.step == epoch for m in client.get_metric_history(self.run_id, "loss")):
+            log.info("epoch %d is in the run already: not logged again", epoch + 1)
             return
         from mlflow.entities import Metric
 
@@ -221,3 +230,86 @@ class RankTask:
             with open(marker, "w") as fh:
                 json.dump({"epoch": epoch, "archive": f"{name}.tar", **metrics}, fh)
             client.log_artifact(self.run_id, marker, CHECKPOINT_DIR)
+
+
+class Membership:
+    """What a rank trains with under its current membership (rank, size, per-rank batch, data
+    shard, validation share, MLflow client on rank 0), refreshed by `join` at the start and after
+    each elastic reset; with the run's stall meter, schedule and rank 0's per-epoch metrics."""
+
+    def __init__(self, collective: Collective, schedule: Any) -> None:
+        from training.data import StallMeter
+
+        self.collective, self.schedule, self.meter = collective, schedule, StallMeter()
+        self.epochs: list[dict[str, float]] = []
+        self.joins, self.rank, self.size, self.batch = 0, 0, 1, 0
+        self.shard: Any = None
+        self.val: tuple[np.ndarray, np.ndarray] | None = None
+        self.client: Any = None
+
+    def join(self, task: RankTask, batch: int) -> None:
+        from training.data import ShardSpec, strided_rows
+
+        cfg, record = task.cfg, task.record
+        self.joins += 1
+        self.rank, self.size, self.batch = self.collective.rank, self.collective.size, batch
+        pool = (cfg.loader.pool_type, cfg.loader.workers)
+        self.shard = ShardSpec(task.train_url, record.spec, record.modality, self.rank, self.size, *pool)
+        self.val = strided_rows(ShardSpec(task.val_url, record.spec, record.modality, self.rank, self.size, *pool),
+                                cfg.max_eval_rows) if task.val_url else None
+        self.client = task._mlflow_client() if self.rank == 0 else None
+
+
+def _epoch_end(tf: Any, task: RankTask, now: Membership) -> Any:
+    """The callback that ends each epoch: exact validation, throughput, stall share, logging and
+    checkpoint (rank 0)."""
+
+    class EpochEnd(tf.keras.callbacks.Callback):  # type: ignore[misc,name-defined]
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.started = time.perf_counter()
+            now.meter.reset()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            assert logs is not None  # Keras passes each epoch's logs (and KeepBest reads what we add)
+            elapsed = time.perf_counter() - self.started
+            wait, _ = now.meter.reset()
+            collective, size = now.collective, now.size
+            metrics = {"loss": logs["loss"], "accuracy": logs["accuracy"]}
+            if now.val is not None:
+                metrics.update(task._evaluate(self.model, *now.val, "val_", collective)[0])
+            slowest = collective.allreduce(np.array([elapsed]), "max", f"elapsed{epoch}")[0]
+            metrics["samples_per_s"] = self.params["steps"] * now.batch * size / slowest
+            stall = collective.allreduce(np.array([wait / elapsed]), "sum", f"stall{epoch}")[0]
+            metrics["input_stall_share"] = stall / size
+            metrics["epoch_seconds"] = slowest
+            metrics["learning_rate"] = now.schedule(self.model.optimizer.iterations)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            logs.update(metrics)  # the exact, rank-shared validation metrics, for KeepBest
+            if now.rank == 0:
+                now.epochs.append(dict(metrics))
+                task._log_epoch(now.client, epoch, metrics, self.model, once=now.joins > 1)
+
+    return EpochEnd()
+
+
+def _commit_callback(tf: Any, state: Any, every: int) -> Any:
+    """Horovod elastic commits: the progress after each batch, the state every `every` batches and
+    at each epoch's end (after the epoch's metrics are logged). `skip`: the batches of the epoch
+    done before this fit (a restart mid-epoch)."""
+
+    class CommitState(tf.keras.callbacks.Callback):  # type: ignore[misc,name-defined]
+        _supports_tf_logs = True  # no per-batch conversion of the logs to numpy
+
+        skip = 0
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            state.batch = self.skip + batch + 1
+            if state.batch % every == 0 and batch + 1 < self.params["steps"]:  # the epoch's end commits the last
+                state.commit()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            self.skip = 0
+            state.epoch, state.batch = epoch + 1, 0
+            state.commit()
+
+    return CommitState()

@@ -28,15 +28,21 @@ from training.config import TrainConfig
 class Collective(Protocol):
     """How the processes training one model talk to each other."""
 
-    rank: int
-    size: int
-    local_rank: int
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def local_rank(self) -> int: ...
 
     def distributed_optimizer(self, optimizer: Any, cfg: TrainConfig) -> Any:
         """The optimizer that averages gradients across processes."""
 
-    def fit_callbacks(self) -> list[Any]:
-        """Keras callbacks that keep the processes' models identical (initial broadcast, metrics)."""
+    def fit_callbacks(self, broadcast: bool = True) -> list[Any]:
+        """Keras callbacks that keep the processes' models identical (initial broadcast unless
+        `broadcast` is off, metrics)."""
 
     def allreduce(self, values: np.ndarray, op: str, name: str) -> np.ndarray:
         """Sum or max of a float64 vector across processes."""
@@ -50,7 +56,7 @@ class Solo:
     def distributed_optimizer(self, optimizer: Any, cfg: TrainConfig) -> Any:
         return optimizer
 
-    def fit_callbacks(self) -> list[Any]:
+    def fit_callbacks(self, broadcast: bool = True) -> list[Any]:
         return []
 
     def allreduce(self, values: np.ndarray, op: str, name: str) -> np.ndarray:
@@ -66,18 +72,18 @@ def set_threads(intra_op: int, inter_op: int) -> None:
 
 
 def compiled_model(cfg: TrainConfig, record: ModalityRecord, builder: str, steps_per_epoch: int,
-                   collective: Collective, variable_rate: bool = False) -> tuple[Any, Any]:
+                   collective: Collective, variable_rate: bool = False, ranks: int | None = None) -> tuple[Any, Any]:
     """A fresh model from `builder` (a `module:attr` reference) with `cfg.model.params` and the
     config's optimizer, compiled for training, and its learning-rate schedule (peak learning rate
-    x processes, warm-up, decay over `cfg.epochs`). `variable_rate`: the peak is a variable
-    (`schedule.peak.assign(...)` changes it after tracing)."""
+    x `ranks`, by default the processes running; warm-up, decay over `cfg.epochs`). `variable_rate`:
+    the peak is a variable (`schedule.peak.assign(...)` changes it after tracing)."""
     import tensorflow as tf
 
     from training.schedules import WarmupThenDecay
 
     model = build(builder, record, cfg.model.params)
     opt = cfg.optimizer
-    peak = opt.learning_rate * collective.size
+    peak = opt.learning_rate * (ranks or collective.size)
     schedule = WarmupThenDecay(tf.Variable(peak, trainable=False, dtype=tf.float32) if variable_rate else peak,
                                opt.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, opt.schedule)
     _compile(model, cfg, schedule, collective)
