@@ -307,6 +307,57 @@ def test_a_worker_host_that_dies_mid_inference_has_its_tasks_rerun_and_every_inp
         cluster.revive("w2")
 
 
+def test_an_elastic_run_whose_worker_host_dies_goes_on_with_the_survivor(cluster, pyfiles, dataset, tmp_path,
+                                                                           monkeypatch):
+    """horovod.elastic=true; after the run's first checkpoint w2's processes are SIGKILLed and its
+    links taken down (no reset, only silence). w1's rank fails its collective after
+    horovod.peer_timeout_s and restores the last commit; once Spark has lost w2's task the lost-rank
+    watch shuts the driver's connections to w2, which answers no more, so Horovod records its
+    worker as failed; training goes on with one rank and the job finishes: each epoch logged once,
+    the membership (2 ranks, then 1) in the run."""
+    import re
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    args = ["data.root=s3://datasets", "data.name=fm", "epochs=6", "steps_per_epoch=30", "optimizer.batch_size=16",
+            "max_eval_rows=200", "horovod.num_proc=2", "horovod.nics=[data0]", "horovod.peer_timeout_s=20",
+            "horovod.elastic=true", "horovod.commit_batches=5", "registry.enabled=false",
+            "tracking.experiment=multihost-elastic", f"tracking.uri={cluster.mlflow.url}"]
+    for key, value in cluster.mlflow.client_env().items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(cluster.mlflow.url)
+    log = tmp_path / "train.log"
+    try:
+        with log.open("w") as sink:
+            job = subprocess.Popen(cluster.submit_command(PROJECT / "jobs" / "train.py", args, pyfiles, DETECTION),
+                                   cwd=tmp_path, env=cluster.driver_env(), stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 400
+            run_id = None
+            while run_id is None or not client.get_metric_history(run_id, "loss"):
+                if job.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"no first epoch: {job.poll()=}\n{ours(log.read_text())[-4000:]}")
+                time.sleep(0.5)
+                experiment = client.get_experiment_by_name("multihost-elastic")
+                runs = client.search_runs([experiment.experiment_id]) if experiment else []
+                run_id = runs[0].info.run_id if runs else None
+            time.sleep(1)  # into the second epoch
+            cluster.hosts.kill_processes("w2")
+            cluster.hosts.link_down("w2")
+            assert job.wait(timeout=500) == 0, ours(log.read_text())[-6000:]
+        finally:
+            if job.poll() is None:
+                job.kill()
+        output = log.read_text()
+        assert re.search(r"198\.18\.\d\.22 answers no more", output), ours(output)[-4000:]
+        assert [m.value for m in client.get_metric_history(run_id, "ranks")][:2] == [2, 1]
+        assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(6))
+        assert client.get_run(run_id).info.status == "FINISHED"
+    finally:
+        cluster.revive("w2")
+
+
 def test_a_worker_host_that_dies_mid_training_fails_the_job_in_bounded_time_and_resume_finishes(
         cluster, pyfiles, dataset, tmp_path, monkeypatch):
     """w2's processes are SIGKILLed and its links taken down after this run's first checkpoint, so

@@ -10,7 +10,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -97,7 +97,8 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
     if num_proc > slots:
         raise ConfigError(f"horovod.num_proc={num_proc} exceeds Spark's {slots} task slots")
     if cfg.horovod.elastic:
-        check_elastic(cfg, num_proc, engines.load(engine), spark)
+        check_elastic(cfg, num_proc, engines.load(engine), task_attempts(spark.sparkContext.master or "",
+                                                                         spark.sparkContext.getConf()))
     groups = train_row_groups(dataset.split_url(cfg.data.train_split))
     if groups < num_proc:
         raise ConfigError(f"horovod.num_proc={num_proc} but the {cfg.data.train_split} split has {groups} row "
@@ -111,8 +112,8 @@ def plan(spark: "SparkSession", cfg: TrainConfig) -> "Plan":
     return Plan(dataset, builder, num_proc, steps, builders.user_code(builder), weights, engine)
 
 
-def check_elastic(cfg: TrainConfig, num_proc: int, engine: object, spark: "SparkSession") -> None:
-    """`horovod.elastic` against the engine, the other keys and Spark's task retries, before launch."""
+def check_elastic(cfg: TrainConfig, num_proc: int, engine: object, attempts: int) -> None:
+    """`horovod.elastic` against the engine, the other keys and Spark's `attempts` per task, before launch."""
     if not getattr(engine, "elastic", False):
         raise ConfigError(f"horovod.elastic: engine={cfg.engine} does not run elastic training (engine=horovod does)")
     if cfg.horovod.min_num_proc > num_proc:
@@ -124,23 +125,21 @@ def check_elastic(cfg: TrainConfig, num_proc: int, engine: object, spark: "Spark
         if on:
             raise ConfigError(f"{key}: not supported with horovod.elastic=true yet (its state is not carried "
                               "across a change of ranks)")
-    retries = spark_task_attempts(spark)
-    if retries < 2:
-        raise ConfigError(f"horovod.elastic: Spark makes {retries} attempt per task here, so a lost rank's task "
+    if attempts < 2:
+        raise ConfigError(f"horovod.elastic: Spark makes {attempts} attempt per task here, so a lost rank's task "
                           "fails the job instead of starting again; set spark.task.maxFailures >= 2, or on a local "
                           "master use local[N,F] (e.g. --master 'local[2,4]')")
 
 
-def spark_task_attempts(spark: "SparkSession") -> int:
+def task_attempts(master: str, conf: Any) -> int:
     """How many attempts Spark makes per task: local[N,F]'s F on a local master (local[N]: 1), else
-    spark.task.maxFailures (default 4)."""
+    spark.task.maxFailures from `conf` (a SparkConf or dict; default 4)."""
     import re
 
-    master = spark.sparkContext.master or ""
     if master.startswith("local"):
         found = re.fullmatch(r"local\[[^,\]]+,\s*(\d+)\]", master)
         return int(found.group(1)) if found else 1
-    return int(spark.sparkContext.getConf().get("spark.task.maxFailures", "4"))
+    return int(conf.get("spark.task.maxFailures", "4"))
 
 
 @dataclass(frozen=True)

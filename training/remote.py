@@ -126,7 +126,8 @@ class RankTask:
         def train(state: Any) -> dict[str, Any] | None:
             now.join(self, -(-global_batch // now.collective.size))
             if now.rank == 0:
-                log.info("elastic: %d rank(s) from epoch %d batch %d", now.size, state.epoch + 1, state.batch)
+                log.info("elastic: %d rank(s) x %d rows per batch, from epoch %d batch %d", now.size, now.batch,
+                         state.epoch + 1, state.batch)
                 if now.client is not None:
                     now.client.log_metric(self.run_id, "ranks", now.size, step=state.epoch)
             while state.epoch < stop_epoch:
