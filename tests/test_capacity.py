@@ -1,0 +1,79 @@
+"""The capacity planner's cost model (training/capacity.py) against values computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.capacity import (
+    Link,
+    bytes_per_epoch,
+    epoch_s,
+    fusion_threshold_mb,
+    parameter_server_s,
+    predict,
+    recommend_ranks,
+    ring_allreduce_s,
+    scaling_efficiency,
+    step_s,
+)
+
+MB = 2**20
+LINK = Link(latency_s=1e-4, bytes_per_s=100 * MB)  # 100 us, 100 MB/s
+
+
+def test_a_ring_allreduce_costs_2_n_minus_1_hops_and_2_n_minus_1_over_n_of_the_bytes():
+    assert ring_allreduce_s(1, 40 * MB, LINK) == 0.0
+    # N=2: 2 hops of 100 us + 2*1/2 * 40 MB / 100 MB/s = 0.0002 + 0.4
+    assert ring_allreduce_s(2, 40 * MB, LINK) == pytest.approx(0.4002)
+    # N=4: 6 hops + 2*3/4 * 0.4 s = 0.0006 + 0.6
+    assert ring_allreduce_s(4, 40 * MB, LINK) == pytest.approx(0.6006)
+
+
+def test_a_parameter_server_is_bound_by_the_busier_of_worker_and_server_links():
+    # 4 workers, 1 server: the server moves 4 x 40 MB each way: 2 * 1.6 s + 2 latencies
+    assert parameter_server_s(4, 1, 40 * MB, LINK) == pytest.approx(3.2002)
+    # 4 workers, 4 servers: each server's share equals a worker's 40 MB: 2 * 0.4 s
+    assert parameter_server_s(4, 4, 40 * MB, LINK) == pytest.approx(0.8002)
+    assert parameter_server_s(4, 8, 40 * MB, LINK) == pytest.approx(0.8002)  # the worker's link bounds it
+    assert parameter_server_s(1, 1, 40 * MB, LINK) == 0.0
+
+
+def test_bytes_per_epoch_are_2_m_n_minus_1_k_for_a_ring_and_2_m_n_k_for_a_parameter_server():
+    assert bytes_per_epoch(4, 10, 100) == 2 * 10 * 3 * 100
+    assert bytes_per_epoch(4, 10, 100, "ps") == 2 * 10 * 4 * 100
+    with pytest.raises(ValueError, match="scheme"):
+        bytes_per_epoch(4, 10, 100, "tree")
+
+
+def test_only_communication_beyond_the_overlappable_compute_adds_to_a_step():
+    assert step_s(0.3, 0.05, 0.2) == pytest.approx(0.55)  # no overlap: everything adds up
+    assert step_s(0.3, 0.05, 0.2, overlap=0.5) == pytest.approx(0.40)  # 0.15 of the 0.2 s hidden
+    assert step_s(0.3, 0.05, 0.1, overlap=0.5) == pytest.approx(0.35)  # all of it hidden
+    assert step_s(0.3, 0.0, 0.2, backward_passes_per_step=2) == pytest.approx(0.4)  # half the exchanges
+    with pytest.raises(ValueError, match="overlap"):
+        step_s(0.3, 0.0, 0.2, overlap=1.5)
+
+
+def test_epoch_time_rounds_the_steps_up_and_efficiency_is_t1_over_tn():
+    assert epoch_s(1000, 64, 2, 0.5) == 8 * 0.5  # ceil(1000 / 128) = 8 steps
+    assert scaling_efficiency(0.4, 0.5) == pytest.approx(0.8)
+
+
+def test_predictions_and_the_recommended_ranks():
+    rows = predict([1, 2, 4, 8], compute_s=0.2, input_wait_s=0.0, grad_bytes=20 * MB, link=LINK, rows=64_000,
+                   batch_per_rank=64, overlap=0.5)
+    by_ranks = {p.ranks: p for p in rows}
+    # N=2: comm 0.0002 + 0.2 = 0.2002; 0.1 s hidden: step 0.3002; efficiency 0.2 / 0.3002
+    assert by_ranks[2].comm_s == pytest.approx(0.2002)
+    assert by_ranks[2].step_s == pytest.approx(0.3002)
+    assert by_ranks[2].step_no_overlap_s == pytest.approx(0.4002)
+    assert by_ranks[2].efficiency == pytest.approx(0.2 / 0.3002)
+    assert by_ranks[2].epoch_s == pytest.approx(500 * 0.3002)  # 64,000 rows / 128 per step
+    assert by_ranks[1].efficiency == 1.0
+    assert recommend_ranks(rows, 0.6) == 2  # N=4: 0.2 / (0.2 + 0.3006 - 0.1) = 0.4996
+    assert recommend_ranks(rows, 0.99) == 1
+
+
+def test_the_fusion_buffer_holds_all_gradients_but_never_shrinks_below_horovods_default():
+    assert fusion_threshold_mb(20 * MB) == 128
+    assert fusion_threshold_mb(300.5 * MB) == 301
