@@ -34,6 +34,7 @@ def test_task_attempts_come_from_the_local_master_or_spark_task_max_failures():
     assert task_attempts("local[*, 3]", {}) == 3
     assert task_attempts("spark://198.18.0.10:7077", {}) == 4  # Spark's default
     assert task_attempts("spark://198.18.0.10:7077", {"spark.task.maxFailures": "1"}) == 1
+    assert task_attempts("local-cluster[2,1,1024]", {"spark.task.maxFailures": "3"}) == 3  # retries like a cluster
 
 
 @pytest.mark.parametrize("extra, engine, attempts, key", [
@@ -42,11 +43,22 @@ def test_task_attempts_come_from_the_local_master_or_spark_task_max_failures():
     (["horovod.min_num_proc=3"], HOROVOD, 4, "horovod.min_num_proc=3"),
     (["finetune.freeze_epochs=1", "epochs=3"], HOROVOD, 4, "finetune.freeze_epochs"),
     (["early_stopping.patience=2"], HOROVOD, 4, "early_stopping.patience"),
+    (["horovod.backward_passes_per_step=2"], HOROVOD, 4, "horovod.backward_passes_per_step"),
+    (["horovod.mixed_precision=true"], HOROVOD, 4, "horovod.mixed_precision"),
 ])
 def test_what_elastic_training_cannot_run_fails_before_launch_naming_the_key(extra, engine, attempts, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         check_elastic(elastic(*extra), 2, engine, attempts)
     check_elastic(elastic(), 2, HOROVOD, 4)  # the same run, allowed
+
+
+def test_a_model_search_refuses_elastic_trials():
+    from training.selection.config import SelectConfig, trial_config
+
+    search = load_config(SelectConfig, "select_models", ["tracking.enabled=false"])
+    with pytest.raises(ConfigError, match="horovod.elastic"):
+        trial_config(search, {"horovod.elastic": True}, 0)
+    assert not trial_config(search, {}, 0).horovod.elastic
 
 
 def test_a_host_that_answers_even_with_a_refusal_is_not_unreachable():

@@ -120,6 +120,10 @@ def check_elastic(cfg: TrainConfig, num_proc: int, engine: object, attempts: int
         raise ConfigError(f"horovod.min_num_proc={cfg.horovod.min_num_proc} exceeds the {num_proc} ranks planned "
                           "(horovod.num_proc)")
     for key, on in (("finetune.freeze_epochs", cfg.finetune.freeze_epochs),
+                    # Horovod's local aggregation counters and the loss scale live outside the
+                    # optimizer's variables, so a restored or joining rank would disagree on them
+                    ("horovod.backward_passes_per_step", cfg.horovod.backward_passes_per_step > 1),
+                    ("horovod.mixed_precision", cfg.horovod.mixed_precision),
                     ("early_stopping.patience", cfg.early_stopping.patience),
                     ("early_stopping.restore_best", cfg.early_stopping.restore_best)):
         if on:
@@ -136,7 +140,7 @@ def task_attempts(master: str, conf: Any) -> int:
     spark.task.maxFailures from `conf` (a SparkConf or dict; default 4)."""
     import re
 
-    if master.startswith("local"):
+    if master == "local" or master.startswith("local["):  # not local-cluster[...], which retries
         found = re.fullmatch(r"local\[[^,\]]+,\s*(\d+)\]", master)
         return int(found.group(1)) if found else 1
     return int(conf.get("spark.task.maxFailures", "4"))

@@ -108,11 +108,16 @@ def unreachable(endpoints: Iterable[tuple[str, int]], timeout_s: float = 3.0) ->
 
 
 def connected_endpoints(addresses: set[str]) -> list[tuple[str, int]]:
-    """(address, port) of this process's established TCP connections to `addresses`."""
+    """(address, port) of the TCP connections this process opened to `addresses`: their remote
+    port is a listening service there (a connection a host opened to us ends on an ephemeral port,
+    which a firewall may silently drop a probe to)."""
     import psutil
 
-    return [(c.raddr.ip, c.raddr.port) for c in psutil.Process().net_connections(kind="tcp")
-            if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.ip in addresses]
+    connections = psutil.Process().net_connections(kind="tcp")
+    listening = {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN}
+    return [(c.raddr.ip, c.raddr.port) for c in connections
+            if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.ip in addresses
+            and c.laddr.port not in listening]
 
 
 def run_watched(run: Callable[[], Any], spark_context: Any, num_proc: int, grace_s: float,

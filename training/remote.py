@@ -124,7 +124,15 @@ class RankTask:
         commit = _commit_callback(tf, state, cfg.horovod.commit_batches)
 
         def train(state: Any) -> dict[str, Any] | None:
-            now.join(self, -(-global_batch // now.collective.size))
+            try:
+                return run(state)
+            except tf.errors.UnknownError as exc:  # Horovod's wrapper would swallow one not from a collective
+                if not any(op in exc.message for op in ("HorovodAllreduce", "HorovodAllgather", "HorovodBroadcast")):
+                    raise RuntimeError(f"training failed: {exc.message}") from exc
+                raise
+
+        def run(state: Any) -> dict[str, Any] | None:
+            now.join(self, -(-global_batch // now.collective.size), elastic=True)
             if now.rank == 0:
                 log.info("elastic: %d rank(s) x %d rows per batch, from epoch %d batch %d", now.size, now.batch,
                          state.epoch + 1, state.batch)
@@ -135,17 +143,20 @@ class RankTask:
                 steps = self.steps_per_epoch - skip  # a partial epoch first when resuming mid-epoch
                 end = first + 1 if skip else stop_epoch
                 commit.skip = skip
-                model.fit(self._batches(tf, now, first, steps * (end - first)), initial_epoch=first, epochs=end,
+                model.fit(self._batches(tf, now, first, steps * (end - first), skip), initial_epoch=first, epochs=end,
                           steps_per_epoch=steps, verbose=0,
                           callbacks=[*now.collective.fit_callbacks(broadcast=False), _epoch_end(tf, self, now), commit])
             return self._result(model, now, None)
 
         return now.collective.run_elastic(train, state)  # type: ignore[attr-defined,no-any-return]
 
-    def _batches(self, tf: Any, now: "Membership", first: int, steps: int) -> Any:
+    def _batches(self, tf: Any, now: "Membership", first: int, steps: int, skip: int = 0) -> Any:
         """One generator and one reader for a whole fit (a fine-tuning phase, an elastic restart):
         no per-epoch iterator teardown (which stalled ~20 s), no per-epoch reader set-up, reading
-        ahead across epoch boundaries; the order depends only on seed, epoch and rank."""
+        ahead across epoch boundaries; the order depends only on seed, epoch and rank. `skip`: the
+        batches of pass `first` trained before an elastic restart, read and dropped."""
+        from itertools import islice
+
         from training.data import training_batches
 
         cfg, spec, shard, batch = self.cfg, self.record.spec, now.shard, now.batch
@@ -153,8 +164,8 @@ class RankTask:
         # batch leaves), which costs whole epochs of reading on small datasets of large rows.
         buffer_rows = max(batch, min(cfg.loader.shuffle_buffer, self.steps_per_epoch * batch))
         return tf.data.Dataset.from_generator(
-            lambda: training_batches(shard, batch, buffer_rows, cfg.seed, first, steps, cfg.loader.queue_batches,
-                                     now.meter),
+            lambda: islice(training_batches(shard, batch, buffer_rows, cfg.seed, first, skip + steps,
+                                            cfg.loader.queue_batches, now.meter), skip, None),
             output_signature=(tf.TensorSpec((batch, *spec.shape), tf.as_dtype(spec.dtype)),
                               tf.TensorSpec((batch,), tf.int32)))
 
@@ -243,16 +254,16 @@ class Membership:
 
         self.collective, self.schedule, self.meter = collective, schedule, StallMeter()
         self.epochs: list[dict[str, float]] = []
-        self.joins, self.rank, self.size, self.batch = 0, 0, 1, 0
+        self.joins, self.rank, self.size, self.batch, self.elastic = 0, 0, 1, 0, False
         self.shard: Any = None
         self.val: tuple[np.ndarray, np.ndarray] | None = None
         self.client: Any = None
 
-    def join(self, task: RankTask, batch: int) -> None:
+    def join(self, task: RankTask, batch: int, elastic: bool = False) -> None:
         from training.data import ShardSpec, strided_rows
 
         cfg, record = task.cfg, task.record
-        self.joins += 1
+        self.joins, self.elastic = self.joins + 1, elastic
         self.rank, self.size, self.batch = self.collective.rank, self.collective.size, batch
         pool = (cfg.loader.pool_type, cfg.loader.workers)
         self.shard = ShardSpec(task.train_url, record.spec, record.modality, self.rank, self.size, *pool)
@@ -289,6 +300,8 @@ def _epoch_end(tf: Any, task: RankTask, now: Membership) -> Any:
             if now.rank == 0:
                 now.epochs.append(dict(metrics))
                 task._log_epoch(now.client, epoch, metrics, self.model, once=now.joins > 1)
+            if now.elastic:  # a rank 0 lost while logging fails this for all, before any commits the epoch
+                collective.allreduce(np.zeros(1), "sum", f"logged{epoch}")
 
     return EpochEnd()
 

@@ -65,8 +65,11 @@ def trial_config(cfg: SelectConfig, params: dict[str, Any], index: int) -> Train
             raise ConfigError(f"search.space.{key}: unknown key")
         node[leaf] = value
     try:
-        return TrainConfig.model_validate(tree)
+        trial = TrainConfig.model_validate(tree)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigError(f"search.space.{'.'.join(map(str, err['loc']))}: {err['msg']} "
                           f"(got {err.get('input')!r})") from None
+    if trial.horovod.elastic:
+        raise ConfigError("horovod.elastic: model selection does not train elastically (Spark retries its units)")
+    return trial
