@@ -8,6 +8,7 @@ from training.capacity import (
     Link,
     bytes_per_epoch,
     epoch_s,
+    fit_link,
     fusion_threshold_mb,
     parameter_server_s,
     predict,
@@ -77,3 +78,16 @@ def test_predictions_and_the_recommended_ranks():
 def test_the_fusion_buffer_holds_all_gradients_but_never_shrinks_below_horovods_default():
     assert fusion_threshold_mb(20 * MB) == 128
     assert fusion_threshold_mb(300.5 * MB) == 301
+
+
+def test_a_probe_made_by_the_model_gives_its_link_back():
+    sizes = [1 * MB, 4 * MB, 16 * MB, 64 * MB]
+    for ranks in (2, 4):
+        seconds = [ring_allreduce_s(ranks, m, LINK) for m in sizes]
+        link = fit_link(ranks, sizes, seconds)
+        assert link.latency_s == pytest.approx(LINK.latency_s, rel=1e-6)
+        assert link.bytes_per_s == pytest.approx(LINK.bytes_per_s, rel=1e-6)
+    with pytest.raises(ValueError, match="distinct sizes"):
+        fit_link(2, [MB, MB], [0.1, 0.1])
+    with pytest.raises(ValueError, match="does not grow"):
+        fit_link(2, [MB, 2 * MB], [0.2, 0.1])

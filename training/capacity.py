@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,19 @@ class Link:
 
     latency_s: float
     bytes_per_s: float
+
+
+def fit_link(ranks: int, sizes_bytes: Sequence[float], seconds: Sequence[float]) -> Link:
+    """The link that explains an allreduce probe: least squares of t = a + b M over the probed
+    sizes, then alpha = a / 2(N-1) and beta = 2(N-1) / (N b) from the ring's cost. Needs two or more
+    sizes and ranks; a negative intercept (noise at small sizes) is read as no latency."""
+    if ranks < 2 or len(set(sizes_bytes)) < 2 or len(sizes_bytes) != len(seconds):
+        raise ValueError("fit_link needs >= 2 ranks and times for >= 2 distinct sizes")
+    slope, intercept = np.polyfit(np.asarray(sizes_bytes, np.float64), np.asarray(seconds, np.float64), 1)
+    if slope <= 0:
+        raise ValueError(f"fit_link: time does not grow with size ({slope:.3g} s per byte): probe larger sizes")
+    hops = 2 * (ranks - 1)
+    return Link(max(float(intercept), 0.0) / hops, hops / (ranks * float(slope)))
 
 
 def ring_allreduce_s(ranks: int, grad_bytes: float, link: Link) -> float:
