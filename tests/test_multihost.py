@@ -343,8 +343,9 @@ def test_an_elastic_run_whose_worker_host_dies_goes_on_with_the_survivor(cluster
                 runs = client.search_runs([experiment.experiment_id]) if experiment else []
                 run_id = runs[0].info.run_id if runs else None
             time.sleep(1)  # into the second epoch
-            cluster.hosts.kill_processes("w2")
+            # links first: a process killed first may get its FIN out, and its peers a reset
             cluster.hosts.link_down("w2")
+            cluster.hosts.kill_processes("w2")
             assert job.wait(timeout=500) == 0, ours(log.read_text())[-6000:]
         finally:
             if job.poll() is None:
