@@ -69,6 +69,9 @@ def run_job(job: str, profile: str | None, overrides: Sequence[str]) -> Any:
             spark.stop()
     summary = getattr(result, "summary", None)
     click.echo(summary() if callable(summary) else str(result))
+    code = int(getattr(result, "exit_code", 0))
+    if code:  # the job ran and committed, with something to signal to a scheduler (e.g. drift)
+        raise click.exceptions.Exit(code)
     return result
 
 

@@ -232,6 +232,13 @@ class Modality(ABC):
         raises on bad data (a decoder bug becomes an `unreadable` row too); MemoryError propagates,
         since a transient failure must not become a permanent quarantine row."""
 
+    def input_statistics(self, tensors: np.ndarray, rules: Any, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Per-row numbers that describe inputs as stored, which drift monitoring compares with the
+        model's test split (`deepspark.monitoring`): by default each tensor's mean and spread. A
+        modality names what its users would look at (brightness, length in tokens, loudness)."""
+        flat = np.asarray(tensors).reshape(len(tensors), -1).astype(np.float32)
+        return {"mean": flat.mean(axis=1), "spread": flat.std(axis=1)}
+
     # --- models ------------------------------------------------------------------------------
     # The catalogue: model name -> one-line description (no TensorFlow needed). Each name is a
     # builder `<models_module>:<name>` of the `deepspark.builders` contract, build(record, **params).

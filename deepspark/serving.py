@@ -24,6 +24,7 @@ from deepspark.modality import Failure, ModalityRecord, preprocess_all
 KERAS_ARTIFACT = "keras_model"
 RECORD_ARTIFACT = "modality"
 RECORD_FILE = "modality.json"
+REFERENCE_ARTIFACT = "drift_reference"  # deepspark.monitoring.REFERENCE_FILE, captured at registration
 BUILDER_KEY = "builder"  # the record file's key naming the model's builder (its `module:attr` reference)
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 INPUT_COLUMN = {"text": "text"}  # images and audio take file bytes in a `content` column
@@ -75,6 +76,17 @@ class ModalityClassifier(PythonModel):
                for start in range(0, len(tensors), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.record.labels)), np.float32)
 
+    def embeddings(self, tensors: np.ndarray, batch_size: int = 1024) -> np.ndarray | None:
+        """Penultimate-layer vectors of stored-form tensors (what drift monitoring compares), or
+        None for a model whose last layer has no single input to read."""
+        if getattr(self, "_embedder", False) is False:
+            self._embedder = penultimate_model(self.keras_model)
+        if self._embedder is None:
+            return None
+        out = [np.asarray(self._embedder.predict_on_batch(tensors[start : start + batch_size]))
+               for start in range(0, len(tensors), batch_size)]
+        return np.concatenate(out).reshape(len(tensors), -1) if out else None
+
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         """A DataFrame with a `text` (text) or `content` (file bytes) column, or a list of them ->
         `predicted_label, probability, reason` per input. (No type hints: MLflow would read them
@@ -93,6 +105,39 @@ class ModalityClassifier(PythonModel):
                 best[i] = float(probs[row].max())
         return pd.DataFrame({"predicted_label": labels, "probability": best,
                              "reason": [f[0] if f else None for f in failures]})
+
+
+def penultimate_model(keras_model: Any) -> Any:
+    """A model from the classifier's inputs to the input of its output layer (the layer named
+    `probabilities` that every built-in builder ends with, else the last layer): the embedding
+    the classifier decides on. None where that is not one tensor of the same graph."""
+    import tensorflow as tf
+
+    try:
+        layer = keras_model.get_layer("probabilities")
+    except ValueError:
+        layer = keras_model.layers[-1]
+    try:
+        inner = layer.input
+        if isinstance(inner, (list, tuple)):
+            return None
+        return tf.keras.Model(keras_model.inputs, inner)
+    except (AttributeError, ValueError):  # a nested or subclassed model: no embedding to read
+        return None
+
+
+def capture_reference(keras_model: Any, record: ModalityRecord, tensors: np.ndarray, batch_size: int = 512) -> Any:
+    """The drift reference of `keras_model` on stored-form `tensors` (its test split)."""
+    from deepspark.monitoring import Reference
+
+    def chunked(model: Any) -> np.ndarray:
+        return np.concatenate([np.asarray(model.predict_on_batch(tensors[i : i + batch_size]))
+                               for i in range(0, len(tensors), batch_size)])
+
+    embedder = penultimate_model(keras_model)
+    statistics = record.plugin.input_statistics(tensors, record.typed_rules(), record.state)
+    embeddings = chunked(embedder).reshape(len(tensors), -1) if embedder is not None else None
+    return Reference.capture(statistics, chunked(keras_model), embeddings, record.modality)
 
 
 def _payloads(model_input: Any, column: str) -> list[Any]:
@@ -134,12 +179,15 @@ def resolve(model_uri: str, key: str = "model_uri") -> tuple[str, int, str]:
 
 
 def log_classifier(keras_model: Any, record: ModalityRecord, registered_name: str | None, workdir: str,
-                   builder: str | None = None, user_code: str | None = None) -> Any:
+                   builder: str | None = None, user_code: str | None = None,
+                   reference_inputs: np.ndarray | None = None) -> Any:
     """Log `keras_model` with its modality record as the pyfunc `model` of the active run (and
     register it); the signature names the raw input the model takes. `builder` (the reference
     the model was built from) is imported before the model loads; `user_code` (its package, when
     it is the user's own) travels inside the model (MLflow's code_paths), so the model loads where
-    that package is not installed."""
+    that package is not installed. `reference_inputs` (test-split tensors) make the drift
+    reference stored with the model, when the model serves the tensors its dataset holds."""
+    import logging
     import os
 
     from mlflow.models import ModelSignature
@@ -147,7 +195,19 @@ def log_classifier(keras_model: Any, record: ModalityRecord, registered_name: st
 
     from deepspark.builders import user_code as code_of
 
-    keras_model, record, refs = record.plugin.serving_model(keras_model, record, builder)
+    served, serving_record, refs = record.plugin.serving_model(keras_model, record, builder)
+    artifacts = {}
+    if reference_inputs is not None and len(reference_inputs) >= 2 and serving_record.spec == record.spec:
+        from deepspark.monitoring import REFERENCE_FILE
+
+        reference_path = os.path.join(workdir, REFERENCE_FILE)
+        with open(reference_path, "w") as fh:
+            fh.write(capture_reference(served, serving_record, reference_inputs).to_json())
+        artifacts[REFERENCE_ARTIFACT] = reference_path
+    elif reference_inputs is not None:
+        logging.getLogger(__name__).info("no drift reference: the served model takes other inputs than the %s "
+                                         "dataset holds", record.modality)
+    keras_model, record = served, serving_record
     keras_path = os.path.join(workdir, "model.keras")
     keras_model.save(keras_path)
     record_path = os.path.join(workdir, RECORD_FILE)
@@ -164,7 +224,7 @@ def log_classifier(keras_model: Any, record: ModalityRecord, registered_name: st
     )
     return mlflow.pyfunc.log_model(
         name="model", python_model=ModalityClassifier(), signature=signature,
-        artifacts={KERAS_ARTIFACT: keras_path, RECORD_ARTIFACT: record_path},
+        artifacts={KERAS_ARTIFACT: keras_path, RECORD_ARTIFACT: record_path, **artifacts},
         registered_model_name=registered_name, pip_requirements=_requirements(),
         metadata={"deepspark.modality": record.modality, **({"deepspark.builder": refs[-1]} if refs else {})},
         code_paths=code_paths or None,

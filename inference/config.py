@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from deepspark.config import Charset, FrozenModel
+from deepspark.monitoring import Thresholds
 from deepspark.spark import SparkSettings
 from deepspark.tracking import TrackingSettings
 
@@ -40,6 +41,23 @@ class OutputSettings(FrozenModel):
     retain_hours: NonNegativeFloat = 1.0  # replaced batches stay readable this long after the commit that dropped them
 
 
+class MonitorSettings(FrozenModel):
+    """Drift of each run's inputs and predictions against the reference stored with the model
+    (`deepspark.monitoring`); thresholds per method."""
+
+    enabled: bool = True
+    window: Literal["run", "cumulative"] = "run"  # cumulative: every committed run of the version so far
+    psi: PositiveFloat = 0.2  # binned statistics (input statistics, top-1 probability)
+    jensen_shannon: PositiveFloat = 0.2  # predicted labels' shares
+    mmd_p_value: PositiveFloat = 0.01  # embeddings: drift when MMD's permutation p-value is below
+    min_rows: PositiveInt = 100  # fewer scored rows: not judged
+    embedding_sample: PositiveInt = 256  # rows whose embeddings MMD compares (chosen by content hash)
+    fail_on_drift: bool = False  # exit with code 3 (after committing) when a statistic drifted
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.psi, self.jensen_shannon, self.mmd_p_value, self.min_rows)
+
+
 class BatchInferenceConfig(FrozenModel):
     spark: SparkSettings = SparkSettings(app_name="deepspark-batch-inference")
     tracking: TrackingSettings = TrackingSettings()
@@ -50,6 +68,7 @@ class BatchInferenceConfig(FrozenModel):
     model_uris: list[str] = Field(default_factory=list)
     input: InputSettings = InputSettings(path="data/raw/fashion-mnist/test")
     output: OutputSettings = OutputSettings()
+    monitor: MonitorSettings = MonitorSettings()
     batch_size: PositiveInt = 1024
     top_k: PositiveInt = 3
     arrow_batch_rows: PositiveInt = 4096

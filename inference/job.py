@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from deepspark import filesystem
+from deepspark import filesystem, monitoring
 from deepspark.config import ConfigError
 from deepspark.locks import Lease
+from deepspark.monitoring import Verdict
 from deepspark.spark import frame_from_pandas
 from deepspark.storage import HadoopFS
+from inference import monitor
 from inference.config import BatchInferenceConfig
 from inference.model import ResolvedModel, resolve_and_ship
 from inference.state import KEY, SOURCE, PredictionStore
@@ -59,6 +61,13 @@ class InferenceResult:
     per_model: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # version -> scored, quarantined, unchanged
     disagreement: "Disagreement | None" = None  # several models: where their labels differ
     lineage: "Lineage | None" = None  # what the run read, for MLflow's dataset input
+    drift: "Drift | None" = None  # monitoring's verdicts against each version's reference
+
+    @property
+    def exit_code(self) -> int:
+        """3 when `monitor.fail_on_drift` is set and a statistic drifted (a scheduler's signal;
+        the run's predictions are committed all the same), else 0."""
+        return 3 if self.drift is not None and self.drift.fail_on_drift and self.drift.detected else 0
 
     @property
     def scored(self) -> int:
@@ -90,7 +99,33 @@ class InferenceResult:
             lines.append(f"models disagree on {d.differing} of {d.compared} inputs all of them scored now "
                          f"({d.share:.1%})" + ("; most often: " + ", ".join(f"{a} vs {b} ({n})" for a, b, n in d.top_pairs)
                                                if d.top_pairs else ""))
+        if self.drift is not None:
+            lines.extend(self.drift.lines())
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Each monitored version's verdicts in one window; versions without a reference."""
+
+    verdicts: dict[int, list[Verdict]]
+    window: str
+    unmonitored: tuple[int, ...] = ()
+    fail_on_drift: bool = False
+    labels: tuple[str, ...] = ()
+
+    @property
+    def detected(self) -> bool:
+        return any(v.drifted for found in self.verdicts.values() for v in found)
+
+    def lines(self) -> list[str]:
+        out = [f"drift of model version {version} vs its reference ({self.window} window, "
+               f"{max((v.rows for v in found if v.method != 'mmd'), default=0)} rows): {monitoring.summary(found)}"
+               for version, found in self.verdicts.items()]
+        if self.unmonitored:
+            out.append("not monitored: model version(s) " + ", ".join(map(str, self.unmonitored))
+                       + " hold no drift reference (logged before monitoring, or with registry.drift_reference_rows=0)")
+        return out
 
 
 @dataclass(frozen=True)
@@ -272,6 +307,8 @@ def run_inference(spark: "SparkSession", cfg: BatchInferenceConfig) -> Inference
     # Shipped files must outlive the job while the SparkContext lives (executors may fetch late).
     workdir = tempfile.mkdtemp(prefix="deepspark-model-")
     models = resolve_models(spark, cfg, workdir)  # concrete versions for the whole job
+    references = {m.version: ref for m in models if cfg.monitor.enabled
+                  for ref in [monitor.load_reference(m, workdir)] if ref is not None}
     if cfg.input.path is None:
         _dataset_rows(spark, cfg, models[0])  # its checks, before taking the lock
     fs.mkdirs(store.url)
@@ -282,13 +319,14 @@ def run_inference(spark: "SparkSession", cfg: BatchInferenceConfig) -> Inference
         removed = store.vacuum(cfg.output.retain_hours * 3600)  # killed runs' batches; we hold the lock
         if removed:
             log.info("removed %d uncommitted or replaced batch folder(s)", len(removed))
-        return _score(spark, cfg, fs, models, store, lease, job_id, started)
+        return _score(spark, cfg, fs, models, store, lease, job_id, started, references)
     finally:
         lease.release()
 
 
 def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[ResolvedModel], store: PredictionStore,
-           lease: Lease, job_id: str, started: float) -> InferenceResult:
+           lease: Lease, job_id: str, started: float, references: "dict[int, monitoring.Reference]"
+           ) -> InferenceResult:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -301,10 +339,10 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
 
     def result(counts: Counts, loads: int, accuracy: float | None, commit: int | None,
                per_model: dict[int, tuple[int, int, int]] | None = None,
-               disagreement: Disagreement | None = None) -> InferenceResult:
+               disagreement: Disagreement | None = None, drift: Drift | None = None) -> InferenceResult:
         return InferenceResult(job_id, ", ".join(m.uri for m in models), counts, loads,
                                time.perf_counter() - started, accuracy, store.url, model.record.modality, commit,
-                               per_model or {}, disagreement, plan.lineage)
+                               per_model or {}, disagreement, plan.lineage, drift)
 
     if plan.rows is None:  # a no-op run: no content read, nothing written, no commit
         return result(Counts(plan.listed, plan.skipped), 0, None, _compact(spark, cfg, store, models, lease, job_id))
@@ -325,9 +363,11 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
     loads = spark.sparkContext.accumulator(0)
     shared = spark.sparkContext.broadcast(seen) if seen else None
     pairs = spark.sparkContext.accumulator({}, CounterParam()) if len(versions) > 1 else None
+    bin_plan = monitor.BinPlan.of(references, hashed, cfg.monitor.embedding_sample)
     scorer = make_scorer(models, plan.source, plan.root, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads,
-                         plan.hashed_in_workers, shared, pairs)
-    stamp = F.lit(datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                         plan.hashed_in_workers, shared, pairs, bin_plan)
+    scored_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stamp = F.lit(scored_at)
     names = F.create_map(*[x for m in models for x in (F.lit(m.version), F.lit(m.run_id))])
     scored = (todo.mapInPandas(scorer, SCORED_DDL)
               .withColumn("model_name", F.lit(model.name)).withColumn("model_run_id", names[F.col("model_version")])
@@ -348,15 +388,31 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
     labelled_first = row[f"labelled_{model.version}"]
     accuracy = row[f"hits_{model.version}"] / labelled_first if labelled_first else None
     disagreement = Disagreement.from_counts(pairs.value) if pairs is not None else None
+    judged = {v: ref for v, ref in references.items() if per_model[v][0]}  # versions that scored rows now
+    windows: dict[str, dict[int, list[Verdict]]] = {}
+    if bin_plan is not None and judged:
+        observed = monitor.observe(scored, ok, bin_plan, judged, cfg.monitor.embedding_sample)
+        thresholds = cfg.monitor.thresholds()
+        windows["run"] = {v: seen.judge(judged[v], thresholds) for v, seen in observed.items()}
+        if cfg.monitor.window == "cumulative":
+            prior = monitor.prior_counts(spark, store, base, list(judged))
+            windows["cumulative"] = {v: seen.plus(prior.get(v, {})).judge(judged[v], thresholds)
+                                     for v, seen in observed.items()}
+        log.info("drift judged in %.1f s", time.perf_counter() - started)
+    verdicts = windows.get(cfg.monitor.window, {})
+    drift = Drift(verdicts, cfg.monitor.window, tuple(v for v in versions if v not in references),
+                  cfg.monitor.fail_on_drift, model.labels) if cfg.monitor.enabled else None
     added: dict[int, dict[str, list[str]]] = {v: {} for v in versions}
     # One write job per table for every model version: Spark partitions the rows into
     # model_version=<v>/batch=<job id>/ folders (each version's batch folder, as store.batch_url
     # names it); nothing is visible until the commit below lists them.
     tables = [("predictions", [v for v, (good, _, _) in per_model.items() if good],
-               scored.where(ok).drop("reason", "detail", "unchanged")),
+               scored.where(ok).drop("reason", "detail", "unchanged", "drift_bins", "embedding")),
               ("quarantine", [v for v, (_, bad, _) in per_model.items() if bad],
                scored.where(failed).select(*KEY, "reason", "detail", *SOURCE, "model_name", "job_id", "scored_at",
                                            "model_version").coalesce(1))]
+    if verdicts:  # committed with the predictions it judges
+        tables.append(("drift", list(verdicts), monitor.table(spark, windows, job_id, scored_at).coalesce(1)))
     if any(holding for _, holding, _ in tables):
         store.begin()  # before the first batch lands: an uncommitted batch is never read as a pre-log output's
     for table, holding, frame in tables:  # holding: the versions with rows for this table
@@ -370,14 +426,14 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
              sum(b for _, b, _ in per_model.values()), time.perf_counter() - started)
     if not any(added.values()) and not cfg.full_refresh:  # every hashed input was unchanged: nothing to commit
         return result(counts, loads.value, accuracy, _compact(spark, cfg, store, models, lease, job_id), per_model,
-                      disagreement)
+                      disagreement, drift)
     lease.check()  # a run whose lease was taken over must not commit over its successor
     snap = store.commit(job_id, added if cfg.full_refresh else {v: t for v, t in added.items() if t},
                         cfg.full_refresh, base)
     lease.check()
     store.vacuum(cfg.output.retain_hours * 3600)
     return result(counts, loads.value, accuracy, _compact(spark, cfg, store, models, lease, job_id) or snap.number,
-                  per_model, disagreement)
+                  per_model, disagreement, drift)
 
 
 @dataclass(frozen=True)
@@ -415,6 +471,22 @@ def _compact(spark: "SparkSession", cfg: BatchInferenceConfig, store: Prediction
     return number
 
 
+def _log_drift(drift: Drift) -> dict[str, float]:
+    """Plots of each judged version as run artifacts (`drift/`); its metrics (the first version's
+    as `drift_<statistic>`, the others' as `v<n>_drift_<statistic>`)."""
+    import mlflow
+
+    metrics: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (version, found) in enumerate(drift.verdicts.items()):
+            metrics.update(monitoring.as_metrics(found, "drift_" if i == 0 else f"v{version}_drift_"))
+            monitor.plot(found, drift.labels, f"model version {version}: {monitoring.summary(found)}"[:120],
+                         f"{tmp}/v{version}_{drift.window}.png")
+        if drift.verdicts:
+            mlflow.log_artifacts(tmp, "drift")
+    return metrics
+
+
 def run_job(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult:
     """The job, with its MLflow run (counts, throughput, model version, accuracy)."""
     from deepspark.tracking import job_run
@@ -437,6 +509,8 @@ def run_job(spark: "SparkSession", cfg: BatchInferenceConfig) -> InferenceResult
                 metrics.update(models_compared=result.disagreement.compared,
                                models_disagree=result.disagreement.differing,
                                models_disagree_share=result.disagreement.share)
+            if result.drift is not None:
+                metrics.update(_log_drift(result.drift))
             mlflow.log_metrics(metrics)
             if result.lineage is not None:
                 from deepspark.tracking import log_dataset_input

@@ -3,11 +3,12 @@
 Layout:
   <output>/model_version=<v>/batch=<job id>/part-*.parquet       predictions
   <quarantine>/model_version=<v>/batch=<job id>/part-*.parquet   inputs that could not be scored
+  <output>/_drift/model_version=<v>/batch=<job id>/part-*.parquet the run's drift against the reference
   <output>/_log/<n>.json                                          commit n: every live batch of both
   <output>/_LOCK                                                  the running job's lease
 A run writes its batches under their final names, then commits by creating the next log file
 (exclusive create: one commit point for both tables). Readers open the newest log entry and read
-exactly the batches it lists (`read_table`), so a run's predictions and quarantine appear
+exactly the batches it lists (`read_table`), so a run's predictions, quarantine and drift appear
 together, and a full refresh swaps the old batches for the new ones in one step: readers see the
 old complete output or the new one, never neither. Batches no log entry lists (a killed run's)
 and batches dropped by a full refresh or by `compact` (many small batches rewritten as one) are
@@ -37,12 +38,14 @@ if TYPE_CHECKING:
 LOG = "_log"
 KEY = ["path", "content_hash"]
 SOURCE = ["source", "source_size", "source_modified"]  # the input file a row came from, as listed
-TABLES = ("predictions", "quarantine")
+TABLES = ("predictions", "quarantine", "drift")
+SCORED = ("predictions", "quarantine")  # the tables holding one row per input (the incremental state)
+DRIFT = "_drift"  # the drift table's folder under the output (Spark and Hive skip names starting with _)
 KEEP_LOG_ENTRIES = 20
 _ENTRY = re.compile(r"^(\d{20})\.json$")
 _BATCH = re.compile(r"^batch=(.+)$")
 
-__all__ = ["ConcurrentRunError", "Snapshot", "PredictionStore", "read_table", "read_tables"]
+__all__ = ["ConcurrentRunError", "Snapshot", "PredictionStore", "read_table", "read_tables", "read_commit"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ class PredictionStore:
         return join(self.url, LOCK_FILE)
 
     def table_url(self, table: str) -> str:
-        return self.url if table == "predictions" else self.quarantine_url
+        return {"predictions": self.url, "drift": join(self.url, DRIFT)}.get(table, self.quarantine_url)
 
     def batch_url(self, table: str, version: int, job_id: str) -> str:
         return join(self.table_url(table), f"model_version={version}", f"batch={job_id}")
@@ -140,12 +143,12 @@ class PredictionStore:
 
     def committed(self, spark: "SparkSession", version: int, columns: Iterable[str],
                   snapshot: Snapshot | None = None) -> "DataFrame | None":
-        """Columns of both tables' committed rows for one model version (None when there are none)."""
+        """Columns of both scored tables' committed rows for one model version (None when there are none)."""
         from pyspark.sql import functions as F
 
         snap = snapshot or self.current()
         frames = []
-        for table in TABLES:
+        for table in SCORED:
             urls = [self.batch_url(table, v, b) for v, b in snap.live(table, version)]
             if urls:
                 rows = spark.read.parquet(*urls)
@@ -258,3 +261,22 @@ def _read(spark: "SparkSession", store: PredictionStore, snap: Snapshot, table: 
         return None
     # basePath: Spark adds model_version (and batch) from the folder names, as for the whole folder
     return spark.read.option("basePath", store.table_url(table)).parquet(*urls).drop("batch")
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The tables of one commit, read together (None for a table it holds nothing of)."""
+
+    number: int
+    predictions: "DataFrame | None"
+    quarantine: "DataFrame | None"
+    drift: "DataFrame | None"
+
+
+def read_commit(spark: "SparkSession", path: str, model_version: int | None = None,
+                quarantine_path: str | None = None) -> Commit:
+    """Every table as of the newest commit: the predictions, the quarantine and the drift of the
+    runs that commit holds, so a scheduler reading predictions reads the drift judged on them."""
+    store = PredictionStore.open(HadoopFS(spark), path, quarantine_path)
+    snap = store.current()
+    return Commit(snap.number, *(_read(spark, store, snap, t, model_version) for t in TABLES))

@@ -20,11 +20,13 @@ if TYPE_CHECKING:
     from pyspark import Accumulator, Broadcast
 
     from deepspark.modality import Failure
+    from inference.monitor import BinPlan
 
 SCORED_DDL = (
     "path string, content_hash string, predicted_index int, predicted_label string, "
     "top_k_labels array<string>, top_k_probabilities array<float>, true_label string, reason string, detail string, "
-    "source string, source_size long, source_modified long, unchanged boolean, model_version int"
+    "source string, source_size long, source_modified long, unchanged boolean, model_version int, "
+    "drift_bins array<int>, embedding array<float>"  # monitoring only: not written to the predictions
 )
 
 
@@ -50,7 +52,7 @@ class CounterParam(AccumulatorParam):
 def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, batch_size: int, k: int,
                 threads: int, loads: "Accumulator[int]", read_in_workers: bool = False,
                 seen: "Broadcast[dict[int, dict[str, list[str]]]] | None" = None,
-                disagreements: "Accumulator[dict] | None" = None,
+                disagreements: "Accumulator[dict] | None" = None, monitor: "BinPlan | None" = None,
                 ) -> Callable[[Iterable["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     """`source` is "files" (path, payload), "records" (path, payload, label_name) or "dataset"
     (path, <tensor column>, label_name); every row also brings the metadata of its source file,
@@ -61,7 +63,9 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
     those its path was committed under for a version (`seen[version]`) comes out `unchanged` for
     that version, unscored. With several models, `disagreements` counts the inputs every model
     scored ("compared"), those where some model's label differs from the first's ("differing"),
-    and each (first model's label, second's) pair that differs, as the batches pass."""
+    and each (first model's label, second's) pair that differs, as the batches pass. With `monitor`,
+    each scored row of a monitored version also gets its bins on that version's drift reference
+    (`drift_bins`), and the rows of the hash-chosen sample their penultimate-layer `embedding`."""
     labels = np.array(models[0].labels, dtype=object)
     k = min(k, len(labels))
     record = models[0].record
@@ -73,6 +77,7 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
 
         lighten_python_worker()  # this worker's next tasks start without re-reading Spark's jar
 
+        from deepspark import monitoring
         from deepspark.inputs import MALFORMED_DETAIL, payloads
         from deepspark.layout import Layout
         from deepspark.modality import content_hash, preprocess_all
@@ -120,22 +125,43 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
             for i in np.flatnonzero(everywhere):
                 tensors[i], failures[i] = None, None
             indexes = []
+            valid = [i for i, t in enumerate(tensors) if t is not None]
+            statistics = {}
+            if monitor is not None and valid:  # once per batch, for every model version
+                stacked_valid = np.stack([tensors[i] for i in valid])  # type: ignore[misc]
+                statistics = record.plugin.input_statistics(stacked_valid, record.typed_rules(), record.state)
+            position = np.full(n, -1, np.int64)
+            position[valid] = np.arange(len(valid))
+            sampled = monitoring.in_sample(hashes, monitor.sample_fraction) if monitor is not None else None
             for m, model in enumerate(models):
                 good = [i for i, t in enumerate(tensors) if t is not None and not unchanged[m, i]]
                 index = np.full(n, -1, np.int64)
                 indexes.append(index)
                 top_labels: list = [None] * n
                 top_probs: list = [None] * n
+                bins: list = [None] * n
+                vectors: list = [None] * n
                 if good:
-                    best, best_labels, best_probs = top_k(
-                        loaded(model).probabilities(np.stack([tensors[i] for i in good]), batch_size),  # type: ignore[misc]
-                        k, labels)  # (good: the rows whose tensor is not None)
+                    stacked_good = np.stack([tensors[i] for i in good])  # type: ignore[misc]
+                    probs = loaded(model).probabilities(stacked_good, batch_size)
+                    best, best_labels, best_probs = top_k(probs, k, labels)  # (good: the rows whose tensor is not None)
                     index[good] = best
                     if len(good) == n:
                         top_labels, top_probs = best_labels, best_probs
                     else:
                         for row, i in enumerate(good):
                             top_labels[i], top_probs[i] = best_labels[row], best_probs[row]
+                    if monitor is not None and model.version in monitor.edges:
+                        at = position[good]
+                        found = monitor.bins(model.version, {name: v[at] for name, v in statistics.items()},
+                                             np.asarray(probs).max(axis=1), best).tolist()
+                        for row, i in enumerate(good):
+                            bins[i] = found[row]
+                        chosen = [row for row, i in enumerate(good) if sampled[i]]  # type: ignore[index]
+                        embedded = loaded(model).embeddings(stacked_good[chosen], batch_size) if chosen else None
+                        if embedded is not None:
+                            for row, vector in zip(chosen, embedded.astype(np.float32).tolist()):
+                                vectors[good[row]] = vector
                 scored = index >= 0
                 predicted = pd.array(index, dtype="Int32")
                 predicted[~scored] = pd.NA
@@ -154,6 +180,8 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
                     "source_modified": pd.array(batch["source_modified"], dtype="Int64"),
                     "unchanged": unchanged[m],
                     "model_version": np.full(n, model.version, np.int32),
+                    "drift_bins": bins,
+                    "embedding": vectors,
                 })
             if disagreements is not None:
                 disagreements.add(_disagreements(np.stack(indexes), labels))

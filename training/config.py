@@ -96,6 +96,9 @@ class RegistrySettings(FrozenModel):
     champion_alias: str = "champion"
     gate_metric: Literal["test_accuracy"] = "test_accuracy"  # higher is better
     gate_min_delta: float = 0.0  # champion moves when new >= champion + delta
+    # Test-split rows the drift reference is captured from when a model is logged (stored with it,
+    # read by batch inference's monitoring); 0: no reference, no monitoring of that model.
+    drift_reference_rows: NonNegativeInt = 2000
 
 
 class EarlyStoppingSettings(FrozenModel):

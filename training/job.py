@@ -188,6 +188,16 @@ def _log_dataset(dataset: DatasetRef) -> None:
                       {"version": str(dataset.version)})
 
 
+def _reference_inputs(dataset: DatasetRef, split: str, rows: int) -> np.ndarray | None:
+    """The first `rows` tensors of the test split, which the drift reference is captured from."""
+    from training.data import ShardSpec, strided_rows
+
+    if not rows or split not in dataset.manifest["splits"]:
+        return None
+    record = dataset.record
+    return strided_rows(ShardSpec(dataset.split_url(split), record.spec, record.modality), rows)[0]
+
+
 def _log_model(cfg: TrainConfig, dataset: DatasetRef, planned: Plan, weights: list[np.ndarray]) -> int | None:
     """Rebuild the architecture on the driver, load rank 0's weights, log it with its modality
     record (so inference needs nothing but the model URI) and the user's builder code, and
@@ -199,9 +209,10 @@ def _log_model(cfg: TrainConfig, dataset: DatasetRef, planned: Plan, weights: li
     record = dataset.record
     model = builders.build(planned.builder, record, cfg.model.params)
     model.set_weights(weights)
+    reference = _reference_inputs(dataset, cfg.data.test_split, cfg.registry.drift_reference_rows)
     with tempfile.TemporaryDirectory() as tmp:
         info = log_classifier(model, record, cfg.registry.model_name if cfg.registry.enabled else None, tmp,
-                              builder=planned.builder, user_code=planned.user_code)
+                              builder=planned.builder, user_code=planned.user_code, reference_inputs=reference)
     mlflow.log_dict({"modality": record.modality, "labels": list(record.labels), "builder": planned.builder,
                      "params": dict(cfg.model.params), "dataset": f"{dataset.name}@v{dataset.version}"},
                     "model_meta/summary.json")

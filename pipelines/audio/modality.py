@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
+
 from deepspark.modality import Modality, Preprocess, TensorSpec
 from pipelines.audio import transforms
 
@@ -28,6 +30,22 @@ class AudioModality(Modality):
 
     def spec(self, rules: transforms.AudioRules, state: Mapping[str, Any]) -> TensorSpec:
         return TensorSpec(COLUMN, (rules.samples,), "int16")
+
+    def input_statistics(self, tensors: np.ndarray, rules: transforms.AudioRules, state: Mapping[str, Any]
+                         ) -> dict[str, np.ndarray]:
+        """Duration (seconds from the first to the last sample above the trim level; clips are
+        centre-padded with zeros) and loudness (RMS over that span, dBFS): other microphones,
+        other speakers' pace and clipped recordings move them."""
+        level = 10 ** (rules.trim_db / 20) * 32768.0
+        duration = np.zeros(len(tensors), np.float32)
+        loudness = np.full(len(tensors), -100.0, np.float32)
+        for i, clip in enumerate(np.asarray(tensors)):  # row by row: no batch-sized float copies
+            loud = np.flatnonzero(np.abs(clip.astype(np.float32)) >= level)
+            if loud.size:
+                kept = clip[loud[0] : loud[-1] + 1].astype(np.float64) / 32768.0
+                duration[i] = kept.size / rules.sample_rate
+                loudness[i] = 10 * np.log10(max(float(np.mean(kept * kept)), 1e-10))
+        return {"duration_s": duration, "loudness_dbfs": loudness}
 
     def preprocessor(self, rules: transforms.AudioRules, state: Mapping[str, Any]) -> Preprocess:
         return lambda payload: transforms.decode_or_reason(payload, rules)

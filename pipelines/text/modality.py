@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
+import numpy as np
+
 from deepspark.modality import Modality, Preprocess, TensorSpec
 from pipelines.text import transforms
 
@@ -53,6 +55,16 @@ class TextModality(Modality):
                   .where(F.col("count") >= rules.min_count)
                   .orderBy(F.desc("count"), F.asc("token")).limit(rules.vocabulary_size).collect())
         return {"vocabulary": [row["token"] for row in counts], "pad_id": transforms.PAD, "oov_id": transforms.OOV}
+
+    def input_statistics(self, tensors: np.ndarray, rules: transforms.TextRules, state: Mapping[str, Any]
+                         ) -> dict[str, np.ndarray]:
+        """Length in tokens (as kept: at most `sequence_length`) and the share of them outside the
+        vocabulary: longer reviews or another language's words move them."""
+        ids = np.asarray(tensors)
+        length = (ids != transforms.PAD).sum(axis=1)
+        unknown = (ids == transforms.OOV).sum(axis=1)
+        return {"length_tokens": length.astype(np.float32),
+                "out_of_vocabulary": (unknown / np.maximum(length, 1)).astype(np.float32)}
 
     def preprocessor(self, rules: transforms.TextRules, state: Mapping[str, Any]) -> Preprocess:
         index = transforms.token_index(state["vocabulary"])

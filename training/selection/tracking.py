@@ -147,10 +147,14 @@ class SearchTracker:
         model = self.final_model(winner, len(progress.markers[winner]))
         test_split = cfg.data.test_split
         test: dict[str, float] = {}
+        reference = None
         if test_split in dataset.manifest["splits"]:
             rows = strided_rows(ShardSpec(dataset.split_url(test_split), record.spec, record.modality),
-                                cfg.max_eval_rows)
-            test = evaluate(model, *rows, len(record.labels), cfg.eval_batch_size, "test_", Solo())[0]
+                                None if cfg.max_eval_rows is None
+                                else max(cfg.max_eval_rows, cfg.registry.drift_reference_rows))
+            evaluated = rows if cfg.max_eval_rows is None else (rows[0][: cfg.max_eval_rows], rows[1][: cfg.max_eval_rows])
+            test = evaluate(model, *evaluated, len(record.labels), cfg.eval_batch_size, "test_", Solo())[0]
+            reference = rows[0][: cfg.registry.drift_reference_rows] if cfg.registry.drift_reference_rows else None
         if self.run is None:
             return test, ""
         registry_line, version = "", None
@@ -163,7 +167,8 @@ class SearchTracker:
                     registered = cfg.registry.model_name if is_winner and cfg.registry.enabled else None
                     builder = self.plan.trials[trial].builder
                     info = log_classifier(final, record, registered, tmp, builder=builder,
-                                          user_code=builders.user_code(builder))
+                                          user_code=builders.user_code(builder),
+                                          reference_inputs=reference if is_winner else None)
                 metrics = {"final_val_accuracy": row["val_accuracy"], "final_val_loss": row["val_loss"],
                            "best_val_accuracy": row["best_val_accuracy"], "epochs_trained": row["epochs"]}
                 if is_winner:
