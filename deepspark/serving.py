@@ -76,16 +76,24 @@ class ModalityClassifier(PythonModel):
                for start in range(0, len(tensors), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.record.labels)), np.float32)
 
-    def embeddings(self, tensors: np.ndarray, batch_size: int = 1024) -> np.ndarray | None:
-        """Penultimate-layer vectors of stored-form tensors (what drift monitoring compares), or
-        None for a model whose last layer has no single input to read."""
-        if getattr(self, "_embedder", False) is False:
-            self._embedder = penultimate_model(self.keras_model)
-        if self._embedder is None:
-            return None
-        out = [np.asarray(self._embedder.predict_on_batch(tensors[start : start + batch_size]))
-               for start in range(0, len(tensors), batch_size)]
-        return np.concatenate(out).reshape(len(tensors), -1) if out else None
+    def scores(self, tensors: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities and penultimate-layer vectors (what drift monitoring compares) in
+        one forward pass, in fixed-size chunks; vectors are None for a model whose last layer has
+        no single input to read."""
+        if getattr(self, "_both", False) is False:
+            inner = penultimate_model(self.keras_model)
+            import tensorflow as tf
+
+            self._both = None if inner is None else tf.keras.Model(self.keras_model.inputs,
+                                                                   [self.keras_model.outputs[0], inner.outputs[0]])
+        if self._both is None:
+            return self.probabilities(tensors, batch_size), None
+        parts = [self._both.predict_on_batch(tensors[start : start + batch_size])
+                 for start in range(0, len(tensors), batch_size)]
+        if not parts:
+            return self.probabilities(tensors, batch_size), None
+        return (np.concatenate([np.asarray(p) for p, _ in parts]),
+                np.concatenate([np.asarray(e) for _, e in parts]).reshape(len(tensors), -1))
 
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         """A DataFrame with a `text` (text) or `content` (file bytes) column, or a list of them ->

@@ -53,6 +53,9 @@ class MonitorSettings(FrozenModel):
     min_rows: PositiveInt = 100  # fewer scored rows: not judged
     embedding_sample: PositiveInt = 256  # rows whose embeddings MMD compares (chosen by content hash)
     fail_on_drift: bool = False  # exit with code 3 (after committing) when a statistic drifted
+    # Reference-against-run plots as run artifacts: for runs where something drifted (the table and
+    # metrics hold every run's numbers; a plot costs about 0.3 s), for every run, or never.
+    plots: Literal["on_drift", "always", "never"] = "on_drift"
 
     def thresholds(self) -> Thresholds:
         return Thresholds(self.psi, self.jensen_shannon, self.mmd_p_value, self.min_rows)

@@ -5,6 +5,7 @@ where labels exist, and where several models disagree."""
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 import uuid
@@ -113,6 +114,7 @@ class Drift:
     unmonitored: tuple[int, ...] = ()
     fail_on_drift: bool = False
     labels: tuple[str, ...] = ()
+    plots: str = "on_drift"
 
     @property
     def detected(self) -> bool:
@@ -377,9 +379,11 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
     ok, failed = F.col("reason").isNull() & fresh, F.col("reason").isNotNull() & fresh
     labelled = ok & F.col("true_label").isNotNull() & F.col("true_label").isin(*model.labels)
     hit = labelled & (F.col("true_label") == F.col("predicted_label"))
-    row = scored.agg(*[  # one pass, no shuffle: counts and accuracy of every model version
+    monitored = monitor.aggregations(references) if bin_plan is not None else []
+    row = scored.agg(*[  # one pass, no shuffle: counts and accuracy of every model version, drift counts
         F.count(F.when(cond & (F.col("model_version") == v), 1)).alias(f"{name}_{v}") for v in versions
-        for name, cond in (("good", ok), ("bad", failed), ("labelled", labelled), ("hits", hit))]).collect()[0]
+        for name, cond in (("good", ok), ("bad", failed), ("labelled", labelled), ("hits", hit))], *monitored
+    ).collect()[0]
     per_model = {v: (int(row[f"good_{v}"]), int(row[f"bad_{v}"]), hashed - int(row[f"good_{v}"]) - int(row[f"bad_{v}"]))
                  for v in versions}
     log.info("candidates read and scored in %.1f s", time.perf_counter() - started)
@@ -391,7 +395,7 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
     judged = {v: ref for v, ref in references.items() if per_model[v][0]}  # versions that scored rows now
     windows: dict[str, dict[int, list[Verdict]]] = {}
     if bin_plan is not None and judged:
-        observed = monitor.observe(scored, ok, bin_plan, judged, cfg.monitor.embedding_sample)
+        observed = monitor.observed(row, bin_plan, judged, cfg.monitor.embedding_sample)
         thresholds = cfg.monitor.thresholds()
         windows["run"] = {v: seen.judge(judged[v], thresholds) for v, seen in observed.items()}
         if cfg.monitor.window == "cumulative":
@@ -401,19 +405,17 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
         log.info("drift judged in %.1f s", time.perf_counter() - started)
     verdicts = windows.get(cfg.monitor.window, {})
     drift = Drift(verdicts, cfg.monitor.window, tuple(v for v in versions if v not in references),
-                  cfg.monitor.fail_on_drift, model.labels) if cfg.monitor.enabled else None
+                  cfg.monitor.fail_on_drift, model.labels, cfg.monitor.plots) if cfg.monitor.enabled else None
     added: dict[int, dict[str, list[str]]] = {v: {} for v in versions}
     # One write job per table for every model version: Spark partitions the rows into
     # model_version=<v>/batch=<job id>/ folders (each version's batch folder, as store.batch_url
     # names it); nothing is visible until the commit below lists them.
     tables = [("predictions", [v for v, (good, _, _) in per_model.items() if good],
-               scored.where(ok).drop("reason", "detail", "unchanged", "drift_bins", "embedding")),
+               scored.where(ok).drop("reason", "detail", "unchanged", "drift_counts", "embedding")),
               ("quarantine", [v for v, (_, bad, _) in per_model.items() if bad],
                scored.where(failed).select(*KEY, "reason", "detail", *SOURCE, "model_name", "job_id", "scored_at",
                                            "model_version").coalesce(1))]
-    if verdicts:  # committed with the predictions it judges
-        tables.append(("drift", list(verdicts), monitor.table(spark, windows, job_id, scored_at).coalesce(1)))
-    if any(holding for _, holding, _ in tables):
+    if verdicts or any(holding for _, holding, _ in tables):
         store.begin()  # before the first batch lands: an uncommitted batch is never read as a pre-log output's
     for table, holding, frame in tables:  # holding: the versions with rows for this table
         if holding:
@@ -421,6 +423,11 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
              .partitionBy("model_version", "batch").parquet(store.table_url(table)))
             for version in holding:
                 added[version][table] = [job_id]
+    if verdicts:  # committed with the predictions it judges
+        monitor.write_table(spark, monitor.table(windows, job_id, scored_at),
+                            lambda version: store.batch_url("drift", version, job_id))
+        for version in verdicts:
+            added[version]["drift"] = [job_id]
     scored.unpersist()
     log.info("wrote %d predictions and %d quarantine rows in %.1f s", sum(g for g, _, _ in per_model.values()),
              sum(b for _, b, _ in per_model.values()), time.perf_counter() - started)
@@ -472,17 +479,19 @@ def _compact(spark: "SparkSession", cfg: BatchInferenceConfig, store: Prediction
 
 
 def _log_drift(drift: Drift) -> dict[str, float]:
-    """Plots of each judged version as run artifacts (`drift/`); its metrics (the first version's
-    as `drift_<statistic>`, the others' as `v<n>_drift_<statistic>`)."""
+    """Its metrics (the first version's as `drift_<statistic>`, the others' as
+    `v<n>_drift_<statistic>`); plots of the judged versions as run artifacts (`drift/`), as
+    `monitor.plots` says."""
     import mlflow
 
     metrics: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (version, found) in enumerate(drift.verdicts.items()):
             metrics.update(monitoring.as_metrics(found, "drift_" if i == 0 else f"v{version}_drift_"))
-            monitor.plot(found, drift.labels, f"model version {version}: {monitoring.summary(found)}"[:120],
-                         f"{tmp}/v{version}_{drift.window}.png")
-        if drift.verdicts:
+            if drift.plots == "always" or (drift.plots == "on_drift" and any(v.drifted for v in found)):
+                monitor.plot(found, drift.labels, f"model version {version}: {monitoring.summary(found)}"[:120],
+                             f"{tmp}/v{version}_{drift.window}.png")
+        if os.listdir(tmp):
             mlflow.log_artifacts(tmp, "drift")
     return metrics
 

@@ -95,13 +95,13 @@ class OnDevice:
         with tf.device(self.device) if self.device else contextlib.nullcontext():
             return self.classifier.probabilities(x, batch_size)
 
-    def embeddings(self, x: Any, batch_size: int) -> Any:
+    def scores(self, x: Any, batch_size: int) -> Any:
         import contextlib
 
         import tensorflow as tf
 
         with tf.device(self.device) if self.device else contextlib.nullcontext():
-            return self.classifier.embeddings(x, batch_size)
+            return self.classifier.scores(x, batch_size)
 
 
 def gpu_device(gpu_names: list[str], assigned: str | None) -> str | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -21,17 +21,13 @@ from deepspark import monitoring
 from deepspark.monitoring import PROBABILITY, Reference, Verdict
 
 if TYPE_CHECKING:
-    from pyspark.sql import Column, DataFrame, SparkSession
+    import pyarrow as pa
+    from pyspark.sql import Column, Row, SparkSession
 
     from inference.model import ResolvedModel
     from inference.state import PredictionStore, Snapshot
 
 log = logging.getLogger(__name__)
-
-DRIFT_DDL = ("statistic string, kind string, method string, value double, threshold double, drifted boolean, "
-             "rows long, counts array<long>, reference_shares array<double>, p_value double, window string, "
-             "job_id string, scored_at string, model_version int")
-
 
 def load_reference(model: "ResolvedModel", workdir: str) -> Reference | None:
     """The reference stored with a model version, None for one logged without it."""
@@ -50,12 +46,13 @@ def load_reference(model: "ResolvedModel", workdir: str) -> Reference | None:
 
 @dataclass(frozen=True)
 class BinPlan:
-    """What the scorer computes for monitoring, per monitored model version: the inner edges of
-    each input statistic (the modality's, in order) then of the top-1 probability; and the share
-    of rows whose embedding joins the sample."""
+    """What the scorer counts for monitoring, per monitored model version: the inner edges of
+    each input statistic (the modality's, in order) then of the top-1 probability, the number of
+    labels; and the share of rows whose embedding joins the sample."""
 
     statistics: tuple[str, ...]  # the modality's input statistics, without the top-1 probability
     edges: Mapping[int, tuple[tuple[float, ...], ...]]
+    labels: Mapping[int, int]
     sample_fraction: float
 
     @classmethod
@@ -65,16 +62,22 @@ class BinPlan:
         first = next(iter(references.values()))
         names = tuple(n for n in first.statistics if n != PROBABILITY)
         edges = {v: tuple(tuple(ref.edges[n]) for n in (*names, PROBABILITY)) for v, ref in references.items()}
-        return cls(names, edges, min(1.0, 2.0 * sample / max(expected_rows, 1)))
+        labels = {v: len(ref.label_shares) for v, ref in references.items()}
+        return cls(names, edges, labels, min(1.0, 2.0 * sample / max(expected_rows, 1)))
 
-    def bins(self, version: int, statistics: Mapping[str, np.ndarray], top1: np.ndarray,
-             predicted: np.ndarray) -> np.ndarray:
-        """(rows, statistics + 2) bin indexes: each input statistic's, the top-1 probability's,
-        then the predicted label's index."""
-        edges = self.edges[version]
-        columns = [monitoring.bin_rows(statistics[name], edges[j]) for j, name in enumerate(self.statistics)]
-        columns += [monitoring.bin_rows(top1, edges[-1]), np.asarray(predicted)]
-        return np.stack(columns, axis=1).astype(np.int32)
+    def sizes(self, version: int) -> list[int]:
+        """How many counts each binned statistic, then the predicted label, takes."""
+        return [len(e) + 1 for e in self.edges[version]] + [self.labels[version]]
+
+    def counts(self, version: int, statistics: Mapping[str, np.ndarray], top1: np.ndarray,
+               predicted: np.ndarray) -> np.ndarray:
+        """One batch's counts per bin, flat: each input statistic's, the top-1 probability's,
+        then each predicted label's. Counted on the executor, so no row carries its bins."""
+        edges, sizes = self.edges[version], self.sizes(version)
+        values = [statistics[name] for name in self.statistics] + [top1]
+        parts = [monitoring.bin_counts(monitoring.bin_rows(v, e), size) for v, e, size in zip(values, edges, sizes)]
+        parts.append(monitoring.bin_counts(np.asarray(predicted), sizes[-1]))
+        return np.concatenate(parts).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -96,28 +99,35 @@ class Observed:
         return monitoring.compare(reference, binned, self.counts[monitoring.LABELS], self.embeddings, thresholds)
 
 
-def observe(scored: "DataFrame", fresh_ok: "Column", plan: BinPlan, references: Mapping[int, Reference],
-            sample: int) -> dict[int, Observed]:
-    """Per monitored model version, what the rows `fresh_ok` selects (scored by this run) hold:
-    one aggregation of the bins the scorer wrote, and the sampled embeddings."""
+def aggregations(references: Mapping[int, Reference]) -> "list[Column]":
+    """Columns for the job's one aggregation over the scored rows (no extra pass, no shuffle):
+    per monitored version, the per-batch counts the scorer made and the sampled embeddings."""
     from pyspark.sql import functions as F
 
-    rows = scored.where(fresh_ok & F.col("model_version").isin(*references))
-    found = (rows.select("model_version", F.posexplode("drift_bins").alias("position", "bin"))
-             .groupBy("model_version", "position", "bin").count().collect())
-    sampled = (rows.where(F.col("embedding").isNotNull()).select("model_version", "content_hash", "embedding")
-               .collect())
+    out = []
+    for version in references:
+        mine = F.col("model_version") == version
+        out.append(F.collect_list(F.when(mine, F.col("drift_counts"))).alias(f"drift_{version}_counts"))
+        out.append(F.collect_list(F.when(mine & F.col("embedding").isNotNull(), F.struct("content_hash", "embedding")))
+                   .alias(f"drift_{version}_sample"))
+    return out
+
+
+def observed(row: "Row", plan: BinPlan, references: Mapping[int, Reference], sample: int) -> dict[int, Observed]:
+    """What `aggregations` gathered, per monitored version: the batches' counts added up and split
+    by statistic; the embedding sample is the `sample` rows of lowest content hash (the same rows
+    on any cluster and rerun)."""
     names = [*plan.statistics, PROBABILITY, monitoring.LABELS]
     out = {}
-    for version, reference in references.items():
-        counts = {name: np.zeros(len(reference.edges[name]) + 1) for name in names[:-1]}
-        counts[monitoring.LABELS] = np.zeros(len(reference.label_shares))
-        for v, position, bucket, n in found:
-            target = counts[names[position]] if v == version and position < len(names) else None
-            if target is not None and 0 <= bucket < len(target):
-                target[bucket] += n
-        vectors = sorted(((h, e) for v, h, e in sampled if v == version), key=lambda pair: pair[0])[:sample]
-        out[version] = Observed(counts, np.array([e for _, e in vectors], np.float64) if vectors else None)
+    for version in references:
+        sizes = plan.sizes(version)
+        total = np.zeros(sum(sizes))
+        for counts in row[f"drift_{version}_counts"]:
+            total += np.asarray(counts, np.float64)
+        bounds = np.cumsum([0, *sizes])
+        split = {name: total[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
+        vectors = sorted(row[f"drift_{version}_sample"], key=lambda pair: pair[0])[:sample]
+        out[version] = Observed(split, np.array([e for _, e in vectors], np.float64) if vectors else None)
     return out
 
 
@@ -142,43 +152,70 @@ def prior_counts(spark: "SparkSession", store: "PredictionStore", base: "Snapsho
     return out
 
 
-def table(spark: "SparkSession", windows: Mapping[str, Mapping[int, Sequence[Verdict]]], job_id: str,
-          scored_at: str) -> "DataFrame":
-    """The drift table's rows of one run: one per (window, model version, statistic). The run
+def table(windows: Mapping[str, Mapping[int, Sequence[Verdict]]], job_id: str, scored_at: str
+          ) -> "dict[int, pa.Table]":
+    """The drift table's rows of one run, per model version: one per (window, statistic). The run
     window's counts are the run's own rows, so later cumulative windows can add them up."""
-    import pandas as pd
+    import pyarrow as pa
 
-    from deepspark.spark import frame_from_pandas
+    schema = pa.schema([("statistic", pa.string()), ("kind", pa.string()), ("method", pa.string()),
+                        ("value", pa.float64()), ("threshold", pa.float64()), ("drifted", pa.bool_()),
+                        ("rows", pa.int64()), ("counts", pa.list_(pa.int64())),
+                        ("reference_shares", pa.list_(pa.float64())), ("p_value", pa.float64()),
+                        ("window", pa.string()), ("job_id", pa.string()), ("scored_at", pa.string())])
+    out: dict[int, list[dict]] = {}
+    for window, verdicts in windows.items():
+        for version, found in verdicts.items():
+            out.setdefault(version, []).extend(
+                {"statistic": v.statistic, "kind": v.kind, "method": v.method, "value": v.value,
+                 "threshold": v.threshold, "drifted": v.drifted, "rows": v.rows, "counts": list(v.counts),
+                 "reference_shares": list(v.reference_shares), "p_value": v.p_value, "window": window,
+                 "job_id": job_id, "scored_at": scored_at} for v in found)
+    return {version: pa.Table.from_pylist(rows, schema) for version, rows in out.items()}
 
-    rows = [{"statistic": v.statistic, "kind": v.kind, "method": v.method, "value": v.value,
-             "threshold": v.threshold, "drifted": v.drifted, "rows": v.rows, "counts": list(v.counts),
-             "reference_shares": list(v.reference_shares), "p_value": v.p_value, "window": window,
-             "job_id": job_id, "scored_at": scored_at, "model_version": version}
-            for window, verdicts in windows.items() for version, found in verdicts.items() for v in found]
-    return frame_from_pandas(spark, pd.DataFrame(rows), DRIFT_DDL)
+
+def write_table(spark: "SparkSession", tables: "Mapping[int, pa.Table]", batch_url: "Callable[[int], str]") -> None:
+    """Each version's rows as one Parquet file in its batch folder (invisible until the commit
+    lists it): written by the driver through pyarrow where it reaches the output, else by Spark."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from deepspark import filesystem
+
+    for version, rows in tables.items():
+        url = batch_url(version)
+        if filesystem.reaches(url):
+            buffer = io.BytesIO()
+            pq.write_table(rows, buffer)
+            filesystem.write_atomic(f"{url}/part-00000-drift.parquet", buffer.getvalue())
+        else:
+            spark.createDataFrame(rows.to_pandas()).coalesce(1).write.parquet(url)
 
 
 def plot(verdicts: Sequence[Verdict], labels: Sequence[str], title: str, path: str) -> None:
-    """Reference against current share per bin, one panel per binned statistic."""
+    """Reference against current share per bin, one panel per binned statistic (lines, not bars:
+    a plot per run must cost little)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     binned = [v for v in verdicts if v.counts]
-    fig, axes = plt.subplots(1, len(binned), figsize=(3.6 * len(binned), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(binned), figsize=(3.2 * len(binned), 3.0), squeeze=False)
     for ax, v in zip(axes[0], binned):
         current = np.asarray(v.counts, np.float64) / max(v.rows, 1)
         x = np.arange(len(current))
-        ax.bar(x - 0.2, v.reference_shares, 0.4, label="reference")
-        ax.bar(x + 0.2, current, 0.4, label="this run", color="tab:red" if v.drifted else "tab:orange")
+        ax.plot(x, v.reference_shares, "o-", label="reference", markersize=3)
+        ax.plot(x, current, "s--", label="this run", markersize=3, color="tab:red" if v.drifted else "tab:orange")
         if v.statistic == monitoring.LABELS:
-            ax.set_xticks(x, [str(label) for label in labels], rotation=60, fontsize=7)
+            ax.set_xticks(x, [str(label)[:8] for label in labels], rotation=60, fontsize=6)
         else:
-            ax.set_xlabel("reference bin (equal mass)")
-        ax.set_title(f"{v.describe()}" + (" DRIFT" if v.drifted else ""), fontsize=9)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+            ax.set_xlabel("reference bin (equal mass)", fontsize=7)
+        ax.set_title(v.describe() + (" DRIFT" if v.drifted else ""), fontsize=8)
+        ax.tick_params(labelsize=6)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=8)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.25, top=0.8, wspace=0.3)
+    fig.savefig(path, dpi=72)
     plt.close(fig)

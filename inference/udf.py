@@ -26,7 +26,7 @@ SCORED_DDL = (
     "path string, content_hash string, predicted_index int, predicted_label string, "
     "top_k_labels array<string>, top_k_probabilities array<float>, true_label string, reason string, detail string, "
     "source string, source_size long, source_modified long, unchanged boolean, model_version int, "
-    "drift_bins array<int>, embedding array<float>"  # monitoring only: not written to the predictions
+    "drift_counts array<long>, embedding array<float>"  # monitoring only: not written to the predictions
 )
 
 
@@ -64,8 +64,9 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
     that version, unscored. With several models, `disagreements` counts the inputs every model
     scored ("compared"), those where some model's label differs from the first's ("differing"),
     and each (first model's label, second's) pair that differs, as the batches pass. With `monitor`,
-    each scored row of a monitored version also gets its bins on that version's drift reference
-    (`drift_bins`), and the rows of the hash-chosen sample their penultimate-layer `embedding`."""
+    the first row of each output batch of a monitored version carries the batch's counts per bin
+    of that version's drift reference (`drift_counts`), and the rows of the hash-chosen sample
+    their penultimate-layer `embedding`."""
     labels = np.array(models[0].labels, dtype=object)
     k = min(k, len(labels))
     record = models[0].record
@@ -139,11 +140,15 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
                 indexes.append(index)
                 top_labels: list = [None] * n
                 top_probs: list = [None] * n
-                bins: list = [None] * n
+                batch_counts: list = [None] * n
                 vectors: list = [None] * n
                 if good:
                     stacked_good = np.stack([tensors[i] for i in good])  # type: ignore[misc]
-                    probs = loaded(model).probabilities(stacked_good, batch_size)
+                    watched = monitor is not None and model.version in monitor.edges
+                    if watched:  # the embeddings come out of the same forward pass
+                        probs, embedded = loaded(model).scores(stacked_good, batch_size)
+                    else:
+                        probs, embedded = loaded(model).probabilities(stacked_good, batch_size), None
                     best, best_labels, best_probs = top_k(probs, k, labels)  # (good: the rows whose tensor is not None)
                     index[good] = best
                     if len(good) == n:
@@ -151,16 +156,13 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
                     else:
                         for row, i in enumerate(good):
                             top_labels[i], top_probs[i] = best_labels[row], best_probs[row]
-                    if monitor is not None and model.version in monitor.edges:
+                    if watched and monitor is not None:
                         at = position[good]
-                        found = monitor.bins(model.version, {name: v[at] for name, v in statistics.items()},
-                                             np.asarray(probs).max(axis=1), best).tolist()
-                        for row, i in enumerate(good):
-                            bins[i] = found[row]
+                        batch_counts[0] = monitor.counts(model.version, {name: v[at] for name, v in statistics.items()},
+                                                         np.asarray(probs).max(axis=1), best).tolist()
                         chosen = [row for row, i in enumerate(good) if sampled[i]]  # type: ignore[index]
-                        embedded = loaded(model).embeddings(stacked_good[chosen], batch_size) if chosen else None
-                        if embedded is not None:
-                            for row, vector in zip(chosen, embedded.astype(np.float32).tolist()):
+                        if embedded is not None and chosen:
+                            for row, vector in zip(chosen, embedded[chosen].astype(np.float32).tolist()):
                                 vectors[good[row]] = vector
                 scored = index >= 0
                 predicted = pd.array(index, dtype="Int32")
@@ -180,7 +182,7 @@ def make_scorer(models: Sequence[ResolvedModel], source: str, root: str | None, 
                     "source_modified": pd.array(batch["source_modified"], dtype="Int64"),
                     "unchanged": unchanged[m],
                     "model_version": np.full(n, model.version, np.int32),
-                    "drift_bins": bins,
+                    "drift_counts": batch_counts,
                     "embedding": vectors,
                 })
             if disagreements is not None:
