@@ -72,3 +72,27 @@ def test_communication_between_two_wall_clock_times():
     assert communication_seconds(EVENTS, start + 900e-6, start + 0.01) == pytest.approx(
         {"negotiation": 10e-6, "processing": 40e-6}, abs=2e-6)
     assert communication_seconds(EVENTS[1:], start, start + 1) == {}  # no origin: nothing to say
+
+
+def test_a_follower_reads_horovods_file_as_it_grows(tmp_path):
+    """Horovod 0.28 writes events back to back and closes the array after each one (`...}]`),
+    overwriting the `]` with `,` before the next: a reader sees a complete array, or one whose
+    last event is cut short."""
+    from training.timeline import Follower
+
+    path = tmp_path / "timeline.json"
+    text = "[" + ",".join(json.dumps(e) for e in EVENTS) + "]"
+    half = text.index('{"ph": "B", "name": "ALLREDUCE", "ts": 200')
+    path.write_text(text[: half + 20])  # the first tensor done, the second's allreduce being written
+    follower = Follower(str(path))
+    start = ORIGIN / 1e6
+    # complete so far: the two negotiations [100,150] u [120,170]; no allreduce has ended yet
+    assert follower.seconds(start, start + 0.01) == pytest.approx({"allreduce": 0.0, "negotiation": 70e-6},
+                                                                   abs=2e-6)
+    path.write_text(text)  # the rest, and the closing bracket
+    # [160,400] and [1010,1050] moving bytes; negotiation [100,160] and [1000,1010], not the
+    # 160-170 it shares with the first tensor's allreduce
+    assert follower.seconds(start, start + 0.01) == pytest.approx({"allreduce": 280e-6, "negotiation": 70e-6},
+                                                                   abs=2e-6)
+    assert follower.offset == len(text) - 1  # up to the last complete event; the bracket is read again
+    assert Follower(str(tmp_path / "none.json")).seconds(start, start + 1) == {}

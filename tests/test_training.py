@@ -105,10 +105,28 @@ def test_per_epoch_metrics_dataset_and_artifacts(trained, spark, fashion_small):
     inputs = run.inputs.dataset_inputs
     assert len(inputs) == 1 and inputs[0].dataset.name.startswith("fashion-small@v")
     artifacts = {a.path for a in c.list_artifacts(result.run_id, "plots")}
-    assert artifacts == {"plots/training_curves.png", "plots/confusion_matrix.png"}
+    assert artifacts == {"plots/training_curves.png", "plots/confusion_matrix.png", "plots/epoch_breakdown.png"}
     checkpoints = {a.path for a in c.list_artifacts(result.run_id, "checkpoints")}
     assert {"checkpoints/epoch-0000.json", "checkpoints/epoch-0001.tar"} <= checkpoints
     assert sum(map(sum, result.confusion)) == 200  # max_eval_rows test images, each counted once
+
+
+def test_each_epochs_time_is_broken_down_and_the_parts_add_up_to_it(trained):
+    from training.remote import BREAKDOWN
+
+    result, *_ = trained
+    c = client()
+    history = {key: {m.step: m.value for m in c.get_metric_history(result.run_id, key)}
+               for key in (*BREAKDOWN, "time_epoch_s")}
+    for epoch in (0, 1):
+        parts = {key: history[key][epoch] for key in BREAKDOWN}
+        total = history["time_epoch_s"][epoch]
+        assert abs(sum(parts.values()) - total) <= 0.05 * total, (epoch, parts, total)
+        # 2 ranks: the gradients' allreduces are read off Horovod's timeline; validation and the
+        # checkpoint are timed; compute is what the training steps spent otherwise.
+        assert parts["time_allreduce_s"] > 0 and parts["time_negotiation_s"] > 0, parts
+        assert parts["time_validation_s"] > 0 and parts["time_checkpoint_s"] > 0 and parts["time_compute_s"] > 0
+        assert parts["time_compute_s"] + parts["time_allreduce_s"] < total
 
 
 def test_registered_model_has_signature_and_predicts(trained, spark, fashion_small):

@@ -197,6 +197,12 @@ def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: 
         raise RankFailure(f"Horovod ranks failed: {type(exc).__name__}: {exc}") from exc
 
 
+def timeline_file() -> str | None:
+    """The file Horovod's timeline goes to on this rank's host (`horovod.timeline`; rank 0 writes it)."""
+    path = os.environ.get("HOROVOD_TIMELINE")
+    return path if path and path != "DYNAMIC" else None
+
+
 def available_gpu() -> str | None:
     """The GPU address Spark assigned to this task, if any (inside a rank)."""
     try:

@@ -21,7 +21,7 @@ from deepspark.spark import task_slots
 from deepspark.tracking import job_run, tracking_uri
 from training import engines
 from training.config import TrainConfig
-from training.remote import CHECKPOINT_DIR, RankTask
+from training.remote import BREAKDOWN, CHECKPOINT_DIR, RankTask
 from training.trainer import check_finetune
 
 if TYPE_CHECKING:
@@ -279,6 +279,8 @@ def run_job(spark: "SparkSession", cfg: TrainConfig) -> TrainResult:
 
                 history = _metric_history(run.info.run_id, ("loss", "accuracy", "val_loss", "val_accuracy"))
                 plots.training_curves(history, os.path.join(tmp, "training_curves.png"))
+                plots.epoch_breakdown(_metric_history(run.info.run_id, (*BREAKDOWN, "time_epoch_s")),
+                                      os.path.join(tmp, "epoch_breakdown.png"))
                 plots.confusion_matrix(np.array(outcome["confusion"]), dataset.labels, os.path.join(tmp, "confusion_matrix.png"))
                 mlflow.log_artifacts(tmp, "plots")
             model_version = _log_model(cfg, dataset, planned, outcome["weights"])

@@ -50,3 +50,37 @@ def confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: str) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def epoch_breakdown(history: Mapping[str, Sequence[tuple[int, float]]], path: str) -> bool:
+    """Each epoch's seconds stacked by part (compute, input wait, negotiation, allreduce,
+    validation, checkpoint); False when the run logged no breakdown."""
+    parts = [k for k in ("time_compute_s", "time_input_wait_s", "time_negotiation_s", "time_allreduce_s",
+                         "time_validation_s", "time_checkpoint_s") if history.get(k)]
+    if not parts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = sorted({e for k in parts for e, _ in history[k]})
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(epochs) + 3), 4))
+    bottom = np.zeros(len(epochs))
+    for key in parts:
+        by_epoch = dict(history[key])
+        values = np.array([by_epoch.get(e, 0.0) for e in epochs])
+        ax.bar([e + 1 for e in epochs], values, bottom=bottom, label=key.removeprefix("time_").removesuffix("_s"))
+        bottom += values
+    totals = dict(history.get("time_epoch_s", []))
+    if totals:
+        ax.plot([e + 1 for e in epochs], [totals.get(e, np.nan) for e in epochs], "k_", markersize=20,
+                label="epoch (measured)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("seconds (rank 0)")
+    ax.set_title("where each epoch's time went")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

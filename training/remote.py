@@ -3,6 +3,7 @@ and Horovod lazily; shards data by rank; only rank 0 logs to MLflow and writes c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -182,6 +183,9 @@ class RankTask:
                           cfg.loader.pool_type, cfg.loader.workers), cfg.max_eval_rows), "test_", now.collective)
         if now.rank != 0:
             return None
+        if now.timeline is not None:  # Horovod goes on writing to the unlinked file until it shuts down
+            with contextlib.suppress(OSError):
+                os.remove(now.timeline.path)
         if best_epoch is not None:  # the weights tested
             test_metrics["best_epoch"] = float(best_epoch)
         result = {"weights": model.get_weights(), "test": test_metrics, "confusion": confusion.tolist()}
@@ -219,19 +223,17 @@ class RankTask:
 
         return MlflowClient(tracking_uri=self.tracking_uri)
 
-    def _log_epoch(self, client: Any, epoch: int, metrics: dict[str, float], model: Any, once: bool = False) -> None:
+    def _log_epoch(self, client: Any, epoch: int, metrics: dict[str, float], model: Any, once: bool = False) -> bool:
         """The epoch's metrics and checkpoint (rank 0); `once`: not when the run already has this
-        epoch's metrics (logged by a rank 0 lost before the others committed the epoch)."""
+        epoch's metrics (logged by a rank 0 lost before the others committed the epoch). Whether
+        it logged them."""
         log.info("epoch %d/%d: %s", epoch + 1, self.cfg.epochs, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if client is None:
-            return
+            return False
         if once and any(m.step == epoch for m in client.get_metric_history(self.run_id, "loss")):
             log.info("epoch %d is in the run already: not logged again", epoch + 1)
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+            return False
+        self._log_metrics(client, epoch, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             name = checkpoint_name(epoch)
             archive = os.path.join(tmp, f"{name}.tar")
@@ -242,6 +244,13 @@ class RankTask:
             with open(marker, "w") as fh:
                 json.dump({"epoch": epoch, "archive": f"{name}.tar", **metrics}, fh)
             client.log_artifact(self.run_id, marker, CHECKPOINT_DIR)
+        return True
+
+    def _log_metrics(self, client: Any, epoch: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
 
 
 class Membership:
@@ -258,6 +267,7 @@ class Membership:
         self.shard: Any = None
         self.val: tuple[np.ndarray, np.ndarray] | None = None
         self.client: Any = None
+        self.timeline: Any = None  # rank 0's reader of Horovod's timeline (training/timeline.py)
 
     def join(self, task: RankTask, batch: int, elastic: bool = False) -> None:
         from training.data import ShardSpec, strided_rows
@@ -270,25 +280,32 @@ class Membership:
         self.val = strided_rows(ShardSpec(task.val_url, record.spec, record.modality, self.rank, self.size, *pool),
                                 cfg.max_eval_rows) if task.val_url else None
         self.client = task._mlflow_client() if self.rank == 0 else None
+        from training.distributed import timeline_file
+        from training.timeline import Follower
+
+        path = timeline_file() if self.rank == 0 and not elastic else None
+        self.timeline = Follower(path) if path else None
 
 
 def _epoch_end(tf: Any, task: RankTask, now: Membership) -> Any:
     """The callback that ends each epoch: exact validation, throughput, stall share, logging and
-    checkpoint (rank 0)."""
+    checkpoint, and where the epoch's time went (rank 0)."""
 
     class EpochEnd(tf.keras.callbacks.Callback):  # type: ignore[misc,name-defined]
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self.started = time.perf_counter()
+            self.started, self.wall_started = time.perf_counter(), time.time()
             now.meter.reset()
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             assert logs is not None  # Keras passes each epoch's logs (and KeepBest reads what we add)
-            elapsed = time.perf_counter() - self.started
+            elapsed, wall_trained = time.perf_counter() - self.started, time.time()
             wait, _ = now.meter.reset()
             collective, size = now.collective, now.size
             metrics = {"loss": logs["loss"], "accuracy": logs["accuracy"]}
+            validating = time.perf_counter()
             if now.val is not None:
                 metrics.update(task._evaluate(self.model, *now.val, "val_", collective)[0])
+            validation = time.perf_counter() - validating
             slowest = collective.allreduce(np.array([elapsed]), "max", f"elapsed{epoch}")[0]
             metrics["samples_per_s"] = self.params["steps"] * now.batch * size / slowest
             stall = collective.allreduce(np.array([wait / elapsed]), "sum", f"stall{epoch}")[0]
@@ -296,14 +313,40 @@ def _epoch_end(tf: Any, task: RankTask, now: Membership) -> Any:
             metrics["epoch_seconds"] = slowest
             metrics["learning_rate"] = now.schedule(self.model.optimizer.iterations)
             metrics = {k: float(v) for k, v in metrics.items()}
+            synced = time.perf_counter() - validating - validation  # the ranks meeting to share the epoch's figures
             logs.update(metrics)  # the exact, rank-shared validation metrics, for KeepBest
             if now.rank == 0:
                 now.epochs.append(dict(metrics))
-                task._log_epoch(now.client, epoch, metrics, self.model, once=now.joins > 1)
+                logging_started = time.perf_counter()
+                logged = task._log_epoch(now.client, epoch, metrics, self.model, once=now.joins > 1)
+                checkpoint = time.perf_counter() - logging_started
+                talk = now.timeline.seconds(self.wall_started, wall_trained) if now.timeline is not None else {}
+                parts = epoch_breakdown(elapsed, wait, talk, validation, synced, checkpoint,
+                                        time.perf_counter() - self.started)
+                log.info("epoch %d time: %s", epoch + 1, ", ".join(f"{k}={v:.3f}" for k, v in parts.items()))
+                if logged and now.client is not None:
+                    task._log_metrics(now.client, epoch, parts)
             if now.elastic:  # a rank 0 lost while logging fails this for all, before any commits the epoch
                 collective.allreduce(np.zeros(1), "sum", f"logged{epoch}")
 
     return EpochEnd()
+
+
+BREAKDOWN = ("time_compute_s", "time_input_wait_s", "time_negotiation_s", "time_allreduce_s", "time_validation_s",
+             "time_checkpoint_s")
+
+
+def epoch_breakdown(trained_s: float, input_wait_s: float, communication: dict[str, float], validation_s: float,
+                    synced_s: float, checkpoint_s: float, epoch_s: float) -> dict[str, float]:
+    """Where rank 0's epoch went. The training steps' time splits into waiting for input, Horovod's
+    negotiation (waiting for the slowest rank) and allreduce (moving gradients, from its timeline),
+    and compute: the rest of it. Then validation, the ranks meeting to share the epoch's figures
+    (`synced_s`, counted as negotiation: it is waiting for the slowest rank), and the metrics and
+    checkpoint logging. The parts add up to `time_epoch_s` but for a little bookkeeping."""
+    negotiation, allreduce = communication.get("negotiation", 0.0), communication.get("allreduce", 0.0)
+    compute = max(trained_s - input_wait_s - negotiation - allreduce, 0.0)
+    values = (compute, input_wait_s, negotiation + synced_s, allreduce, validation_s, checkpoint_s)
+    return {**{name: float(v) for name, v in zip(BREAKDOWN, values)}, "time_epoch_s": float(epoch_s)}
 
 
 def _commit_callback(tf: Any, state: Any, every: int) -> Any:

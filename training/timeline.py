@@ -105,3 +105,67 @@ def communication_seconds(events: list[dict[str, Any]], start_s: float, end_s: f
                                       if s.name.startswith(NEGOTIATION_PREFIX)), window),
         "processing": union_seconds(((s.start_us, s.end_us) for s in spans if s.name in PROCESSING), window),
     }
+
+
+class Follower:
+    """Reads a timeline file as Horovod appends to it, keeping only the complete spans and each
+    tensor's open activities: an epoch's window costs what the epoch wrote, not the whole file
+    again. Horovod 0.28 writes events back to back and closes the array after each (`...}]`),
+    overwriting that `]` with `,` before the next one; what is read is taken up to the last
+    complete event, and the next read starts there."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.offset = 0
+        self.origin: int | None = None
+        self.spans: list[Span] = []
+        self._open: dict[Any, list[tuple[str, int]]] = {}
+
+    def read(self) -> None:
+        """Take in the events completed since the last read."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                text = fh.read().decode("latin-1")  # one character per byte: indexes are offsets
+        except FileNotFoundError:
+            return
+        decoder = json.JSONDecoder()
+        at, consumed = 0, 0
+        while True:
+            while at < len(text) and text[at] in "[],\r\n\t ":
+                at += 1
+            if at >= len(text):
+                break
+            try:
+                event, at = decoder.raw_decode(text, at)
+            except json.JSONDecodeError:
+                break  # an event still being written: read again from its start
+            consumed = at
+            if isinstance(event, dict):
+                self._take(event)
+        self.offset += consumed
+
+    def _take(self, event: dict[str, Any]) -> None:
+        phase, pid = event.get("ph"), event.get("pid")
+        if self.origin is None and phase == "M":
+            self.origin = origin_micros([event])
+        if phase == "B":
+            self._open.setdefault(pid, []).append((str(event.get("name", "")), int(event["ts"])))
+        elif phase == "E" and self._open.get(pid):
+            name, start = self._open[pid].pop()
+            if not self._open[pid]:
+                self.spans.append(Span(name, start, int(event["ts"])))
+
+    def seconds(self, start_s: float, end_s: float) -> dict[str, float]:
+        """Seconds of processing (moving bytes) and of negotiation only (waiting for every rank,
+        not also moving another tensor's bytes) between two wall-clock times; then forgets the
+        spans that ended before `start_s`. {} before the file's origin is known."""
+        self.read()
+        if self.origin is None:
+            return {}
+        window = (int(start_s * 1e6) - self.origin, int(end_s * 1e6) - self.origin)
+        processing = [(s.start_us, s.end_us) for s in self.spans if s.name in PROCESSING]
+        talking = processing + [(s.start_us, s.end_us) for s in self.spans if s.name.startswith(NEGOTIATION_PREFIX)]
+        busy, moving = union_seconds(talking, window), union_seconds(processing, window)
+        self.spans = [s for s in self.spans if s.end_us > window[0]]
+        return {"allreduce": moving, "negotiation": busy - moving}
