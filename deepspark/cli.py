@@ -31,6 +31,7 @@ JOBS: dict[str, JobSpec] = {
     "train": JobSpec("training.config:TrainConfig", "training.job:run_job"),
     "select_models": JobSpec("training.selection.config:SelectConfig", "training.selection.job:run_job"),
     "batch_inference": JobSpec("inference.config:BatchInferenceConfig", "inference.job:run_job"),
+    "plan": JobSpec("training.planner:PlanConfig", "training.planner:run_job"),
     "demo_data": JobSpec("pipelines.demo_data:DemoDataConfig", "pipelines.demo_data:run_job", False),
 }
 
