@@ -50,7 +50,12 @@ def test_the_planner_measures_a_run_probes_the_link_and_logs_its_prediction(spar
     assert sorted(history) == [1, 2, 4, 8]
     assert plan_run.data.metrics["measured_train_s_per_epoch"] == pytest.approx(m.trained_s)
     assert {a.path for a in client.list_artifacts(plan_run.info.run_id, "plan")} == {
-        "plan/plan.txt", "plan/predicted_epoch_s.png"}
+        "plan/plan.txt", "plan/predicted_epoch_s.png", "plan/roofline.png"}
+    # The roofline: peaks measured on an executor; the convnet trains at batch 16 and infers at 1024.
+    assert plan_run.data.metrics["peak_flops_per_s"] > 1e8 and plan_run.data.metrics["memory_bytes_per_s"] > 1e8
+    assert plan_run.data.metrics["inference_flops_per_byte"] > plan_run.data.metrics["training_flops_per_byte"]
+    assert plan_run.data.tags["roofline.inference"] in ("compute-bound", "memory-bound")
+    assert "roofline of one rank's core(s)" in result.summary()
 
     # A finished run is read instead of measuring again: no new training run.
     trained = len(mlflow.search_runs(experiment_names=["deepspark"], filter_string="tags.`deepspark.job` = 'train'"))
