@@ -26,7 +26,7 @@ def test_the_planner_measures_a_run_probes_the_link_and_logs_its_prediction(spar
 
     result = run_job(spark, plan_config(fashion_small, mlflow_store))
     m = result.measured
-    assert (m.ranks, m.steps, m.batch_per_rank) == (2, 6, 16) and m.compute_s > 0 and m.communication_s > 0
+    assert (m.ranks, m.steps, m.batch_per_rank) == (2, 6, 16) and result.compute_s > 0 and m.communication_s > 0
     # The convnet's trainable parameters, 4 bytes each (what one allreduce moves).
     from deepspark import builders
     from deepspark.datasets import open_dataset

@@ -82,16 +82,28 @@ class AllreduceProbe:
 
 @dataclass(frozen=True)
 class Measured:
-    """One training configuration as measured (per step, rank 0's view)."""
+    """One training configuration as measured by its epoch breakdown (rank 0's view)."""
 
     run_id: str
     ranks: int
     batch_per_rank: int
     steps: int
-    compute_s: float
-    input_wait_s: float
-    communication_s: float  # negotiation + allreduce in the steps
-    trained_s: float  # the epoch's training steps: compute + input wait + communication
+    backward_passes_per_step: int
+    trained_s: float  # the epoch's training steps: compute, input wait and communication
+    input_wait_s: float  # per step
+    communication_s: float  # per step: time with an allreduce negotiating or in flight (Horovod's timeline)
+
+    @property
+    def step_s(self) -> float:
+        return self.trained_s / self.steps
+
+    def compute_s(self, grad_bytes: float, link: capacity.Link) -> float:
+        """A rank's compute per step, as the cost model has it: the measured step less the input wait
+        and the ring allreduce the link predicts at these ranks. (The timeline's communication
+        overlaps the backward pass, which keeps computing while early layers' gradients are
+        reduced: taking it all off would undercount compute.)"""
+        comm = capacity.ring_allreduce_s(self.ranks, grad_bytes, link) / self.backward_passes_per_step
+        return max(self.step_s - self.input_wait_s - comm, 1e-6)
 
     @classmethod
     def of_run(cls, run_id: str) -> "Measured":
@@ -109,10 +121,10 @@ class Measured:
         ranks = int(params.get("resolved.num_proc", 1))
         steps = int(params["resolved.steps_per_epoch"])
         batch = int(params["resolved.global_batch_size"]) // ranks
+        passes = int(params.get("horovod.backward_passes_per_step", 1))
         comm = metrics["time_negotiation_s"] + metrics["time_allreduce_s"]
         trained = metrics["time_compute_s"] + metrics["time_input_wait_s"] + comm
-        return cls(run_id, ranks, batch, steps, metrics["time_compute_s"] / steps,
-                   metrics["time_input_wait_s"] / steps, comm / steps, trained)
+        return cls(run_id, ranks, batch, steps, passes, trained, metrics["time_input_wait_s"] / steps, comm / steps)
 
 
 def gradient_bytes(model: Any, compression: str) -> int:
@@ -145,6 +157,7 @@ class CapacityPlan:
     measured: Measured
     link: capacity.Link
     grad_bytes: int
+    compute_s: float  # per step and rank, from the measurement (Measured.compute_s)
     predictions: list[capacity.Prediction]
     servers: dict[int, dict[int, float]]  # ranks -> servers -> seconds of one push and pull
     recommended_ranks: int
@@ -160,14 +173,14 @@ class CapacityPlan:
     def predicted_trained_s(self, ranks: int, steps: int, backward_passes_per_step: int = 1) -> float:
         """Seconds of `steps` training steps at `ranks` (an epoch's steps part, as the breakdown
         measures it)."""
-        m = self.measured
         comm = capacity.ring_allreduce_s(ranks, self.grad_bytes, self.link)
-        return steps * capacity.step_s(m.compute_s, m.input_wait_s, comm, self.overlap, backward_passes_per_step)
+        return steps * capacity.step_s(self.compute_s, self.measured.input_wait_s, comm, self.overlap,
+                                       backward_passes_per_step)
 
     def summary(self) -> str:
         m = self.measured
         lines = [f"capacity plan from run {m.run_id} ({m.ranks} rank(s), {m.batch_per_rank} rows per rank and step): "
-                 f"compute {m.compute_s * 1000:.1f} ms/step, input wait {m.input_wait_s * 1000:.1f} ms/step, "
+                 f"compute {self.compute_s * 1000:.1f} ms/step, input wait {m.input_wait_s * 1000:.1f} ms/step, "
                  f"gradients {self.grad_bytes / 2**20:.2f} MB, link {self.link.latency_s * 1e6:.0f} us latency, "
                  f"{self.link.bytes_per_s / 1e9:.2f} GB/s",
                  f"{'ranks':>6}{'allreduce ms':>14}{'step ms':>10}{'no overlap':>12}{'epoch s':>10}{'efficiency':>12}"
@@ -198,14 +211,15 @@ def make_plan(measured: Measured, link: capacity.Link, grad_bytes: int, rows: in
     backward passes per step that bring the recommended ranks' communication under the compute;
     a fusion buffer holding all gradients."""
     candidates = sorted({*settings.ranks, measured.ranks})
-    predictions = capacity.predict(candidates, measured.compute_s, measured.input_wait_s, grad_bytes, link, rows,
+    compute = measured.compute_s(grad_bytes, link)
+    predictions = capacity.predict(candidates, compute, measured.input_wait_s, grad_bytes, link, rows,
                                    measured.batch_per_rank, settings.overlap)
     servers = {n: {k: capacity.parameter_server_s(n, k, grad_bytes, link) for k in settings.servers}
                for n in candidates}
     ranks = capacity.recommend_ranks(predictions, settings.min_efficiency)
     comm = capacity.ring_allreduce_s(ranks, grad_bytes, link)
-    passes = max(1, math.ceil(comm / measured.compute_s)) if measured.compute_s > 0 and comm > measured.compute_s else 1
-    return CapacityPlan(measured, link, grad_bytes, predictions, servers, ranks, passes,
+    passes = max(1, math.ceil(comm / compute)) if comm > compute else 1
+    return CapacityPlan(measured, link, grad_bytes, compute, predictions, servers, ranks, passes,
                         capacity.fusion_threshold_mb(grad_bytes), rows, settings.overlap)
 
 
@@ -249,7 +263,7 @@ def run_job(spark: "SparkSession", cfg: PlanConfig) -> CapacityPlan:
     with job_run(cfg.tracking, "plan", cfg, {"deepspark.job": "plan", "plan.from_run": run_id}) as run:
         if run is not None:
             mlflow.log_metrics({"link_latency_s": link.latency_s, "link_bytes_per_s": link.bytes_per_s,
-                                "gradient_bytes": grad_bytes, "compute_s_per_step": measured.compute_s,
+                                "gradient_bytes": grad_bytes, "compute_s_per_step": result.compute_s,
                                 "input_wait_s_per_step": measured.input_wait_s,
                                 "measured_train_s_per_epoch": measured.trained_s,
                                 "recommended_num_proc": result.recommended_ranks,
