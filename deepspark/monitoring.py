@@ -89,8 +89,11 @@ def _edges(values: np.ndarray, bins: int) -> list[float]:
     """Equal-mass inner edges, and around every value holding at least half a bin's share of the
     reference (a statistic that is often exactly 0, such as the out-of-vocabulary rate) a bin of
     its own: otherwise its ties fill one open bin and a move away from it goes unseen."""
-    inner = set(drift.reference_edges(values, bins)[1:-1].tolist())
-    found, counts = np.unique(values[~np.isnan(values)], return_counts=True)
+    finite = values[np.isfinite(values)]  # a NaN or infinite value goes to an outer bin, not into the edges
+    if not finite.size:
+        return []
+    inner = set(drift.reference_edges(finite, bins)[1:-1].tolist())
+    found, counts = np.unique(finite, return_counts=True)
     for atom in found[counts >= len(values) / (2 * bins)]:
         inner.update((float(atom), float(np.nextafter(atom, np.inf))))
     return sorted(float(e) for e in inner)

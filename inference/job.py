@@ -365,7 +365,7 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
     loads = spark.sparkContext.accumulator(0)
     shared = spark.sparkContext.broadcast(seen) if seen else None
     pairs = spark.sparkContext.accumulator({}, CounterParam()) if len(versions) > 1 else None
-    bin_plan = monitor.BinPlan.of(references, hashed, cfg.monitor.embedding_sample)
+    bin_plan = monitor.BinPlan.of(references, hashed, cfg.monitor.embedding_sample, monitor.statistic_names(model.record))
     scorer = make_scorer(models, plan.source, plan.root, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads,
                          plan.hashed_in_workers, shared, pairs, bin_plan)
     scored_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -399,7 +399,8 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
         thresholds = cfg.monitor.thresholds()
         windows["run"] = {v: seen.judge(judged[v], thresholds) for v, seen in observed.items()}
         if cfg.monitor.window == "cumulative":
-            prior = monitor.prior_counts(spark, store, base, list(judged))
+            # a full refresh replaces every earlier batch: the window starts again with this run
+            prior = {} if cfg.full_refresh else monitor.prior_counts(spark, store, base, list(judged))
             windows["cumulative"] = {v: seen.plus(prior.get(v, {})).judge(judged[v], thresholds)
                                      for v, seen in observed.items()}
         log.info("drift judged in %.1f s", time.perf_counter() - started)

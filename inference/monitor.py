@@ -24,10 +24,16 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from pyspark.sql import Column, Row, SparkSession
 
+    from deepspark.modality import ModalityRecord
     from inference.model import ResolvedModel
     from inference.state import PredictionStore, Snapshot
 
 log = logging.getLogger(__name__)
+
+DRIFT_DDL = ("statistic string, kind string, method string, value double, threshold double, drifted boolean, "
+             "rows long, counts array<long>, reference_shares array<double>, p_value double, window string, "
+             "job_id string, scored_at string")  # the drift table's columns (table() builds them with pyarrow)
+
 
 def load_reference(model: "ResolvedModel", workdir: str) -> Reference | None:
     """The reference stored with a model version, None for one logged without it."""
@@ -37,11 +43,18 @@ def load_reference(model: "ResolvedModel", workdir: str) -> Reference | None:
         path = mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{model.name}/{model.version}/artifacts/{monitoring.REFERENCE_FILE}",
             dst_path=os.path.join(workdir, f"reference-v{model.version}"))
-    except Exception:  # noqa: BLE001  # MLflow raises several types for a missing artifact
-        log.info("%s has no drift reference: its inputs and predictions are not monitored", model.uri)
+    except Exception as exc:  # noqa: BLE001  # MLflow raises several types for a missing artifact
+        log.warning("%s: no drift reference could be read, so its inputs and predictions are not monitored "
+                    "(%s: %s)", model.uri, type(exc).__name__, str(exc)[:300])
         return None
     with open(path) as fh:
         return Reference.from_json(fh.read())
+
+
+def statistic_names(record: "ModalityRecord") -> list[str]:
+    """The input statistics the record's modality computes (on one blank tensor)."""
+    blank = np.zeros((1, *record.spec.shape), np.dtype(record.spec.dtype))
+    return list(record.plugin.input_statistics(blank, record.typed_rules(), record.state))
 
 
 @dataclass(frozen=True)
@@ -56,11 +69,15 @@ class BinPlan:
     sample_fraction: float
 
     @classmethod
-    def of(cls, references: Mapping[int, Reference], expected_rows: int, sample: int) -> "BinPlan | None":
+    def of(cls, references: Mapping[int, Reference], expected_rows: int, sample: int,
+           available: Sequence[str]) -> "BinPlan | None":
+        """`available`: the statistics the modality computes now; one a reference lacks, or the
+        modality no longer computes, is left out rather than failing the run."""
         if not references:
             return None
         first = next(iter(references.values()))
-        names = tuple(n for n in first.statistics if n != PROBABILITY)
+        names = tuple(n for n in first.statistics if n != PROBABILITY and n in available
+                      and all(n in ref.edges for ref in references.values()))
         edges = {v: tuple(tuple(ref.edges[n]) for n in (*names, PROBABILITY)) for v, ref in references.items()}
         labels = {v: len(ref.label_shares) for v, ref in references.items()}
         return cls(names, edges, labels, min(1.0, 2.0 * sample / max(expected_rows, 1)))
@@ -190,7 +207,7 @@ def write_table(spark: "SparkSession", tables: "Mapping[int, pa.Table]", batch_u
             pq.write_table(rows, buffer)
             filesystem.write_atomic(f"{url}/part-00000-drift.parquet", buffer.getvalue())
         else:
-            spark.createDataFrame(rows.to_pandas()).coalesce(1).write.parquet(url)
+            spark.createDataFrame(rows.to_pylist(), DRIFT_DDL).coalesce(1).write.parquet(url)
 
 
 def plot(verdicts: Sequence[Verdict], labels: Sequence[str], title: str, path: str) -> None:

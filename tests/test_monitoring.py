@@ -220,6 +220,10 @@ def test_a_cumulative_window_adds_up_the_committed_runs(spark, registry, held_ou
     assert after["brightness"].drifted
     only = {v.statistic: v for v in run_only.drift.verdicts[1]}["brightness"]
     assert 0.2 < after["brightness"].value < only.value  # half the window is unshifted
+    # A full refresh scores everything again and replaces the earlier batches: the window starts over.
+    refreshed = _infer(spark, registry, incoming, tmp_path / "out", "monitor.window=cumulative", "full_refresh=true")
+    assert refreshed.scored == 800
+    assert {v.statistic: v for v in refreshed.drift.verdicts[1]}["brightness"].rows == 800
 
 
 @pytest.mark.spark

@@ -67,7 +67,7 @@ class HorovodSettings(FrozenModel):
     autotune: bool = False  # HOROVOD_AUTOTUNE: Horovod searches fusion threshold and cycle time itself
     mixed_precision: bool = False
     xla: bool = False
-    # Horovod's timeline on rank 0 (a file in the executor's temp folder, deleted after training):
+    # Horovod's timeline on rank 0 (a file in the executor's temp folder, deleted when the rank ends):
     # each epoch's seconds of allreduce and negotiation in the run's time breakdown. Not elastic.
     timeline: bool = True
     # Elastic training (horovod.spark.run_elastic, Gloo): a lost rank or host does not end the job;
@@ -80,9 +80,8 @@ class HorovodSettings(FrozenModel):
     reset_limit: PositiveInt | None = None  # elastic: the job fails after this many membership changes
 
 
-def horovod_environment(settings: HorovodSettings, timeline: bool = False) -> dict[str, str]:
-    """The Horovod tuning knobs as the environment variables the ranks read at `hvd.init()`; with
-    `timeline` (a training run's ranks), where rank 0 records `horovod.timeline`."""
+def horovod_environment(settings: HorovodSettings) -> dict[str, str]:
+    """The Horovod tuning knobs as the environment variables the ranks read at `hvd.init()`."""
     env = {"HOROVOD_GLOO_TIMEOUT_SECONDS": str(settings.peer_timeout_s)}
     if settings.fusion_threshold_mb is not None:
         env["HOROVOD_FUSION_THRESHOLD"] = str(settings.fusion_threshold_mb * 1024 * 1024)
@@ -90,11 +89,6 @@ def horovod_environment(settings: HorovodSettings, timeline: bool = False) -> di
         env["HOROVOD_CYCLE_TIME"] = str(settings.cycle_time_ms)
     if settings.autotune:
         env["HOROVOD_AUTOTUNE"] = "1"
-    if timeline and settings.timeline and not settings.elastic:  # rank 0 writes it (an elastic reset would restart it)
-        import tempfile
-        import uuid
-
-        env["HOROVOD_TIMELINE"] = f"{tempfile.gettempdir()}/deepspark-timeline-{uuid.uuid4().hex}.json"
     return env
 
 

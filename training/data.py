@@ -269,7 +269,7 @@ def read_passes(shard: ShardSpec, seeds: PassSeeds, passes: int | None
             yield seeds(index), ((x, y) for _, x, y in items)
 
 
-def read_row_groups(shard: ShardSpec, seed: int | None, infinite: bool) -> Iterator[Batch]:
+def read_row_groups(shard: ShardSpec, seed: int | None, infinite: bool) -> Generator[Batch, None, None]:
     """(tensors, labels) per row group of this rank's shard: stored order without a seed, else each
     pass in its own seeded order; one pass unless `infinite`."""
     for _, groups in read_passes(shard, PassSeeds(seed, 0, shard.rank), None if infinite else 1):
@@ -433,7 +433,13 @@ def strided_rows(shard: ShardSpec, max_rows: int | None = None) -> tuple[np.ndar
     """Every `size`-th row starting at `rank` of a whole split (row order as stored):
     exact, disjoint evaluation shards whatever the number of row groups."""
     whole = ShardSpec(shard.url, shard.spec, shard.modality, 0, 1, shard.pool_type, shard.workers)
-    parts = list(read_row_groups(whole, seed=None, infinite=False))
+    parts, held = [], 0
+    with closing(read_row_groups(whole, seed=None, infinite=False)) as groups:  # closing: stops the reader
+        for part in groups:
+            parts.append(part)
+            held += len(part[0])
+            if max_rows is not None and held >= max_rows:  # the first rows are enough: read no more
+                break
     xs = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, *shard.spec.shape), shard.spec.dtype)
     ys = np.concatenate([p[1] for p in parts]) if parts else np.empty((0,), np.int32)
     if max_rows is not None:

@@ -197,10 +197,34 @@ def run_ranks(fn: Callable[[], Any], num_proc: int, start_timeout_s: int, nics: 
         raise RankFailure(f"Horovod ranks failed: {type(exc).__name__}: {exc}") from exc
 
 
+def record_timeline(enabled: bool) -> None:
+    """Before the collective starts in a rank: where Horovod records its timeline (rank 0 writes
+    it), a new file in this executor's temp folder; or nowhere (a reused Python worker may hold an
+    earlier rank's setting)."""
+    if enabled:
+        import tempfile
+        import uuid
+
+        os.environ["HOROVOD_TIMELINE"] = os.path.join(tempfile.gettempdir(), f"deepspark-timeline-{uuid.uuid4().hex}.json")
+    else:
+        os.environ.pop("HOROVOD_TIMELINE", None)
+
+
 def timeline_file() -> str | None:
-    """The file Horovod's timeline goes to on this rank's host (`horovod.timeline`; rank 0 writes it)."""
+    """The file Horovod's timeline goes to in this rank (`record_timeline`)."""
     path = os.environ.get("HOROVOD_TIMELINE")
     return path if path and path != "DYNAMIC" else None
+
+
+def remove_timeline() -> None:
+    """Delete this rank's timeline file, if Horovod wrote one (it goes on writing to the unlinked
+    file until it shuts down)."""
+    path = timeline_file()
+    if path is not None:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def available_gpu() -> str | None:

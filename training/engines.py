@@ -77,8 +77,8 @@ class HorovodEngine:
 
         settings = cfg.horovod
         elastic = ElasticLimits(settings.min_num_proc, settings.reset_limit) if settings.elastic else None
-        return run_ranks(task, num_proc, settings.start_timeout_s, settings.nics,
-                         horovod_environment(settings, timeline=True), elastic)
+        return run_ranks(task, num_proc, settings.start_timeout_s, settings.nics, horovod_environment(settings),
+                         elastic)
 
     def collective(self) -> "Collective":
         from training.distributed import HorovodCollective

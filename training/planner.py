@@ -64,7 +64,9 @@ class AllreduceProbe:
 
     def __call__(self) -> dict[str, Any] | None:
         from training import engines
+        from training.distributed import record_timeline
 
+        record_timeline(False)  # a reused worker may hold a training rank's setting
         collective = engines.load(self.engine).collective()
         seconds = []
         for size in self.sizes_bytes:
@@ -97,13 +99,17 @@ class Measured:
     def step_s(self) -> float:
         return self.trained_s / self.steps
 
-    def compute_s(self, grad_bytes: float, link: capacity.Link) -> float:
-        """A rank's compute per step, as the cost model has it: the measured step less the input wait
-        and the ring allreduce the link predicts at these ranks. (The timeline's communication
-        overlaps the backward pass, which keeps computing while early layers' gradients are
-        reduced: taking it all off would undercount compute.)"""
+    def compute_s(self, grad_bytes: float, link: capacity.Link, overlap: float = 0.0) -> float:
+        """A rank's compute per step, as the cost model has it: `capacity.step_s` solved for compute
+        at the measured step, input wait and the ring allreduce the link predicts at these ranks.
+        (The timeline's communication overlaps the backward pass, which keeps computing while
+        early layers' gradients are reduced: taking it all off would undercount compute.)"""
         comm = capacity.ring_allreduce_s(self.ranks, grad_bytes, link) / self.backward_passes_per_step
-        return max(self.step_s - self.input_wait_s - comm, 1e-6)
+        busy = self.step_s - self.input_wait_s
+        compute = busy  # all of the communication hidden behind compute: step = compute + wait
+        if comm > overlap * busy:  # else the part not hidden adds: step = (1 - overlap) compute + wait + comm
+            compute = (busy - comm) / (1.0 - overlap) if overlap < 1.0 else busy
+        return max(compute, 1e-6)
 
     @classmethod
     def of_run(cls, run_id: str) -> "Measured":
@@ -123,7 +129,7 @@ class Measured:
         batch = int(params["resolved.global_batch_size"]) // ranks
         passes = int(params.get("horovod.backward_passes_per_step", 1))
         comm = metrics["time_negotiation_s"] + metrics["time_allreduce_s"]
-        trained = metrics["time_compute_s"] + metrics["time_input_wait_s"] + comm
+        trained = metrics.get("time_steps_s", metrics["time_compute_s"] + metrics["time_input_wait_s"] + comm)
         return cls(run_id, ranks, batch, steps, passes, trained, metrics["time_input_wait_s"] / steps, comm / steps)
 
 
@@ -143,6 +149,7 @@ def probe(cfg: PlanConfig, engine_ref: str, ranks: int) -> capacity.Link:
     sizes = tuple(int(mb * 2**20) for mb in cfg.plan.probe_sizes_mb)
     preflight = getattr(engine, "preflight", None)
     launched = preflight(ranks, cfg) if preflight is not None else cfg
+    launched = launched.model_copy(update={"horovod": launched.horovod.model_copy(update={"timeline": False})})
     results = engine.launch(AllreduceProbe(engine_ref, sizes, cfg.plan.probe_repeats), ranks, launched)
     found = next(r for r in results if r)
     link = capacity.fit_link(ranks, found["sizes"], found["seconds"])
@@ -211,7 +218,7 @@ def make_plan(measured: Measured, link: capacity.Link, grad_bytes: int, rows: in
     backward passes per step that bring the recommended ranks' communication under the compute;
     a fusion buffer holding all gradients."""
     candidates = sorted({*settings.ranks, measured.ranks})
-    compute = measured.compute_s(grad_bytes, link)
+    compute = measured.compute_s(grad_bytes, link, settings.overlap)
     predictions = capacity.predict(candidates, compute, measured.input_wait_s, grad_bytes, link, rows,
                                    measured.batch_per_rank, settings.overlap)
     servers = {n: {k: capacity.parameter_server_s(n, k, grad_bytes, link) for k in settings.servers}

@@ -3,7 +3,6 @@ and Horovod lazily; shards data by rank; only rank 0 logs to MLflow and writes c
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -60,6 +59,9 @@ class RankTask:
                 self.user_code.install()
             return self._train()
         except BaseException:
+            from training.distributed import remove_timeline
+
+            remove_timeline()
             # A collective failed (a peer rank died) or training raised: report it and leave now.
             # Unwinding would destroy TensorFlow's input pipeline while its generator thread waits
             # for data that never comes: with a SIGKILLed peer that deadlocked this rank, and the
@@ -77,6 +79,9 @@ class RankTask:
 
         cfg = self.cfg
         set_threads(cfg.horovod.intra_op_threads, cfg.horovod.inter_op_threads)
+        from training.distributed import record_timeline
+
+        record_timeline(cfg.horovod.timeline and not cfg.horovod.elastic)  # read at the collective's start
         collective = engines.load(self.engine).collective()
         self._pin_device(tf, collective)
         if cfg.horovod.mixed_precision:
@@ -183,9 +188,10 @@ class RankTask:
                           cfg.loader.pool_type, cfg.loader.workers), cfg.max_eval_rows), "test_", now.collective)
         if now.rank != 0:
             return None
-        if now.timeline is not None:  # Horovod goes on writing to the unlinked file until it shuts down
-            with contextlib.suppress(OSError):
-                os.remove(now.timeline.path)
+        if now.timeline is not None:
+            from training.distributed import remove_timeline
+
+            remove_timeline()
         if best_epoch is not None:  # the weights tested
             test_metrics["best_epoch"] = float(best_epoch)
         result = {"weights": model.get_weights(), "test": test_metrics, "confusion": confusion.tolist()}
@@ -346,7 +352,8 @@ def epoch_breakdown(trained_s: float, input_wait_s: float, communication: dict[s
     negotiation, allreduce = communication.get("negotiation", 0.0), communication.get("allreduce", 0.0)
     compute = max(trained_s - input_wait_s - negotiation - allreduce, 0.0)
     values = (compute, input_wait_s, negotiation + synced_s, allreduce, validation_s, checkpoint_s)
-    return {**{name: float(v) for name, v in zip(BREAKDOWN, values)}, "time_epoch_s": float(epoch_s)}
+    return {**{name: float(v) for name, v in zip(BREAKDOWN, values)}, "time_epoch_s": float(epoch_s),
+            "time_steps_s": float(trained_s)}  # the training steps alone (what the capacity planner reads)
 
 
 def _commit_callback(tf: Any, state: Any, every: int) -> Any:
