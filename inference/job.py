@@ -309,8 +309,6 @@ def run_inference(spark: "SparkSession", cfg: BatchInferenceConfig) -> Inference
     # Shipped files must outlive the job while the SparkContext lives (executors may fetch late).
     workdir = tempfile.mkdtemp(prefix="deepspark-model-")
     models = resolve_models(spark, cfg, workdir)  # concrete versions for the whole job
-    references = {m.version: ref for m in models if cfg.monitor.enabled
-                  for ref in [monitor.load_reference(m, workdir)] if ref is not None}
     if cfg.input.path is None:
         _dataset_rows(spark, cfg, models[0])  # its checks, before taking the lock
     fs.mkdirs(store.url)
@@ -321,14 +319,13 @@ def run_inference(spark: "SparkSession", cfg: BatchInferenceConfig) -> Inference
         removed = store.vacuum(cfg.output.retain_hours * 3600)  # killed runs' batches; we hold the lock
         if removed:
             log.info("removed %d uncommitted or replaced batch folder(s)", len(removed))
-        return _score(spark, cfg, fs, models, store, lease, job_id, started, references)
+        return _score(spark, cfg, fs, models, store, lease, job_id, started, workdir)
     finally:
         lease.release()
 
 
 def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[ResolvedModel], store: PredictionStore,
-           lease: Lease, job_id: str, started: float, references: "dict[int, monitoring.Reference]"
-           ) -> InferenceResult:
+           lease: Lease, job_id: str, started: float, workdir: str) -> InferenceResult:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -348,6 +345,9 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
 
     if plan.rows is None:  # a no-op run: no content read, nothing written, no commit
         return result(Counts(plan.listed, plan.skipped), 0, None, _compact(spark, cfg, store, models, lease, job_id))
+    # Only a run with something to score reads the references (a no-op run stays as cheap as before).
+    references = {m.version: ref for m in models if cfg.monitor.enabled
+                  for ref in [monitor.load_reference(m, workdir)] if ref is not None}
     rows = plan.rows
     # Files: one row per listed candidate (known without a pass); records and dataset rows are counted.
     hashed = plan.listed - plan.skipped if plan.source == "files" else rows.count()
