@@ -91,3 +91,22 @@ def test_a_probe_made_by_the_model_gives_its_link_back():
         fit_link(2, [MB, MB], [0.1, 0.1])
     with pytest.raises(ValueError, match="does not grow"):
         fit_link(2, [MB, 2 * MB], [0.2, 0.1])
+
+
+def test_the_planner_reads_compute_off_a_measured_step_by_solving_the_model():
+    from training.planner import Measured, PlanSettings, make_plan
+
+    link = Link(0.001, 1e9)
+    measured = Measured("run", ranks=2, batch_per_rank=64, steps=10, backward_passes_per_step=1, trained_s=1.0,
+                        input_wait_s=0.01, communication_s=0.05)  # 0.1 s per step
+    # ring at 2 ranks: 2 x 1 ms + 4 MB / 1 GB/s = 6 ms; no overlap: compute = 100 - 10 - 6 ms
+    assert measured.compute_s(4e6, link) == pytest.approx(0.084)
+    # half of compute can hide 6 ms entirely: compute is the whole busy time
+    assert measured.compute_s(4e6, link, overlap=0.5) == pytest.approx(0.09)
+    # 80 MB (82 ms) cannot hide: step = 0.5 c + wait + comm, so c = (90 - 82) / 0.5 ms
+    compute = measured.compute_s(80e6, link, overlap=0.5)
+    assert compute == pytest.approx(0.016)
+    assert step_s(compute, 0.01, ring_allreduce_s(2, 80e6, link), overlap=0.5) == pytest.approx(0.1)
+    plan = make_plan(measured, link, 4_000_000, rows=6400, settings=PlanSettings(ranks=[1, 2, 4]))
+    assert plan.predicted_trained_s(2, 10) == pytest.approx(1.0)  # the measured configuration, reproduced
+    assert plan.fusion_threshold_mb == 128 and plan.backward_passes_per_step == 1
