@@ -239,3 +239,24 @@ def test_fail_on_drift_exits_3_after_committing(spark, registry, held_out, tmp_p
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DRIFT in brightness" in proc.stdout
     assert read_commit(spark, str(out)).predictions.count() == 400  # committed all the same
+
+
+@pytest.mark.spark
+def test_the_drift_table_writes_the_same_rows_through_spark_where_pyarrow_does_not_reach(spark, tmp_path,
+                                                                                       monkeypatch):
+    """Object stores pyarrow.fs does not reach (s3a://, abfs://) get the table written by Spark:
+    same columns, lists as arrays, missing values as nulls (an unjudged statistic has no value)."""
+    from deepspark import filesystem
+    from deepspark.monitoring import Verdict
+    from inference import monitor
+
+    verdicts = {"run": {3: [Verdict("brightness", "input", "psi", 0.5, 0.2, True, 400, [100, 300], [0.5, 0.5]),
+                            Verdict("embedding", "embedding", "mmd", None, 0.01, False, 20)]}}
+    tables = monitor.table(verdicts, "job-1", "2026-12-07T00:00:00+00:00")
+    for reached, folder in ((True, "arrow"), (False, "spark")):
+        monkeypatch.setattr(filesystem, "reaches", lambda url, reached=reached: reached)
+        monitor.write_table(spark, tables, lambda version, folder=folder: f"file://{tmp_path}/{folder}/v{version}")
+    arrow, through_spark = (sorted(spark.read.parquet(f"file://{tmp_path}/{f}/v3").collect(), key=lambda r: r.statistic)
+                            for f in ("arrow", "spark"))
+    assert [r.asDict() for r in through_spark] == [r.asDict() for r in arrow]
+    assert through_spark[0].counts == [100, 300] and through_spark[1].value is None and through_spark[1].counts == []
