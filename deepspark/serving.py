@@ -72,8 +72,7 @@ class ModalityClassifier(PythonModel):
 
     def probabilities(self, tensors: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Class probabilities of stored-form tensors, in fixed-size chunks (one compiled graph)."""
-        out = [np.asarray(self.keras_model.predict_on_batch(tensors[start : start + batch_size]))
-               for start in range(0, len(tensors), batch_size)]
+        out = [np.asarray(p) for p in _in_chunks(self.keras_model, tensors, batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.record.labels)), np.float32)
 
     def scores(self, tensors: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
@@ -81,19 +80,10 @@ class ModalityClassifier(PythonModel):
         one forward pass, in fixed-size chunks; vectors are None for a model whose last layer has
         no single input to read."""
         if getattr(self, "_both", False) is False:
-            inner = penultimate_model(self.keras_model)
-            import tensorflow as tf
-
-            self._both = None if inner is None else tf.keras.Model(self.keras_model.inputs,
-                                                                   [self.keras_model.outputs[0], inner.outputs[0]])
-        if self._both is None:
+            self._both = with_embeddings(self.keras_model)
+        if self._both is None or not len(tensors):
             return self.probabilities(tensors, batch_size), None
-        parts = [self._both.predict_on_batch(tensors[start : start + batch_size])
-                 for start in range(0, len(tensors), batch_size)]
-        if not parts:
-            return self.probabilities(tensors, batch_size), None
-        return (np.concatenate([np.asarray(p) for p, _ in parts]),
-                np.concatenate([np.asarray(e) for _, e in parts]).reshape(len(tensors), -1))
+        return _split_outputs(_in_chunks(self._both, tensors, batch_size), len(tensors))
 
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         """A DataFrame with a `text` (text) or `content` (file bytes) column, or a list of them ->
@@ -115,9 +105,9 @@ class ModalityClassifier(PythonModel):
                              "reason": [f[0] if f else None for f in failures]})
 
 
-def penultimate_model(keras_model: Any) -> Any:
-    """A model from the classifier's inputs to the input of its output layer (the layer named
-    `probabilities` that every built-in builder ends with, else the last layer): the embedding
+def with_embeddings(keras_model: Any) -> Any:
+    """The classifier with a second output: the input of its output layer (the layer named
+    `probabilities` that every built-in builder ends with, else the last layer), the embedding
     the classifier decides on. None where that is not one tensor of the same graph."""
     import tensorflow as tf
 
@@ -129,23 +119,35 @@ def penultimate_model(keras_model: Any) -> Any:
         inner = layer.input
         if isinstance(inner, (list, tuple)):
             return None
-        return tf.keras.Model(keras_model.inputs, inner)
+        return tf.keras.Model(keras_model.inputs, [keras_model.outputs[0], inner])
     except (AttributeError, ValueError):  # a nested or subclassed model: no embedding to read
         return None
 
 
+def _in_chunks(model: Any, tensors: np.ndarray, batch_size: int) -> list[Any]:
+    """`predict_on_batch` over fixed-size chunks (one compiled graph for all but the last)."""
+    return [model.predict_on_batch(tensors[start : start + batch_size]) for start in range(0, len(tensors), batch_size)]
+
+
+def _split_outputs(parts: list[Any], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A two-output model's chunks as (probabilities, embeddings flattened per row)."""
+    return (np.concatenate([np.asarray(p) for p, _ in parts]),
+            np.concatenate([np.asarray(e) for _, e in parts]).reshape(rows, -1))
+
+
 def capture_reference(keras_model: Any, record: ModalityRecord, tensors: np.ndarray, batch_size: int = 512) -> Any:
-    """The drift reference of `keras_model` on stored-form `tensors` (its test split)."""
+    """The drift reference of `keras_model` on stored-form `tensors` (its test split), in one
+    forward pass for probabilities and embeddings, as batch inference scores."""
     from deepspark.monitoring import Reference
 
-    def chunked(model: Any) -> np.ndarray:
-        return np.concatenate([np.asarray(model.predict_on_batch(tensors[i : i + batch_size]))
-                               for i in range(0, len(tensors), batch_size)])
-
-    embedder = penultimate_model(keras_model)
+    both = with_embeddings(keras_model)
+    if both is None:
+        probabilities = np.concatenate([np.asarray(p) for p in _in_chunks(keras_model, tensors, batch_size)])
+        embeddings = None
+    else:
+        probabilities, embeddings = _split_outputs(_in_chunks(both, tensors, batch_size), len(tensors))
     statistics = record.plugin.input_statistics(tensors, record.typed_rules(), record.state)
-    embeddings = chunked(embedder).reshape(len(tensors), -1) if embedder is not None else None
-    return Reference.capture(statistics, chunked(keras_model), embeddings, record.modality)
+    return Reference.capture(statistics, probabilities, embeddings, record.modality)
 
 
 def _payloads(model_input: Any, column: str) -> list[Any]:

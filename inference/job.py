@@ -365,7 +365,7 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
     loads = spark.sparkContext.accumulator(0)
     shared = spark.sparkContext.broadcast(seen) if seen else None
     pairs = spark.sparkContext.accumulator({}, CounterParam()) if len(versions) > 1 else None
-    bin_plan = monitor.BinPlan.of(references, hashed, cfg.monitor.embedding_sample, monitor.statistic_names(model.record))
+    bin_plan = monitor.BinPlan.of(references, hashed, cfg.monitor.embedding_sample, model.record)
     scorer = make_scorer(models, plan.source, plan.root, cfg.batch_size, cfg.top_k, cfg.intra_op_threads, loads,
                          plan.hashed_in_workers, shared, pairs, bin_plan)
     scored_at = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -88,20 +88,20 @@ class OnDevice:
     device: str | None
 
     def probabilities(self, x: Any, batch_size: int) -> Any:
-        import contextlib
-
-        import tensorflow as tf
-
-        with tf.device(self.device) if self.device else contextlib.nullcontext():
+        with self._placed():
             return self.classifier.probabilities(x, batch_size)
 
     def scores(self, x: Any, batch_size: int) -> Any:
+        with self._placed():
+            return self.classifier.scores(x, batch_size)
+
+    def _placed(self) -> Any:
+        """The device scope the classifier predicts in."""
         import contextlib
 
         import tensorflow as tf
 
-        with tf.device(self.device) if self.device else contextlib.nullcontext():
-            return self.classifier.scores(x, batch_size)
+        return tf.device(self.device) if self.device else contextlib.nullcontext()
 
 
 def gpu_device(gpu_names: list[str], assigned: str | None) -> str | None:

@@ -30,11 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DRIFT_DDL = ("statistic string, kind string, method string, value double, threshold double, drifted boolean, "
-             "rows long, counts array<long>, reference_shares array<double>, p_value double, window string, "
-             "job_id string, scored_at string")  # the drift table's columns (table() builds them with pyarrow)
-
-
 def load_reference(model: "ResolvedModel", workdir: str) -> Reference | None:
     """The reference stored with a model version, None for one logged without it."""
     import mlflow
@@ -70,11 +65,12 @@ class BinPlan:
 
     @classmethod
     def of(cls, references: Mapping[int, Reference], expected_rows: int, sample: int,
-           available: Sequence[str]) -> "BinPlan | None":
-        """`available`: the statistics the modality computes now; one a reference lacks, or the
-        modality no longer computes, is left out rather than failing the run."""
+           record: "ModalityRecord") -> "BinPlan | None":
+        """A statistic a reference lacks, or that the record's modality no longer computes, is left
+        out rather than failing the run."""
         if not references:
             return None
+        available = statistic_names(record)
         first = next(iter(references.values()))
         names = tuple(n for n in first.statistics if n != PROBABILITY and n in available
                       and all(n in ref.edges for ref in references.values()))
@@ -207,7 +203,9 @@ def write_table(spark: "SparkSession", tables: "Mapping[int, pa.Table]", batch_u
             pq.write_table(rows, buffer)
             filesystem.write_atomic(f"{url}/part-00000-drift.parquet", buffer.getvalue())
         else:
-            spark.createDataFrame(rows.to_pylist(), DRIFT_DDL).coalesce(1).write.parquet(url)
+            from pyspark.sql.pandas.types import from_arrow_schema
+
+            spark.createDataFrame(rows.to_pylist(), from_arrow_schema(rows.schema)).coalesce(1).write.parquet(url)
 
 
 def plot(verdicts: Sequence[Verdict], labels: Sequence[str], title: str, path: str) -> None:

@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import Field, NonNegativeFloat, PositiveInt
@@ -174,9 +174,6 @@ class CapacityPlan:
     overlap: float = 0.0
     roofline: "tuple[Any, list[Any]] | None" = None  # (machine, bounds) from training/roofline.py
 
-    def step_s(self, ranks: int) -> float:
-        return next(p.step_s for p in self.predictions if p.ranks == ranks)
-
     def predicted_trained_s(self, ranks: int, steps: int, backward_passes_per_step: int = 1) -> float:
         """Seconds of `steps` training steps at `ranks` (an epoch's steps part, as the breakdown
         measures it)."""
@@ -293,19 +290,15 @@ def run_job(spark: "SparkSession", cfg: PlanConfig) -> CapacityPlan:
     return result
 
 
-def _measure_machine(threads: int) -> Any:
-    from training.roofline import measure_machine
-
-    return measure_machine(threads)
-
-
 def executor_machine(spark: "SparkSession", threads: int) -> Any:
     """The roofline's peaks measured where ranks run: in one Spark task, with a rank's threads."""
-    return spark.sparkContext.parallelize([threads], 1).map(_measure_machine).collect()[0]
+    from training.roofline import measure_machine  # pickled by reference: the task imports it there
+
+    return spark.sparkContext.parallelize([threads], 1).map(measure_machine).collect()[0]
 
 
-def plot_plan(result: CapacityPlan, path: str, measured: Sequence[tuple[int, float]] = ()) -> None:
-    """Predicted epoch seconds (training steps) over ranks, with the measured points."""
+def plot_plan(result: CapacityPlan, path: str) -> None:
+    """Predicted epoch seconds (training steps) over ranks, with the measured point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -313,8 +306,7 @@ def plot_plan(result: CapacityPlan, path: str, measured: Sequence[tuple[int, flo
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot([p.ranks for p in result.predictions], [p.epoch_s for p in result.predictions], "o-", label="predicted")
-    points = [(result.measured.ranks, result.measured.trained_s), *measured]
-    ax.plot([n for n, _ in points], [s for _, s in points], "s", color="tab:red", label="measured")
+    ax.plot([result.measured.ranks], [result.measured.trained_s], "s", color="tab:red", label="measured")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("ranks")
     ax.set_ylabel("seconds of training steps per epoch")

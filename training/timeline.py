@@ -63,19 +63,30 @@ class Span:
     end_us: int
 
 
-def top_level_spans(events: Iterable[dict[str, Any]]) -> list[Span]:
-    """Each tensor's outermost activities, from its B and E events (nested ones are parts of them)."""
-    open_by_pid: dict[Any, list[tuple[str, int]]] = {}
-    spans = []
-    for event in events:
+class SpanBuilder:
+    """Each tensor's outermost activities, from its B and E events as they come (nested ones are
+    parts of them): `spans` holds the complete ones."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self._open: dict[Any, list[tuple[str, int]]] = {}
+
+    def take(self, event: dict[str, Any]) -> None:
         phase, pid = event.get("ph"), event.get("pid")
         if phase == "B":
-            open_by_pid.setdefault(pid, []).append((str(event.get("name", "")), int(event["ts"])))
-        elif phase == "E" and open_by_pid.get(pid):
-            name, start = open_by_pid[pid].pop()
-            if not open_by_pid[pid]:
-                spans.append(Span(name, start, int(event["ts"])))
-    return spans
+            self._open.setdefault(pid, []).append((str(event.get("name", "")), int(event["ts"])))
+        elif phase == "E" and self._open.get(pid):
+            name, start = self._open[pid].pop()
+            if not self._open[pid]:
+                self.spans.append(Span(name, start, int(event["ts"])))
+
+
+def top_level_spans(events: Iterable[dict[str, Any]]) -> list[Span]:
+    """Each tensor's outermost activities, from its B and E events (nested ones are parts of them)."""
+    builder = SpanBuilder()
+    for event in events:
+        builder.take(event)
+    return builder.spans
 
 
 def union_seconds(intervals: Iterable[tuple[int, int]], window: tuple[int, int]) -> float:
@@ -118,8 +129,7 @@ class Follower:
         self.path = path
         self.offset = 0
         self.origin: int | None = None
-        self.spans: list[Span] = []
-        self._open: dict[Any, list[tuple[str, int]]] = {}
+        self.built = SpanBuilder()
 
     def read(self) -> None:
         """Take in the events completed since the last read."""
@@ -142,19 +152,10 @@ class Follower:
                 break  # an event still being written: read again from its start
             consumed = at
             if isinstance(event, dict):
-                self._take(event)
+                if self.origin is None:
+                    self.origin = origin_micros([event])
+                self.built.take(event)
         self.offset += consumed
-
-    def _take(self, event: dict[str, Any]) -> None:
-        phase, pid = event.get("ph"), event.get("pid")
-        if self.origin is None and phase == "M":
-            self.origin = origin_micros([event])
-        if phase == "B":
-            self._open.setdefault(pid, []).append((str(event.get("name", "")), int(event["ts"])))
-        elif phase == "E" and self._open.get(pid):
-            name, start = self._open[pid].pop()
-            if not self._open[pid]:
-                self.spans.append(Span(name, start, int(event["ts"])))
 
     def seconds(self, start_s: float, end_s: float) -> dict[str, float]:
         """Seconds of processing (moving bytes) and of negotiation only (waiting for every rank,
@@ -164,8 +165,9 @@ class Follower:
         if self.origin is None:
             return {}
         window = (int(start_s * 1e6) - self.origin, int(end_s * 1e6) - self.origin)
-        processing = [(s.start_us, s.end_us) for s in self.spans if s.name in PROCESSING]
-        talking = processing + [(s.start_us, s.end_us) for s in self.spans if s.name.startswith(NEGOTIATION_PREFIX)]
+        spans = self.built.spans
+        processing = [(s.start_us, s.end_us) for s in spans if s.name in PROCESSING]
+        talking = processing + [(s.start_us, s.end_us) for s in spans if s.name.startswith(NEGOTIATION_PREFIX)]
         busy, moving = union_seconds(talking, window), union_seconds(processing, window)
-        self.spans = [s for s in self.spans if s.end_us > window[0]]
+        self.built.spans = [s for s in spans if s.end_us > window[0]]
         return {"allreduce": moving, "negotiation": busy - moving}
