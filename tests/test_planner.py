@@ -49,6 +49,9 @@ def test_the_planner_measures_a_run_probes_the_link_and_logs_its_prediction(spar
     history = {x.step: x.value for x in client.get_metric_history(plan_run.info.run_id, "predicted_epoch_s")}
     assert sorted(history) == [1, 2, 4, 8]
     assert plan_run.data.metrics["measured_train_s_per_epoch"] == pytest.approx(m.trained_s)
+    # the measured step over a whole epoch (the train split at 2 x 16 rows per step), beside predicted_epoch_s
+    train_rows = open_dataset(spark, str(fashion_small.root), fashion_small.name).rows("train")
+    assert plan_run.data.metrics["measured_epoch_s"] == pytest.approx(-(-train_rows // 32) * m.step_s)
     assert {a.path for a in client.list_artifacts(plan_run.info.run_id, "plan")} == {
         "plan/plan.txt", "plan/predicted_epoch_s.png", "plan/roofline.png"}
     # The roofline: peaks measured on an executor; the convnet trains at batch 16 and infers at 1024.

@@ -174,6 +174,13 @@ class CapacityPlan:
     overlap: float = 0.0
     roofline: "tuple[Any, list[Any]] | None" = None  # (machine, bounds) from training/roofline.py
 
+    @property
+    def measured_epoch_s(self) -> float:
+        """The measured step over a whole epoch of `rows` at the measured ranks: the same scale as
+        each prediction's `epoch_s` (the measuring run may have run fewer steps)."""
+        m = self.measured
+        return capacity.epoch_s(self.rows, m.batch_per_rank, m.ranks, m.step_s)
+
     def predicted_trained_s(self, ranks: int, steps: int, backward_passes_per_step: int = 1) -> float:
         """Seconds of `steps` training steps at `ranks` (an epoch's steps part, as the breakdown
         measures it)."""
@@ -270,6 +277,7 @@ def run_job(spark: "SparkSession", cfg: PlanConfig) -> CapacityPlan:
                                 "gradient_bytes": grad_bytes, "compute_s_per_step": result.compute_s,
                                 "input_wait_s_per_step": measured.input_wait_s,
                                 "measured_train_s_per_epoch": measured.trained_s,
+                                "measured_epoch_s": result.measured_epoch_s,
                                 "recommended_num_proc": result.recommended_ranks,
                                 "recommended_backward_passes_per_step": result.backward_passes_per_step,
                                 "recommended_fusion_threshold_mb": result.fusion_threshold_mb,
@@ -306,7 +314,7 @@ def plot_plan(result: CapacityPlan, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot([p.ranks for p in result.predictions], [p.epoch_s for p in result.predictions], "o-", label="predicted")
-    ax.plot([result.measured.ranks], [result.measured.trained_s], "s", color="tab:red", label="measured")
+    ax.plot([result.measured.ranks], [result.measured_epoch_s], "s", color="tab:red", label="measured (its step)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("ranks")
     ax.set_ylabel("seconds of training steps per epoch")
