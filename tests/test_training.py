@@ -38,7 +38,7 @@ def trained(spark, fashion_small, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("train")
     store = [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"tracking.artifact_root={tmp / 'artifacts'}"]
-    cfg = config(fashion_small, store)
+    cfg = config(fashion_small, store, "horovod.timeline=true")  # the time breakdown's allreduce and negotiation
     result = run_job(spark, cfg)
     return result, store, cfg
 
