@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import pyarrow.fs as pafs
 
 ARROW_SCHEMES = ("file", "hdfs", "viewfs", "s3", "gs", "gcs")
@@ -223,6 +224,27 @@ def parquet_footers(url: str) -> dict[str, tuple[int, int]]:
             meta = pq.ParquetFile(handle).metadata
         found[path[len(prefix):] if path.startswith(prefix) else path] = (meta.num_rows, meta.num_row_groups)
     return found
+
+
+def read_parquet(urls: Iterable[str], columns: Sequence[str], types: "Mapping[str, pa.DataType]") -> "pa.Table":
+    """`columns` of every Parquet file below each folder in `urls`, read by this process through
+    pyarrow (no Spark job): the driver's way to read a small table. A column a file lacks (written
+    before it existed) comes back null, typed by `types`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(c, types[c]) for c in columns])
+    parts = []
+    for url in urls:
+        for path, _, _ in list_file_status(url, lambda name: name.endswith(".parquet")):
+            loc, inner = location(path)
+            with loc.fs.open_input_file(inner) as handle:
+                held = pq.ParquetFile(handle)
+                present = [c for c in columns if c in held.schema_arrow.names]
+                table = held.read(columns=present)
+            parts.append(pa.table({c: table[c].cast(types[c]) if c in present else pa.nulls(len(table), types[c])
+                                   for c in columns}, schema=schema))
+    return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
 def parquet_totals(url: str) -> tuple[int, int]:

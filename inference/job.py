@@ -26,6 +26,7 @@ from inference.state import KEY, SOURCE, PredictionStore
 from inference.udf import SCORED_DDL, CounterParam, make_scorer
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
@@ -163,10 +164,12 @@ class Candidates:
 
 
 def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, model: ResolvedModel,
-                committed: "dict[int, DataFrame | None]") -> Candidates:
+                committed: "dict[int, DataFrame | None]", tables: "dict[int, pa.Table] | None" = None
+                ) -> Candidates:
     """What this run must read: raw input files whose (path, size, mtime) is not committed for
     some model version (the listing's metadata decides, no content is read), or a dataset split's
-    rows. Driver-side checks first; errors name the config key."""
+    rows. Driver-side checks first; errors name the config key. `tables`: the committed rows'
+    source and hash columns read by the driver, when it reaches the output (no Spark job)."""
     import pandas as pd
     from pyspark.sql import functions as F
 
@@ -184,7 +187,8 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     seen: dict[int, dict[str, list[str]]] = {}
     fresh = listing
     if all(c is not None for c in committed.values()) and listing:
-        fresh, seen = _changed_files(spark, listing, committed, with_hashes=in_workers)
+        fresh, seen = (_changed_files_read(listing, tables, in_workers) if tables is not None
+                       else _changed_files(spark, listing, committed, with_hashes=in_workers))
     elif listing and in_workers and any(c is not None for c in committed.values()):  # one version scored none yet
         seen = _hashes_under(spark, [p for p, _, _ in listing], committed, "source")
     if not fresh:
@@ -224,6 +228,31 @@ def _changed_files(spark: "SparkSession", listing: tuple[tuple[str, int, int], .
     if not fresh or not with_hashes:  # the usual hourly run: one anti-join per version, nothing else
         return fresh, {}
     return fresh, _hashes_under(spark, [p for p, _, _ in fresh], committed, "source")
+
+
+def _changed_files_read(listing: tuple[tuple[str, int, int], ...], tables: "dict[int, pa.Table]",
+                        with_hashes: bool) -> tuple[tuple[tuple[str, int, int], ...], dict[int, dict[str, list[str]]]]:
+    """`_changed_files` over the committed rows the driver read itself: the same answer, sets
+    instead of a Spark anti-join (the no-op hourly run then starts no Spark job at all)."""
+    new: set[tuple[str, int, int]] = set()
+    for table in tables.values():
+        known = {(path, size, modified) for path, size, modified in zip(
+            table["source"].to_pylist(), table["source_size"].to_pylist(), table["source_modified"].to_pylist())
+            if size is not None}
+        new.update(entry for entry in listing if entry not in known)
+    fresh = tuple(entry for entry in listing if entry in new)
+    if not fresh or not with_hashes:
+        return fresh, {}
+    wanted = {path for path, _, _ in fresh}
+    seen: dict[int, dict[str, list[str]]] = {}
+    for version, table in tables.items():
+        found: dict[str, list[str]] = {}
+        for path, digest in zip(table["source"].to_pylist(), table["content_hash"].to_pylist()):
+            if path in wanted:
+                found.setdefault(path, []).append(digest)
+        if found:
+            seen[version] = found
+    return fresh, seen
 
 
 def _hashes_under(spark: "SparkSession", paths: list[str], committed: "dict[int, DataFrame | None]",
@@ -333,7 +362,12 @@ def _score(spark, cfg: BatchInferenceConfig, fs: HadoopFS, models: list[Resolved
     versions = [m.version for m in models]
     base = store.current()
     committed = {v: None if cfg.full_refresh else store.committed(spark, v, [*KEY, *SOURCE], base) for v in versions}
-    plan = _candidates(spark, cfg, fs, model, committed)
+    read_here = None  # raw files against committed rows the driver reads itself, where it reaches them
+    if cfg.input.path is not None and all(c is not None for c in committed.values()):
+        read = {v: store.committed_table(v, [*SOURCE, "content_hash"], base) for v in versions}
+        if all(t is not None for t in read.values()):
+            read_here = {v: t for v, t in read.items() if t is not None}
+    plan = _candidates(spark, cfg, fs, model, committed, read_here)
     log.info("%d listed, %d skipped by metadata, in %.1f s", plan.listed, plan.skipped, time.perf_counter() - started)
 
     def result(counts: Counts, loads: int, accuracy: float | None, commit: int | None,

@@ -33,6 +33,7 @@ from deepspark.locks import LOCK_FILE, ConcurrentRunError
 from deepspark.storage import HadoopFS, join, to_url
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from pyspark.sql import DataFrame, SparkSession
 
 LOG = "_log"
@@ -159,6 +160,22 @@ class PredictionStore:
         if not frames:
             return None
         return frames[0] if len(frames) == 1 else frames[0].unionByName(frames[1])
+
+    def committed_table(self, version: int, columns: Iterable[str], snapshot: Snapshot | None = None
+                        ) -> "pa.Table | None":
+        """`committed`'s rows read by the driver through pyarrow (no Spark job: the hourly no-op run's
+        check costs a file read, not a job); None when pyarrow does not reach the output."""
+        import pyarrow as pa
+
+        from deepspark import filesystem
+
+        if not (filesystem.reaches(self.url) and filesystem.reaches(self.quarantine_url)):
+            return None
+        snap = snapshot or self.current()
+        urls = [self.batch_url(table, v, b) for table in SCORED for v, b in snap.live(table, version)]
+        types = {"source": pa.string(), "source_size": pa.int64(), "source_modified": pa.int64(),
+                 "path": pa.string(), "content_hash": pa.string()}
+        return filesystem.read_parquet(urls, list(columns), types)
 
     def commit(self, job_id: str, added: Mapping[int, dict[str, list[str]]], replace: bool,
                base: Snapshot) -> Snapshot:

@@ -63,8 +63,17 @@ def test_end_to_end_from_a_raw_folder(spark, registry, raw_copy, tmp_path):
     assert {r.source_size for r in quarantine if r.reason == "empty_file"} == {0}
 
 
-def test_incremental_runs_decide_from_metadata_and_hash_only_candidates(spark, registry, raw_copy, tmp_path):
+@pytest.mark.parametrize("route", ["driver", "spark"])
+def test_incremental_runs_decide_from_metadata_and_hash_only_candidates(spark, registry, raw_copy, tmp_path, route,
+                                                                       monkeypatch):
+    """The same decisions whether the driver reads the committed rows itself (an output pyarrow
+    reaches) or Spark anti-joins them (an output only the JVM reaches, e.g. s3a://)."""
     import os
+
+    from inference.state import PredictionStore
+
+    if route == "spark":
+        monkeypatch.setattr(PredictionStore, "committed_table", lambda *args, **kwargs: None)
 
     out = tmp_path / "predictions"
     infer(spark, registry, raw_copy, out)
