@@ -4,11 +4,16 @@
     same epochs by `jobs/select_models.py` with execution.method = mop, task and horovod: wall time
     of the whole job (a fresh SparkContext each, MLflow logging included), samples/s per model and
     the best validation accuracy per method, and each configuration's validation accuracy under
-    mop against task. The limit is the no-communication ideal: 2 processes, one core each, each
-    training its half of the configurations on the same in-memory rows with the same per-epoch
-    validation, warm (graphs traced first), no Spark, no hops, no checkpoints. mop and task run at
-    1 and 2 epochs, so the marginal epoch (what hops, checkpoints and scheduling cost) is reported
-    apart from the fixed cost (Spark, TensorFlow import, tracing, logging 8 models).
+    mop against task. The limit is the no-communication ideal: the configurations trained for one
+    epoch on the same in-memory rows with the same per-epoch validation, warm (graphs traced
+    first), no Spark, no hops, no checkpoints, each of several ways: 2 processes of one thread
+    (local[2]'s task slots), 1 process of 2 threads, and one process of one thread per core of
+    this machine (at most one per configuration); the configurations are split over the processes
+    by steps per epoch, longest first onto the least loaded. The limit runs once before the first
+    mop search and once after the last (the ways in reverse order), 2 rounds each time; the fastest
+    round of the fastest way (the wall time of its slowest process) is the limit. mop and task run
+    at 1 and 2 epochs, so the marginal epoch (what hops, checkpoints and scheduling cost) is
+    reported apart from the fixed cost (Spark, TensorFlow import, tracing, logging 8 models).
 
 (b) model batching: K = 2, 4, 8 small models (the `mlp`) on one core, fused into one graph per
     step against the same K trained one after another with the same step, same rows, traced first.
@@ -44,6 +49,7 @@ from training.selection.config import SelectConfig  # noqa: E402
 
 SPACE = ("search.space={optimizer.learning_rate: {choice: [0.0005, 0.001, 0.002, 0.004]}, "
          "optimizer.batch_size: {choice: [64, 128]}}")
+LIMIT_ROUNDS = 2  # per call of the limit: once before the first mop search, once after the last
 
 
 def fresh_session():  # type: ignore[no-untyped-def]
@@ -72,14 +78,15 @@ def search_config(root: str, name: str, tmp: Path, method: str, epochs: int, *ex
     ])
 
 
-def limit_worker(args: tuple) -> float:
-    """One core trains its configurations for one epoch over the same rows, each followed by the
-    same validation, after tracing every graph once: seconds of the timed part."""
-    data, trials, barrier = args
+def limit_worker(args: tuple) -> list[float]:
+    """One process trains its configurations for one epoch over the same rows, each followed by the
+    same validation, after tracing every graph once, with `threads` intra-op threads, in `rounds`
+    rounds: seconds of each round's timed part."""
+    data, trials, threads, barrier, rounds = args
     from training.fused import FusedModels
     from training.trainer import Solo, compiled_model, evaluate, set_threads
 
-    set_threads(1, 1)
+    set_threads(threads, 1)
     import tensorflow as tf
 
     rows, val = data.shard(data.train_url, 0, 1), data.validation()
@@ -90,12 +97,15 @@ def limit_worker(args: tuple) -> float:
         batch = trial.cfg.optimizer.batch_size
         stepper.fit_rows(rows[0][: 2 * batch], rows[1][: 2 * batch], batch, 0)  # trace the step
         steppers.append(stepper)
-    barrier.wait()  # both cores start the timed part together: one's warm-up must not slow the other's epoch
-    started = time.perf_counter()
-    for trial, stepper in zip(trials, steppers):  # the same step and validation as the search's workers
-        stepper.fit_rows(*rows, trial.cfg.optimizer.batch_size, trial.cfg.seed)
-        evaluate(stepper.models[0], *val, len(data.record.labels), data.eval_batch_size, "val_", Solo())
-    return time.perf_counter() - started
+    seconds = []
+    for _ in range(rounds):
+        barrier.wait()  # every process starts each round together: one's warm-up must not slow another's epoch
+        started = time.perf_counter()
+        for trial, stepper in zip(trials, steppers):  # the same step and validation as the search's workers
+            stepper.fit_rows(*rows, trial.cfg.optimizer.batch_size, trial.cfg.seed)
+            evaluate(stepper.models[0], *val, len(data.record.labels), data.eval_batch_size, "val_", Solo())
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def fused_worker(args: tuple) -> dict[int, tuple[float, float]]:
@@ -130,19 +140,55 @@ def fused_worker(args: tuple) -> dict[int, tuple[float, float]]:
     return out
 
 
-def limit_epoch(spark, cfg: SelectConfig) -> float:  # type: ignore[no-untyped-def]
-    """The no-communication ideal of one epoch of all configurations on 2 cores."""
+def limit_ways(trials: int) -> list[tuple[int, int]]:
+    """(processes, intra-op threads each) for the limit: local[2]'s two one-thread task slots, one
+    process with both threads, and one one-thread process per core of this machine (no more than
+    there are configurations), each once."""
+    cores = len(os.sched_getaffinity(0))
+    return list(dict.fromkeys([(2, 1), (1, 2), (min(cores, trials), 1)]))
+
+
+def way_name(processes: int, threads: int) -> str:
+    return f"{processes} process(es) x {threads} thread(s)"
+
+
+def balanced(trials: list, processes: int) -> list[list]:
+    """`trials` over `processes`, the most steps per epoch first onto the least loaded process. Every
+    trial passes over the same rows, so the steps are what differ (a batch-64 trial takes twice a
+    batch-128 one's, each step with its own fixed cost): each process gets a mix of batch sizes,
+    where dealing the grid's order in turn gave one process every batch-64 trial and the other
+    every batch-128 one, and the limit the slower half's time."""
+    shares: list[list] = [[] for _ in range(processes)]
+    loads = [0] * processes
+    for trial in sorted(trials, key=lambda t: -t.steps_per_epoch):
+        least = loads.index(min(loads))
+        shares[least].append(trial)
+        loads[least] += trial.steps_per_epoch
+    return shares
+
+
+def limit_epoch(spark, cfg: SelectConfig, rounds: int = LIMIT_ROUNDS,  # type: ignore[no-untyped-def]
+                reverse: bool = False) -> dict[str, float]:
+    """The no-communication ideal of one epoch of all configurations, each way (in reverse order
+    with `reverse`, so calls alternate) in its own warm processes: {way: seconds of its fastest
+    round}, a round's time being its slowest process's."""
     from training.selection.job import plan
     from training.selection.workers import SplitData
 
     planned = plan(spark, cfg)
     ds = planned.dataset
     data = SplitData(ds.record, ds.split_url("train"), ds.split_url("val"), None, cfg.eval_batch_size, "dummy", 1)
-    halves = [planned.trials[0::2], planned.trials[1::2]]
+    ways = limit_ways(len(planned.trials))
     context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager, context.Pool(2) as pool:
-        barrier = manager.Barrier(2)
-        return max(pool.map(limit_worker, [(data, list(h), barrier) for h in halves]))
+    best: dict[str, float] = {}
+    with context.Manager() as manager:
+        for processes, threads in (ways[::-1] if reverse else ways):
+            barrier = manager.Barrier(processes)
+            with context.Pool(processes) as pool:  # one share per process: each waits at the barrier for the others
+                shares = pool.map(limit_worker, [(data, share, threads, barrier, rounds)
+                                                 for share in balanced(list(planned.trials), processes)], chunksize=1)
+            best[way_name(processes, threads)] = min(max(times) for times in zip(*shares))
+    return best
 
 
 def run_search(root: str, name: str, tmp: Path, method: str, epochs: int):  # type: ignore[no-untyped-def]
@@ -234,27 +280,35 @@ def main() -> None:
         raw = tmp / "raw" / "test" if args.quick else Path("data/raw/fashion-mnist/test")
         from training.selection.job import run_job
 
-        run_job(fresh_session(), search_config(root, name, tmp / "warm-up", "task", 1, "registry.enabled=false",
-                                               "search.space={optimizer.batch_size: {choice: [128]}}"))  # driver warm-up
+        spark = fresh_session()
+        run_job(spark, search_config(root, name, tmp / "warm-up", "task", 1, "registry.enabled=false",
+                                     "search.space={optimizer.batch_size: {choice: [128]}}"))  # driver warm-up
+        limit_cfg = search_config(root, name, tmp / "limit", "mop", 1)
+        limit_runs = [limit_epoch(spark, limit_cfg)]  # before the first mop search; again after the last
+        print("limit before mop: " + ", ".join(f"{w} {s:.1f} s" for w, s in limit_runs[0].items()), flush=True)
         runs = {}
         for method, epochs in [("mop", 1), ("task", 1), ("task", 2), ("mop", 2), ("horovod", 1),
                                *([] if args.quick else [("horovod", 2)])]:
             result, seconds, spark = run_search(root, name, tmp, method, epochs)
             runs[(method, epochs)] = (result, seconds)
-            if (method, epochs) == ("mop", 2):
-                span = epoch_span(tmp, result, 2)
             best = max(r["val_accuracy"] for r in result.leaderboard)
             print(f"{method} x {epochs} epoch(s): {seconds:.1f} s, best val {best:.4f}", flush=True)
-        limit = limit_epoch(spark, search_config(root, name, tmp / "limit", "mop", 1))
+            if (method, epochs) == ("mop", 2):
+                span = epoch_span(tmp, result, 2)
+                limit_runs.append(limit_epoch(spark, limit_cfg, reverse=True))
+                print("limit after mop: " + ", ".join(f"{w} {s:.1f} s" for w, s in limit_runs[1].items()), flush=True)
+        limit_ways_s = {way: min(r[way] for r in limit_runs) for way in limit_runs[0]}
+        limit_way = min(limit_ways_s, key=limit_ways_s.__getitem__)
+        limit = limit_ways_s[limit_way]
         from training.selection.job import plan
         from training.selection.workers import SplitData
 
-        ds = plan(spark, search_config(root, name, tmp / "limit", "mop", 1)).dataset
+        ds = plan(spark, limit_cfg).dataset
         data = SplitData(ds.record, ds.split_url("train"), None, None, 1024, "dummy", 1)
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             fused = pool.apply(fused_worker, ((data, (2, 4, 8), 64),))
 
-        trials = plan(spark, search_config(root, name, tmp / "limit", "mop", 1)).trials
+        trials = plan(spark, limit_cfg).trials
         spark.stop()
         both_s, one_s, two_s, both = multi_model_inference(tmp, raw)
     rows = runs[("mop", 1)][0].leaderboard
@@ -275,7 +329,9 @@ def main() -> None:
               f"{(f'{marginal[method]:.1f}' if method in marginal else '-'):>12}"
               f"{(f'{fixed[method]:.1f}' if method in fixed else '-'):>9}{per_model:>17,.0f}"
               f"{max(r['val_accuracy'] for r in res.leaderboard):>10.4f}")
-    print(f"{'limit (2 cores, no comms)':<28}{limit:>11.1f}{'':>12}{limit:>12.1f}")
+    print(f"{'limit (best way, no comms)':<28}{limit:>11.1f}{'':>12}{limit:>12.1f}   {limit_way}")
+    print(f"limit ways, best of 2 calls x {LIMIT_ROUNDS} rounds: "
+          + ", ".join(f"{w} {s:.1f} s" for w, s in limit_ways_s.items()))
     mop_val = {r["trial"]: r["val_accuracy"] for r in runs[("mop", 2)][0].leaderboard}
     task_val = {r["trial"]: r["val_accuracy"] for r in runs[("task", 2)][0].leaderboard}
     gap = max(abs(mop_val[t] - task_val[t]) for t in mop_val)
