@@ -220,8 +220,16 @@ def main() -> None:
         demo = demo_folder(work)
         rules, spec = ImageRules(28, 28, 1), TensorSpec("image", (28, 28, 1), "uint8")
         demo_way = next(way for way in ways if way.name == limit_ways["png-28px"])
-        limit_demo = run_limit(demo_way, demo, rules, spec, work / "demo-limit")
-        ours_demo, result = run_etl(spark, demo, work / "demo-out", 28, 1)
+        # Two alternating rounds (limit, ours, ours, limit), the best of each: the first reader of
+        # the 70,000 new files pays the page cache's misses, whichever side it is.
+        limit_demo, ours_demo = float("inf"), float("inf")
+        for round_, order in enumerate((("limit", "ours"), ("ours", "limit"))):
+            for who in order:
+                if who == "limit":
+                    limit_demo = min(limit_demo, run_limit(demo_way, demo, rules, spec, work / f"demo-limit-{round_}"))
+                else:
+                    seconds, result = run_etl(spark, demo, work / f"demo-out-{round_}", 28, 1)
+                    ours_demo = min(ours_demo, seconds)
         figures += [
             {"name": "etl_whole_over_limit_demo", "value": round(limit_demo / ours_demo, 3), "goal": 0.4, "unit": "ratio"},
             {"name": "etl_demo_seconds", "value": round(ours_demo, 2), "goal": None, "unit": "s"},
