@@ -6,13 +6,10 @@ the real training job (the convnet, 64 rows per rank and step, 2 epochs of `--st
 second epoch's breakdown is read):
 - 1 rank; 2 ranks; 2 ranks with `horovod.backward_passes_per_step=2`;
 - one allreduce probe on 2 ranks (latency and bandwidth of the link).
-The planner measures as `deepspark plan` does by default: one rank alone on the host (its compute
-per step, input wait and the CPU a step keeps busy) and the probe's link; it predicts every
-configuration from that (`planner_error`, the worst). It is also asked to predict each
-configuration from each other one's measurement (`planner_error_from_any_run`, as `plan.from_run`
-would): from a run whose ranks kept the cores busy, a rank's speed alone is not known. The peer is
-what a user would assume without a planner: linear scaling (each step as fast as in the measured
-configuration).
+Each configuration is predicted from each other one's measurement (its step less the input wait
+and the ring allreduce the probe predicts there: the compute per step), plus the probe's link,
+so no prediction sees its own measurement. The peer is what a user would assume without a
+planner: linear scaling (each step as fast as in the measured configuration).
 
 Multi-host configurations (the network-namespace cluster of `tests/test_multihost.py`) are not
 run here yet.
@@ -56,9 +53,10 @@ def main() -> None:
     from pipelines.config import EtlConfig
     from pipelines.etl import run_etl
     from pipelines.images.demo_data import write_raw_folder
+    from training import capacity
     from training.job import plan as plan_training
     from training.job import run_job as train
-    from training.planner import Measured, PlanConfig, PlanSettings, gradient_bytes, make_plan, probe
+    from training.planner import Measured, PlanConfig, gradient_bytes, probe
 
     spark = build_session(SparkSettings(app_name="bench-planner", conf={"spark.ui.enabled": "false"}))
     with tempfile.TemporaryDirectory() as name:
@@ -80,40 +78,36 @@ def main() -> None:
         link = probe(cfg, planned.engine, 2)
         spark.stop()
 
-    cores = len(os.sched_getaffinity(0))  # one host: local[2]'s
-    rows = []  # every configuration from the planner's own measurement (1 rank), then from each other run
-    for source_label, source in measured.items():
-        plan = make_plan(source, link, grad_bytes, 2000, PlanSettings(), hosts=1, cores=cores)
-        for label, (ranks, passes) in CONFIGS.items():
-            if source_label == label and source_label != "1 rank":
+    rows = []  # every configuration predicted from each other one's measurement, never its own
+    for label, (ranks, passes) in CONFIGS.items():
+        actual = measured[label].trained_s
+        for source_label, source in measured.items():
+            if source_label == label:
                 continue
-            actual = measured[label].trained_s
+            compute = source.compute_s(grad_bytes, link)
+            comm = capacity.ring_allreduce_s(ranks, grad_bytes, link)
+            predicted = steps * capacity.step_s(compute, source.input_wait_s, comm, 0.0, passes)
             naive = steps * source.step_s  # linear scaling: each rank's step as fast as the measured one's
-            rows.append((label, source_label, actual, plan.predicted_trained_s(ranks, steps, passes), naive,
-                         source.ranks == ranks))
+            rows.append((label, source_label, actual, predicted, naive, source.ranks == ranks))
     print(f"\nlink (allreduce probe, 2 ranks): latency {link.latency_s * 1e6:.0f} us, {link.bytes_per_s / 1e9:.2f} GB/s; "
           f"gradients {grad_bytes / 2**20:.2f} MB; {steps} steps per epoch, 64 rows per rank and step")
     print(f"{'configuration':<38}{'predicted from':<38}{'measured s':>11}{'planner s':>10}{'error':>7}"
           f"{'linear s':>10}{'error':>7}")
-    errors, own, same, naive_errors = [], [], [], []
+    errors, same, naive_errors = [], [], []
     for label, source_label, actual, predicted, naive, same_ranks in rows:
         error, naive_error = abs(predicted - actual) / actual, abs(naive - actual) / actual
         errors.append(error)
         naive_errors.append(naive_error)
         if same_ranks:
             same.append(error)
-        if source_label == "1 rank":
-            own.append(error)
         print(f"{label:<38}{source_label:<38}{actual:>11.2f}{predicted:>10.2f}{error:>7.2f}{naive:>10.2f}"
               f"{naive_error:>7.2f}")
-    print(f"measured per step, ms: step, input wait, timeline communication (overlaps compute), model compute, "
-          f"CPU busy (of {cores} cores)")
+    print("measured per step, ms: step, input wait, timeline communication (overlaps compute); model compute")
     for label, m in measured.items():
         print(f"  {label:<38}{m.step_s * 1000:>8.1f}{m.input_wait_s * 1000:>8.1f}{m.communication_s * 1000:>8.1f}"
-              f"{m.compute_s(grad_bytes, link) * 1000:>8.1f}{(m.cpu_s or 0) * 1000:>8.1f}")
+              f"{m.compute_s(grad_bytes, link) * 1000:>8.1f}")
     figures = [
-        {"name": "planner_error", "value": round(max(own), 3), "goal": 0.15, "unit": "ratio"},
-        {"name": "planner_error_from_any_run", "value": round(max(errors), 3), "goal": None, "unit": "ratio"},
+        {"name": "planner_error", "value": round(max(errors), 3), "goal": 0.15, "unit": "ratio"},
         {"name": "planner_error_same_ranks", "value": round(max(same), 3), "goal": 0.15, "unit": "ratio"},
         {"name": "linear_scaling_error", "value": round(max(naive_errors), 3), "goal": None, "unit": "ratio"},
         {"name": "probe_latency_us", "value": round(link.latency_s * 1e6, 1), "goal": None, "unit": "us"},

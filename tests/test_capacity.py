@@ -110,29 +110,3 @@ def test_the_planner_reads_compute_off_a_measured_step_by_solving_the_model():
     plan = make_plan(measured, link, 4_000_000, rows=6400, settings=PlanSettings(ranks=[1, 2, 4]))
     assert plan.predicted_trained_s(2, 10) == pytest.approx(1.0)  # the measured configuration, reproduced
     assert plan.fusion_threshold_mb == 128 and plan.backward_passes_per_step == 1
-
-
-def test_ranks_sharing_a_hosts_cores_compute_no_faster_than_the_cores_allow():
-    from training.capacity import Host, shared_compute_s
-
-    # 3 ranks on 4 cores, each step keeping 2 cores busy for 50 ms (100 ms of CPU): 300 / 4 = 75 ms
-    assert shared_compute_s(0.05, 0.1, 3, 4) == pytest.approx(0.075)
-    assert shared_compute_s(0.05, 0.1, 2, 4) == pytest.approx(0.05)  # 200 / 4 = 50 ms: as fast as alone
-    host = Host(hosts=2, cores=4, cpu_s=0.1)
-    assert [host.ranks_per_host(n) for n in (1, 2, 3, 4, 5)] == [1, 1, 2, 2, 3]
-    assert host.compute_s(0.05, 6) == pytest.approx(0.075) and host.compute_s(0.05, 4) == pytest.approx(0.05)
-    assert Host(cpu_s=None).compute_s(0.05, 64) == 0.05  # no CPU time logged: never slowed
-    rows = predict([1, 2, 4], 0.05, 0.0, 0.0, Link(0.0, 1e9), 6400, 64, 0.0, host=Host(1, 2, 0.1))
-    assert [p.step_s for p in rows] == pytest.approx([0.05, 0.1, 0.2])  # one host of 2 cores, each rank 2 busy
-    assert [p.efficiency for p in rows] == pytest.approx([1.0, 0.5, 0.25])
-    with pytest.raises(ValueError, match="1 core"):
-        shared_compute_s(0.05, 0.1, 1, 0)
-
-
-def test_a_plan_measured_with_ranks_sharing_the_cores_says_their_speed_alone_is_unknown():
-    from training.planner import Measured, PlanSettings, make_plan
-
-    busy = Measured("run", ranks=2, batch_per_rank=64, steps=10, backward_passes_per_step=1, trained_s=1.0,
-                    input_wait_s=0.0, communication_s=0.0, cpu_s=0.1)  # 2 ranks x 100 ms of CPU in 100 ms: 2 cores
-    assert "plan.measure_ranks=1" in make_plan(busy, LINK, 0, 6400, PlanSettings(ranks=[1, 2]), 1, 2).summary()
-    assert "plan.measure_ranks=1" not in make_plan(busy, LINK, 0, 6400, PlanSettings(ranks=[1, 2]), 1, 4).summary()

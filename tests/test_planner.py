@@ -3,12 +3,9 @@ Horovod ranks over gloo, sqlite MLflow), a real allreduce probe on 2 ranks, the 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from deepspark.config import ConfigError, load_config
-from training.capacity import Host
 from training.planner import PlanConfig
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
@@ -29,10 +26,7 @@ def test_the_planner_measures_a_run_probes_the_link_and_logs_its_prediction(spar
 
     result = run_job(spark, plan_config(fashion_small, mlflow_store))
     m = result.measured
-    # measured alone on the host (plan.measure_ranks=1), with the CPU a step keeps busy
-    assert (m.ranks, m.steps, m.batch_per_rank) == (1, 6, 16) and result.compute_s > 0
-    assert m.cpu_s is not None and m.cpu_s > 0 and result.host == Host(1, len(os.sched_getaffinity(0)), m.cpu_s)
-    assert "1 host(s) of" in result.summary()
+    assert (m.ranks, m.steps, m.batch_per_rank) == (2, 6, 16) and result.compute_s > 0 and m.communication_s > 0
     # The convnet's trainable parameters, 4 bytes each (what one allreduce moves).
     from deepspark import builders
     from deepspark.datasets import open_dataset
@@ -55,10 +49,9 @@ def test_the_planner_measures_a_run_probes_the_link_and_logs_its_prediction(spar
     history = {x.step: x.value for x in client.get_metric_history(plan_run.info.run_id, "predicted_epoch_s")}
     assert sorted(history) == [1, 2, 4, 8]
     assert plan_run.data.metrics["measured_train_s_per_epoch"] == pytest.approx(m.trained_s)
-    # the measured step over a whole epoch (the train split at 1 x 16 rows per step), beside predicted_epoch_s
+    # the measured step over a whole epoch (the train split at 2 x 16 rows per step), beside predicted_epoch_s
     train_rows = open_dataset(spark, str(fashion_small.root), fashion_small.name).rows("train")
-    assert plan_run.data.metrics["measured_epoch_s"] == pytest.approx(-(-train_rows // 16) * m.step_s)
-    assert plan_run.data.metrics["cpu_s_per_step"] == pytest.approx(m.cpu_s)
+    assert plan_run.data.metrics["measured_epoch_s"] == pytest.approx(-(-train_rows // 32) * m.step_s)
     assert {a.path for a in client.list_artifacts(plan_run.info.run_id, "plan")} == {
         "plan/plan.txt", "plan/predicted_epoch_s.png", "plan/roofline.png"}
     # The roofline: peaks measured on an executor; the convnet trains at batch 16 and infers at 1024.

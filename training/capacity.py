@@ -80,16 +80,6 @@ def step_s(compute_s: float, input_wait_s: float, comm_s: float, overlap: float 
     return compute_s + input_wait_s + max(0.0, exchanged - overlap * compute_s)
 
 
-def shared_compute_s(alone_s: float, cpu_s: float, ranks_per_host: int, cores: int) -> float:
-    """A rank's compute per step when `ranks_per_host` ranks share a host's `cores`: a step keeps
-    `cpu_s` CPU-seconds of work busy (all of a rank's threads: compute, input, Horovod's), so the
-    host needs r x cpu_s / cores seconds for the r ranks' steps, and no rank goes faster than it
-    does alone (`alone_s`)."""
-    if ranks_per_host < 1 or cores < 1:
-        raise ValueError(f"shared_compute_s needs >= 1 rank per host and >= 1 core, not {ranks_per_host}, {cores}")
-    return max(alone_s, ranks_per_host * cpu_s / cores)
-
-
 def epoch_s(rows: int, batch_per_rank: int, ranks: int, step_seconds: float) -> float:
     """An epoch of `rows` at `batch_per_rank` rows per rank and step: ceil(rows / (b N)) steps."""
     return math.ceil(rows / (batch_per_rank * ranks)) * step_seconds
@@ -110,37 +100,15 @@ class Prediction:
     efficiency: float
 
 
-@dataclass(frozen=True)
-class Host:
-    """Where ranks run: `hosts` machines of `cores` cores each, ranks spread evenly over them, and
-    the CPU-seconds of work one step keeps busy (`cpu_s`, None: unknown, ranks never contend)."""
-
-    hosts: int = 1
-    cores: int = 1
-    cpu_s: float | None = None
-
-    def ranks_per_host(self, ranks: int) -> int:
-        return math.ceil(ranks / self.hosts)
-
-    def compute_s(self, alone_s: float, ranks: int) -> float:
-        """A rank's compute per step at `ranks` ranks (`shared_compute_s` on its host)."""
-        if self.cpu_s is None:
-            return alone_s
-        return shared_compute_s(alone_s, self.cpu_s, self.ranks_per_host(ranks), self.cores)
-
-
 def predict(candidates: Iterable[int], compute_s: float, input_wait_s: float, grad_bytes: float, link: Link,
-            rows: int, batch_per_rank: int, overlap: float, backward_passes_per_step: int = 1,
-            host: Host = Host()) -> list[Prediction]:
-    """Ring-allreduce predictions for each number of ranks in `candidates`, from a rank's compute
-    per step alone on its host (`compute_s`); ranks sharing a host's cores compute slower."""
+            rows: int, batch_per_rank: int, overlap: float, backward_passes_per_step: int = 1) -> list[Prediction]:
+    """Ring-allreduce predictions for each number of ranks in `candidates`."""
     base = step_s(compute_s, input_wait_s, 0.0)
     out = []
     for n in sorted(set(candidates)):
         comm = ring_allreduce_s(n, grad_bytes, link)
-        compute = host.compute_s(compute_s, n)
-        step = step_s(compute, input_wait_s, comm, overlap, backward_passes_per_step)
-        out.append(Prediction(n, comm, step, step_s(compute, input_wait_s, comm, 0.0, backward_passes_per_step),
+        step = step_s(compute_s, input_wait_s, comm, overlap, backward_passes_per_step)
+        out.append(Prediction(n, comm, step, step_s(compute_s, input_wait_s, comm, 0.0, backward_passes_per_step),
                               epoch_s(rows, batch_per_rank, n, step), scaling_efficiency(base, step)))
     return out
 

@@ -2,13 +2,9 @@
 needs, measured on the cluster the training will run on, and its prediction logged next to the
 measured figures in MLflow.
 
-- Step compute time, input wait and the CPU a rank keeps busy: a finished training run's
-  per-epoch breakdown (`plan.from_run`), or a short run of the configured training made now on
-  `plan.measure_ranks` ranks (default 1: a rank alone on its host, its compute not slowed by
-  others sharing the cores; `plan.measure_steps` steps, 2 epochs; the second is read, so graph
-  tracing and warm-up stay out).
-- The hosts: how many (`plan.hosts`, else counted from the executors) and the cores each lets a
-  process use (measured in a Spark task, with the roofline's peaks).
+- Step compute time and input wait: a finished training run's per-epoch breakdown
+  (`plan.from_run`), or a short run of the configured training made now (`plan.measure_steps`
+  steps, 2 epochs; the second is read, so graph tracing and warm-up stay out).
 - Gradient bytes M: the model's trainable parameters, 4 bytes each (2 with fp16 compression).
 - Latency and bandwidth between the ranks: an allreduce probe on `plan.probe_ranks` ranks through
   the training engine, timed at several sizes and fitted with the ring's cost.
@@ -43,8 +39,6 @@ class PlanSettings(FrozenModel):
 
     from_run: str | None = None  # a finished training run's id to read compute and input wait from
     measure_steps: PositiveInt = 20  # else: a short run of the configured training, 2 epochs of this many steps
-    measure_ranks: PositiveInt | None = 1  # that run's ranks; None: horovod.num_proc (ranks sharing cores hide the alone speed)
-    hosts: PositiveInt | None = None  # hosts the ranks spread over; None: 1 on a local master, else the executors' hosts
     probe_ranks: PositiveInt | None = None  # ranks of the allreduce probe; default: horovod.num_proc or the task slots
     probe_sizes_mb: list[float] = Field(default_factory=lambda: [0.25, 1.0, 4.0, 16.0])
     probe_repeats: PositiveInt = 5  # timed allreduces per size (after one untimed), the median kept
@@ -100,7 +94,6 @@ class Measured:
     trained_s: float  # the epoch's training steps: compute, input wait and communication
     input_wait_s: float  # per step
     communication_s: float  # per step: time with an allreduce negotiating or in flight (Horovod's timeline)
-    cpu_s: float | None = None  # per step: CPU-seconds rank 0's process spent (None: a run before it was logged)
 
     @property
     def step_s(self) -> float:
@@ -137,9 +130,7 @@ class Measured:
         passes = int(params.get("horovod.backward_passes_per_step", 1))
         comm = metrics["time_negotiation_s"] + metrics["time_allreduce_s"]
         trained = metrics.get("time_steps_s", metrics["time_compute_s"] + metrics["time_input_wait_s"] + comm)
-        cpu = metrics.get("cpu_steps_s")
-        return cls(run_id, ranks, batch, steps, passes, trained, metrics["time_input_wait_s"] / steps, comm / steps,
-                   None if cpu is None else cpu / steps)
+        return cls(run_id, ranks, batch, steps, passes, trained, metrics["time_input_wait_s"] / steps, comm / steps)
 
 
 def gradient_bytes(model: Any, compression: str) -> int:
@@ -182,7 +173,6 @@ class CapacityPlan:
     rows: int
     overlap: float = 0.0
     roofline: "tuple[Any, list[Any]] | None" = None  # (machine, bounds) from training/roofline.py
-    host: capacity.Host = capacity.Host()
 
     @property
     def measured_epoch_s(self) -> float:
@@ -195,23 +185,8 @@ class CapacityPlan:
         """Seconds of `steps` training steps at `ranks` (an epoch's steps part, as the breakdown
         measures it)."""
         comm = capacity.ring_allreduce_s(ranks, self.grad_bytes, self.link)
-        compute = self.host.compute_s(self.compute_s, ranks)
-        return steps * capacity.step_s(compute, self.measured.input_wait_s, comm, self.overlap,
+        return steps * capacity.step_s(self.compute_s, self.measured.input_wait_s, comm, self.overlap,
                                        backward_passes_per_step)
-
-    def host_line(self) -> str:
-        h, m = self.host, self.measured
-        if h.cpu_s is None:
-            return (f"{h.hosts} host(s) of {h.cores} core(s); the run logged no CPU time, so ranks sharing a host are "
-                    "predicted as fast as one alone")
-        line = (f"{h.hosts} host(s) of {h.cores} core(s); a step keeps {h.cpu_s * 1000:.1f} ms of CPU busy "
-                f"({h.cpu_s / m.step_s:.2f} cores), so ranks slow down past "
-                f"{max(1, math.floor(h.cores * self.compute_s / h.cpu_s))} per host")
-        if saturated(m, h):
-            line += (f"; the measured run had {h.ranks_per_host(m.ranks)} ranks sharing a host's cores, so their compute "
-                     "alone is not known and fewer ranks per host are predicted too slow: measure with "
-                     "plan.measure_ranks=1")
-        return line
 
     def summary(self) -> str:
         m = self.measured
@@ -219,7 +194,6 @@ class CapacityPlan:
                  f"compute {self.compute_s * 1000:.1f} ms/step, input wait {m.input_wait_s * 1000:.1f} ms/step, "
                  f"gradients {self.grad_bytes / 2**20:.2f} MB, link {self.link.latency_s * 1e6:.0f} us latency, "
                  f"{self.link.bytes_per_s / 1e9:.2f} GB/s",
-                 self.host_line(),
                  f"{'ranks':>6}{'allreduce ms':>14}{'step ms':>10}{'no overlap':>12}{'epoch s':>10}{'efficiency':>12}"
                  + "".join(f"{f'PS k={k} ms':>12}" for k in sorted(next(iter(self.servers.values()), {})))]
         for p in self.predictions:
@@ -241,32 +215,23 @@ class CapacityPlan:
         return "\n".join(lines)
 
 
-def saturated(measured: Measured, host: capacity.Host) -> bool:
-    """Whether the measured ranks kept their host's cores (nearly) all busy: then each one's speed
-    alone is hidden."""
-    per_host = host.ranks_per_host(measured.ranks)
-    return host.cpu_s is not None and per_host > 1 and per_host * host.cpu_s >= 0.9 * host.cores * measured.step_s
-
-
-def make_plan(measured: Measured, link: capacity.Link, grad_bytes: int, rows: int, settings: PlanSettings,
-              hosts: int = 1, cores: int = 1) -> CapacityPlan:
+def make_plan(measured: Measured, link: capacity.Link, grad_bytes: int, rows: int, settings: PlanSettings
+              ) -> CapacityPlan:
     """Predictions for every N in `settings.ranks` (and the measured N), the parameter servers'
     exchange times, and the recommendations: the most ranks keeping `min_efficiency`; the fewest
     backward passes per step that bring the recommended ranks' communication under the compute;
-    a fusion buffer holding all gradients. Ranks sharing one of the `hosts`' `cores` slow each other
-    down by the CPU a step keeps busy (`capacity.shared_compute_s`)."""
+    a fusion buffer holding all gradients."""
     candidates = sorted({*settings.ranks, measured.ranks})
     compute = measured.compute_s(grad_bytes, link, settings.overlap)
-    host = capacity.Host(hosts, cores, measured.cpu_s)
     predictions = capacity.predict(candidates, compute, measured.input_wait_s, grad_bytes, link, rows,
-                                   measured.batch_per_rank, settings.overlap, host=host)
+                                   measured.batch_per_rank, settings.overlap)
     servers = {n: {k: capacity.parameter_server_s(n, k, grad_bytes, link) for k in settings.servers}
                for n in candidates}
     ranks = capacity.recommend_ranks(predictions, settings.min_efficiency)
     comm = capacity.ring_allreduce_s(ranks, grad_bytes, link)
     passes = max(1, math.ceil(comm / compute)) if comm > compute else 1
     return CapacityPlan(measured, link, grad_bytes, compute, predictions, servers, ranks, passes,
-                        capacity.fusion_threshold_mb(grad_bytes), rows, settings.overlap, host=host)
+                        capacity.fusion_threshold_mb(grad_bytes), rows, settings.overlap)
 
 
 def run_job(spark: "SparkSession", cfg: PlanConfig) -> CapacityPlan:
@@ -287,10 +252,8 @@ def run_job(spark: "SparkSession", cfg: PlanConfig) -> CapacityPlan:
         raise ConfigError(f"plan.probe_ranks: the allreduce probe needs >= 2 ranks, not {probe_ranks}")
     run_id = cfg.plan.from_run
     if run_id is None:
-        measure_ranks = cfg.plan.measure_ranks or cfg.horovod.num_proc
         measuring = TrainConfig.model_validate({
             **cfg.model_dump(exclude={"plan"}), "epochs": 2, "steps_per_epoch": cfg.plan.measure_steps,
-            "horovod": {**cfg.horovod.model_dump(), "num_proc": measure_ranks},
             "registry": {**cfg.registry.model_dump(), "enabled": False}, "run_name": "plan: measure"})
         run_id = train(spark, measuring).run_id
     assert run_id is not None
@@ -299,13 +262,11 @@ def run_job(spark: "SparkSession", cfg: PlanConfig) -> CapacityPlan:
     model = builders.build(planned.builder, planned.dataset.record, cfg.model.params)
     grad_bytes = gradient_bytes(model, cfg.horovod.compression)
     link = probe(cfg, planned.engine, probe_ranks)
+    result = make_plan(measured, link, grad_bytes, planned.dataset.rows(cfg.data.train_split), cfg.plan)
     from training import roofline
 
-    machine = executor_machine(spark, cfg.horovod.intra_op_threads)
-    hosts = cfg.plan.hosts or executor_hosts(spark)
-    result = make_plan(measured, link, grad_bytes, planned.dataset.rows(cfg.data.train_split), cfg.plan,
-                       hosts, machine.cores)
     costs = roofline.layer_costs(model)
+    machine = executor_machine(spark, cfg.horovod.intra_op_threads)
     bounds = [roofline.bound(costs, machine, cfg.optimizer.batch_size, training=True),
               roofline.bound(costs, machine, cfg.plan.inference_batch, training=False)]
     result = dataclasses.replace(result, roofline=(machine, bounds))
@@ -315,8 +276,6 @@ def run_job(spark: "SparkSession", cfg: PlanConfig) -> CapacityPlan:
             mlflow.log_metrics({"link_latency_s": link.latency_s, "link_bytes_per_s": link.bytes_per_s,
                                 "gradient_bytes": grad_bytes, "compute_s_per_step": result.compute_s,
                                 "input_wait_s_per_step": measured.input_wait_s,
-                                "hosts": hosts, "cores_per_host": machine.cores,
-                                **({} if measured.cpu_s is None else {"cpu_s_per_step": measured.cpu_s}),
                                 "measured_train_s_per_epoch": measured.trained_s,
                                 "measured_epoch_s": result.measured_epoch_s,
                                 "recommended_num_proc": result.recommended_ranks,
@@ -344,20 +303,6 @@ def executor_machine(spark: "SparkSession", threads: int) -> Any:
     from training.roofline import measure_machine  # pickled by reference: the task imports it there
 
     return spark.sparkContext.parallelize([threads], 1).map(measure_machine).collect()[0]
-
-
-def executor_hosts(spark: "SparkSession") -> int:
-    """The hosts ranks would spread over: 1 on a local master, else the distinct hosts one task
-    per slot ran on."""
-    import socket
-
-    from deepspark.spark import is_local, task_slots
-
-    if is_local(spark.sparkContext.master or "local"):
-        return 1
-    slots = task_slots(spark)
-    names = spark.sparkContext.parallelize(range(slots), slots).map(lambda _: socket.gethostname()).distinct()
-    return max(1, names.count())
 
 
 def plot_plan(result: CapacityPlan, path: str) -> None:

@@ -300,13 +300,11 @@ def _epoch_end(tf: Any, task: RankTask, now: Membership) -> Any:
     class EpochEnd(tf.keras.callbacks.Callback):  # type: ignore[misc,name-defined]
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             self.started, self.wall_started = time.perf_counter(), time.time()
-            self.cpu_started = time.process_time()  # this rank's process, all its threads
             now.meter.reset()
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             assert logs is not None  # Keras passes each epoch's logs (and KeepBest reads what we add)
             elapsed, wall_trained = time.perf_counter() - self.started, time.time()
-            cpu = time.process_time() - self.cpu_started
             wait, _ = now.meter.reset()
             collective, size = now.collective, now.size
             metrics = {"loss": logs["loss"], "accuracy": logs["accuracy"]}
@@ -330,7 +328,7 @@ def _epoch_end(tf: Any, task: RankTask, now: Membership) -> Any:
                 checkpoint = time.perf_counter() - logging_started
                 talk = now.timeline.seconds(self.wall_started, wall_trained) if now.timeline is not None else {}
                 parts = epoch_breakdown(elapsed, wait, talk, validation, synced, checkpoint,
-                                        time.perf_counter() - self.started, cpu)
+                                        time.perf_counter() - self.started)
                 log.info("epoch %d time: %s", epoch + 1, ", ".join(f"{k}={v:.3f}" for k, v in parts.items()))
                 if logged and now.client is not None:
                     task._log_metrics(now.client, epoch, parts)
@@ -345,20 +343,17 @@ BREAKDOWN = ("time_compute_s", "time_input_wait_s", "time_negotiation_s", "time_
 
 
 def epoch_breakdown(trained_s: float, input_wait_s: float, communication: dict[str, float], validation_s: float,
-                    synced_s: float, checkpoint_s: float, epoch_s: float, cpu_s: float) -> dict[str, float]:
+                    synced_s: float, checkpoint_s: float, epoch_s: float) -> dict[str, float]:
     """Where rank 0's epoch went. The training steps' time splits into waiting for input, Horovod's
     negotiation (waiting for the slowest rank) and allreduce (moving gradients, from its timeline),
     and compute: the rest of it. Then validation, the ranks meeting to share the epoch's figures
     (`synced_s`, counted as negotiation: it is waiting for the slowest rank), and the metrics and
-    checkpoint logging. The parts add up to `time_epoch_s` but for a little bookkeeping. `cpu_s`:
-    the CPU seconds rank 0's process (all its threads) spent in the training steps, which tells the
-    capacity planner how many cores a rank keeps busy."""
+    checkpoint logging. The parts add up to `time_epoch_s` but for a little bookkeeping."""
     negotiation, allreduce = communication.get("negotiation", 0.0), communication.get("allreduce", 0.0)
     compute = max(trained_s - input_wait_s - negotiation - allreduce, 0.0)
     values = (compute, input_wait_s, negotiation + synced_s, allreduce, validation_s, checkpoint_s)
     return {**{name: float(v) for name, v in zip(BREAKDOWN, values)}, "time_epoch_s": float(epoch_s),
-            "time_steps_s": float(trained_s),  # the training steps alone (what the capacity planner reads)
-            "cpu_steps_s": float(cpu_s)}
+            "time_steps_s": float(trained_s)}  # the training steps alone (what the capacity planner reads)
 
 
 def _commit_callback(tf: Any, state: Any, every: int) -> Any:

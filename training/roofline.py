@@ -14,7 +14,6 @@ exact speed. `layer_costs` needs TensorFlow's model objects; the arithmetic belo
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -97,7 +96,6 @@ class Machine:
     flops_per_s: float
     bytes_per_s: float
     threads: int
-    cores: int = 1  # the cores this host lets a process use (all ranks placed on it share them)
 
     @property
     def ridge(self) -> float:
@@ -130,7 +128,7 @@ def measure_machine(threads: int = 1, size: int = 1024, copy_mb: int = 256, repe
         started = time.perf_counter()
         np.copyto(target, source)
         best = min(best, time.perf_counter() - started)
-    return Machine(flops, 2.0 * source.nbytes / best, threads, len(os.sched_getaffinity(0)))
+    return Machine(flops, 2.0 * source.nbytes / best, threads)
 
 
 @dataclass(frozen=True)
