@@ -110,3 +110,38 @@ def test_the_planner_reads_compute_off_a_measured_step_by_solving_the_model():
     plan = make_plan(measured, link, 4_000_000, rows=6400, settings=PlanSettings(ranks=[1, 2, 4]))
     assert plan.predicted_trained_s(2, 10) == pytest.approx(1.0)  # the measured configuration, reproduced
     assert plan.fusion_threshold_mb == 128 and plan.backward_passes_per_step == 1
+
+
+def test_a_ranks_compute_follows_what_was_measured_at_each_number_of_ranks_per_host():
+    from training.capacity import Host
+
+    host = Host(hosts=2, crowded=((1, 0.10), (2, 0.14), (4, 0.30)))
+    assert [host.ranks_per_host(n) for n in (1, 2, 3, 4, 8)] == [1, 1, 2, 2, 4]
+    assert host.compute_s(2, 9.9) == pytest.approx(0.10)  # 1 per host: measured
+    assert host.compute_s(6, 9.9) == pytest.approx(0.22)  # 3 per host: halfway between 2 and 4
+    assert host.compute_s(16, 9.9) == pytest.approx(0.62)  # 8 per host: the last two points' line
+    assert host.measured(8) and not host.measured(16)
+    assert Host(crowded=((2, 0.14),)).compute_s(1, 9.9) == 0.14  # one point: that point
+    assert Host().compute_s(64, 0.05) == 0.05  # nothing measured: the default
+    rows = predict([1, 2, 4], 0.05, 0.0, 0.0, Link(0.0, 1e9), 6400, 64, 0.0,
+                   host=Host(1, ((1, 0.05), (2, 0.08))))
+    assert [p.step_s for p in rows] == pytest.approx([0.05, 0.08, 0.14])
+    assert [p.efficiency for p in rows] == pytest.approx([1.0, 0.05 / 0.08, 0.05 / 0.14])
+
+
+def test_a_plan_predicts_from_the_compute_measured_at_each_ranks_per_host():
+    from training.planner import Measured, PlanSettings, make_plan
+
+    link = Link(0.0, 1e9)  # 4 MB: 4 ms per allreduce at 2 ranks
+    alone = Measured("one", ranks=1, batch_per_rank=64, steps=10, backward_passes_per_step=1, trained_s=0.5,
+                     input_wait_s=0.0, communication_s=0.0)  # 50 ms per step
+    shared = Measured("two", ranks=2, batch_per_rank=64, steps=10, backward_passes_per_step=1, trained_s=0.9,
+                      input_wait_s=0.0, communication_s=0.0)  # 90 ms: 86 ms of compute and the 4 ms allreduce
+    plan = make_plan(shared, link, 4_000_000, 6400, PlanSettings(ranks=[1, 2]), hosts=1, calibration=(alone,))
+    assert plan.compute_s == pytest.approx(0.05)
+    assert plan.predicted_trained_s(1, 10) == pytest.approx(0.5)
+    assert plan.predicted_trained_s(2, 10) == pytest.approx(0.9)
+    assert plan.predicted_trained_s(2, 10, backward_passes_per_step=2) == pytest.approx(0.88)  # 86 + 4 / 2 ms
+    # 4 ranks on one host: past the measured 2, the line through 1 and 2 ranks per host (+36 ms each)
+    assert make_plan(shared, link, 4_000_000, 6400, PlanSettings(ranks=[4]), calibration=(alone,),
+                     hosts=1).host.compute_s(4, 9.9) == pytest.approx(0.086 + 0.036 * 2)  # 1 host: 4 per host

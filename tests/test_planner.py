@@ -27,6 +27,10 @@ def test_the_planner_measures_a_run_probes_the_link_and_logs_its_prediction(spar
     result = run_job(spark, plan_config(fashion_small, mlflow_store))
     m = result.measured
     assert (m.ranks, m.steps, m.batch_per_rank) == (2, 6, 16) and result.compute_s > 0 and m.communication_s > 0
+    # Measured at 1 rank alone and at 2 sharing the host: a rank's compute at each, the alone one the plan's.
+    crowded = dict(result.host.crowded)
+    assert sorted(crowded) == [1, 2] and result.compute_s == crowded[1] and result.host.hosts == 1
+    assert "1 rank(s) per host" in result.summary()
     # The convnet's trainable parameters, 4 bytes each (what one allreduce moves).
     from deepspark import builders
     from deepspark.datasets import open_dataset
@@ -49,6 +53,7 @@ def test_the_planner_measures_a_run_probes_the_link_and_logs_its_prediction(spar
     history = {x.step: x.value for x in client.get_metric_history(plan_run.info.run_id, "predicted_epoch_s")}
     assert sorted(history) == [1, 2, 4, 8]
     assert plan_run.data.metrics["measured_train_s_per_epoch"] == pytest.approx(m.trained_s)
+    assert plan_run.data.metrics["compute_s_per_step_at_2_per_host"] == pytest.approx(crowded[2])
     # the measured step over a whole epoch (the train split at 2 x 16 rows per step), beside predicted_epoch_s
     train_rows = open_dataset(spark, str(fashion_small.root), fashion_small.name).rows("train")
     assert plan_run.data.metrics["measured_epoch_s"] == pytest.approx(-(-train_rows // 32) * m.step_s)

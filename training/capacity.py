@@ -100,15 +100,49 @@ class Prediction:
     efficiency: float
 
 
+@dataclass(frozen=True)
+class Host:
+    """Where ranks run: `hosts` machines, the ranks spread evenly over them, and a rank's compute
+    per step as measured with r ranks on one host (`crowded`: (r, seconds) pairs). Ranks on one
+    host share its cores, caches and memory bandwidth, so each computes slower the more of them
+    there are; how much slower is measured, not modelled. Between measured r the line through
+    them; past the last, the line through the last two; with one point, that point."""
+
+    hosts: int = 1
+    crowded: tuple[tuple[int, float], ...] = ()
+
+    def ranks_per_host(self, ranks: int) -> int:
+        return math.ceil(ranks / self.hosts)
+
+    def compute_s(self, ranks: int, default: float) -> float:
+        """A rank's compute per step at `ranks` ranks (`default` when nothing was measured)."""
+        points = sorted(dict(self.crowded).items())
+        if not points:
+            return default
+        r = self.ranks_per_host(ranks)
+        if len(points) == 1 or r <= points[0][0]:
+            return points[0][1]
+        (r0, c0), (r1, c1) = next(((a, b) for a, b in zip(points, points[1:]) if r <= b[0]), points[-2:])
+        return max(c0 + (c1 - c0) * (r - r0) / (r1 - r0), 1e-6)
+
+    def measured(self, ranks: int) -> bool:
+        """Whether `ranks` fall within the measured ranks per host (else extrapolated)."""
+        return bool(self.crowded) and min(r for r, _ in self.crowded) <= self.ranks_per_host(ranks) <= max(
+            r for r, _ in self.crowded)
+
+
 def predict(candidates: Iterable[int], compute_s: float, input_wait_s: float, grad_bytes: float, link: Link,
-            rows: int, batch_per_rank: int, overlap: float, backward_passes_per_step: int = 1) -> list[Prediction]:
-    """Ring-allreduce predictions for each number of ranks in `candidates`."""
-    base = step_s(compute_s, input_wait_s, 0.0)
+            rows: int, batch_per_rank: int, overlap: float, backward_passes_per_step: int = 1,
+            host: Host = Host()) -> list[Prediction]:
+    """Ring-allreduce predictions for each number of ranks in `candidates`: a rank's compute per
+    step is `compute_s`, or what `host` measured at that many ranks per host."""
+    base = step_s(host.compute_s(1, compute_s), input_wait_s, 0.0)
     out = []
     for n in sorted(set(candidates)):
         comm = ring_allreduce_s(n, grad_bytes, link)
-        step = step_s(compute_s, input_wait_s, comm, overlap, backward_passes_per_step)
-        out.append(Prediction(n, comm, step, step_s(compute_s, input_wait_s, comm, 0.0, backward_passes_per_step),
+        compute = host.compute_s(n, compute_s)
+        step = step_s(compute, input_wait_s, comm, overlap, backward_passes_per_step)
+        out.append(Prediction(n, comm, step, step_s(compute, input_wait_s, comm, 0.0, backward_passes_per_step),
                               epoch_s(rows, batch_per_rank, n, step), scaling_efficiency(base, step)))
     return out
 

@@ -3,8 +3,11 @@ needs, measured on the cluster the training will run on, and its prediction logg
 measured figures in MLflow.
 
 - Step compute time and input wait: a finished training run's per-epoch breakdown
-  (`plan.from_run`), or a short run of the configured training made now (`plan.measure_steps`
-  steps, 2 epochs; the second is read, so graph tracing and warm-up stay out).
+  (`plan.from_run`), or short runs of the configured training made now (`plan.measure_steps`
+  steps, 2 epochs; the second is read, so graph tracing and warm-up stay out) at each of
+  `plan.measure_ranks` (default: one rank alone, and as many as the training puts on a host):
+  how much ranks sharing a host slow each other is measured, not modelled.
+- The hosts the ranks spread over: `plan.hosts`, else 1 on a local master, else the executors'.
 - Gradient bytes M: the model's trainable parameters, 4 bytes each (2 with fp16 compression).
 - Latency and bandwidth between the ranks: an allreduce probe on `plan.probe_ranks` ranks through
   the training engine, timed at several sizes and fitted with the ring's cost.
@@ -38,7 +41,9 @@ class PlanSettings(FrozenModel):
     """What to measure and which configurations to predict."""
 
     from_run: str | None = None  # a finished training run's id to read compute and input wait from
-    measure_steps: PositiveInt = 20  # else: a short run of the configured training, 2 epochs of this many steps
+    measure_steps: PositiveInt = 20  # else: short runs of the configured training, 2 epochs of this many steps,
+    measure_ranks: list[PositiveInt] | None = None  # at these ranks; None: 1 and the training's ranks per host
+    hosts: PositiveInt | None = None  # hosts the ranks spread over; None: 1 on a local master, else the executors'
     probe_ranks: PositiveInt | None = None  # ranks of the allreduce probe; default: horovod.num_proc or the task slots
     probe_sizes_mb: list[float] = Field(default_factory=lambda: [0.25, 1.0, 4.0, 16.0])
     probe_repeats: PositiveInt = 5  # timed allreduces per size (after one untimed), the median kept
@@ -173,6 +178,7 @@ class CapacityPlan:
     rows: int
     overlap: float = 0.0
     roofline: "tuple[Any, list[Any]] | None" = None  # (machine, bounds) from training/roofline.py
+    host: capacity.Host = capacity.Host()  # the hosts, and each measured run's compute at its ranks per host
 
     @property
     def measured_epoch_s(self) -> float:
@@ -185,8 +191,8 @@ class CapacityPlan:
         """Seconds of `steps` training steps at `ranks` (an epoch's steps part, as the breakdown
         measures it)."""
         comm = capacity.ring_allreduce_s(ranks, self.grad_bytes, self.link)
-        return steps * capacity.step_s(self.compute_s, self.measured.input_wait_s, comm, self.overlap,
-                                       backward_passes_per_step)
+        return steps * capacity.step_s(self.host.compute_s(ranks, self.compute_s), self.measured.input_wait_s, comm,
+                                       self.overlap, backward_passes_per_step)
 
     def summary(self) -> str:
         m = self.measured
@@ -194,6 +200,10 @@ class CapacityPlan:
                  f"compute {self.compute_s * 1000:.1f} ms/step, input wait {m.input_wait_s * 1000:.1f} ms/step, "
                  f"gradients {self.grad_bytes / 2**20:.2f} MB, link {self.link.latency_s * 1e6:.0f} us latency, "
                  f"{self.link.bytes_per_s / 1e9:.2f} GB/s",
+                 f"{self.host.hosts} host(s); a rank's compute per step measured at "
+                 + (", ".join(f"{r} rank(s) per host {c * 1000:.1f} ms" for r, c in sorted(self.host.crowded))
+                    or "its run's ranks")
+                 + "; predictions at other ranks per host are extrapolated",
                  f"{'ranks':>6}{'allreduce ms':>14}{'step ms':>10}{'no overlap':>12}{'epoch s':>10}{'efficiency':>12}"
                  + "".join(f"{f'PS k={k} ms':>12}" for k in sorted(next(iter(self.servers.values()), {})))]
         for p in self.predictions:
@@ -215,23 +225,27 @@ class CapacityPlan:
         return "\n".join(lines)
 
 
-def make_plan(measured: Measured, link: capacity.Link, grad_bytes: int, rows: int, settings: PlanSettings
-              ) -> CapacityPlan:
+def make_plan(measured: Measured, link: capacity.Link, grad_bytes: int, rows: int, settings: PlanSettings,
+              hosts: int = 1, calibration: "tuple[Measured, ...]" = ()) -> CapacityPlan:
     """Predictions for every N in `settings.ranks` (and the measured N), the parameter servers'
     exchange times, and the recommendations: the most ranks keeping `min_efficiency`; the fewest
     backward passes per step that bring the recommended ranks' communication under the compute;
-    a fusion buffer holding all gradients."""
+    a fusion buffer holding all gradients. A rank's compute per step at N ranks is what `measured`
+    and the `calibration` runs show at N's ranks per host over `hosts` (`capacity.Host`)."""
     candidates = sorted({*settings.ranks, measured.ranks})
-    compute = measured.compute_s(grad_bytes, link, settings.overlap)
+    per_host = {math.ceil(m.ranks / hosts): m.compute_s(grad_bytes, link, settings.overlap)
+                for m in (*calibration, measured)}
+    host = capacity.Host(hosts, tuple(sorted(per_host.items())))
+    compute = host.compute_s(1, per_host[math.ceil(measured.ranks / hosts)])  # a rank alone on its host
     predictions = capacity.predict(candidates, compute, measured.input_wait_s, grad_bytes, link, rows,
-                                   measured.batch_per_rank, settings.overlap)
+                                   measured.batch_per_rank, settings.overlap, host=host)
     servers = {n: {k: capacity.parameter_server_s(n, k, grad_bytes, link) for k in settings.servers}
                for n in candidates}
     ranks = capacity.recommend_ranks(predictions, settings.min_efficiency)
     comm = capacity.ring_allreduce_s(ranks, grad_bytes, link)
     passes = max(1, math.ceil(comm / compute)) if comm > compute else 1
     return CapacityPlan(measured, link, grad_bytes, compute, predictions, servers, ranks, passes,
-                        capacity.fusion_threshold_mb(grad_bytes), rows, settings.overlap)
+                        capacity.fusion_threshold_mb(grad_bytes), rows, settings.overlap, host=host)
 
 
 def run_job(spark: "SparkSession", cfg: PlanConfig) -> CapacityPlan:
@@ -250,19 +264,30 @@ def run_job(spark: "SparkSession", cfg: PlanConfig) -> CapacityPlan:
     probe_ranks = cfg.plan.probe_ranks or cfg.horovod.num_proc or task_slots(spark)
     if probe_ranks < 2:
         raise ConfigError(f"plan.probe_ranks: the allreduce probe needs >= 2 ranks, not {probe_ranks}")
+    hosts = cfg.plan.hosts or executor_hosts(spark)
     run_id = cfg.plan.from_run
+    calibration: tuple[Measured, ...] = ()
     if run_id is None:
-        measuring = TrainConfig.model_validate({
-            **cfg.model_dump(exclude={"plan"}), "epochs": 2, "steps_per_epoch": cfg.plan.measure_steps,
-            "registry": {**cfg.registry.model_dump(), "enabled": False}, "run_name": "plan: measure"})
-        run_id = train(spark, measuring).run_id
-    assert run_id is not None
-    measured = Measured.of_run(run_id)
+        ranks = cfg.horovod.num_proc or task_slots(spark)
+        runs = []
+        for measure_ranks in sorted(set(cfg.plan.measure_ranks or [1, math.ceil(ranks / hosts)])):
+            measuring = TrainConfig.model_validate({
+                **cfg.model_dump(exclude={"plan"}), "epochs": 2, "steps_per_epoch": cfg.plan.measure_steps,
+                "horovod": {**cfg.horovod.model_dump(), "num_proc": measure_ranks},
+                "registry": {**cfg.registry.model_dump(), "enabled": False},
+                "run_name": f"plan: measure {measure_ranks} rank(s)"})
+            runs.append(Measured.of_run(str(train(spark, measuring).run_id)))
+        *calibration_runs, measured = runs  # the most ranks: the plan's measured run
+        calibration = tuple(calibration_runs)
+        run_id = measured.run_id
+    else:
+        measured = Measured.of_run(run_id)
     planned = plan_training(spark, cfg)
     model = builders.build(planned.builder, planned.dataset.record, cfg.model.params)
     grad_bytes = gradient_bytes(model, cfg.horovod.compression)
     link = probe(cfg, planned.engine, probe_ranks)
-    result = make_plan(measured, link, grad_bytes, planned.dataset.rows(cfg.data.train_split), cfg.plan)
+    result = make_plan(measured, link, grad_bytes, planned.dataset.rows(cfg.data.train_split), cfg.plan, hosts,
+                       calibration)
     from training import roofline
 
     costs = roofline.layer_costs(model)
@@ -276,6 +301,8 @@ def run_job(spark: "SparkSession", cfg: PlanConfig) -> CapacityPlan:
             mlflow.log_metrics({"link_latency_s": link.latency_s, "link_bytes_per_s": link.bytes_per_s,
                                 "gradient_bytes": grad_bytes, "compute_s_per_step": result.compute_s,
                                 "input_wait_s_per_step": measured.input_wait_s,
+                                "hosts": hosts, **{f"compute_s_per_step_at_{r}_per_host": c
+                                                   for r, c in result.host.crowded},
                                 "measured_train_s_per_epoch": measured.trained_s,
                                 "measured_epoch_s": result.measured_epoch_s,
                                 "recommended_num_proc": result.recommended_ranks,
@@ -303,6 +330,20 @@ def executor_machine(spark: "SparkSession", threads: int) -> Any:
     from training.roofline import measure_machine  # pickled by reference: the task imports it there
 
     return spark.sparkContext.parallelize([threads], 1).map(measure_machine).collect()[0]
+
+
+def executor_hosts(spark: "SparkSession") -> int:
+    """The hosts ranks would spread over: 1 on a local master, else the distinct hosts one task
+    per slot ran on."""
+    import socket
+
+    from deepspark.spark import is_local, task_slots
+
+    if is_local(spark.sparkContext.master or "local"):
+        return 1
+    slots = task_slots(spark)
+    return max(1, spark.sparkContext.parallelize(range(slots), slots).map(lambda _: socket.gethostname())
+               .distinct().count())
 
 
 def plot_plan(result: CapacityPlan, path: str) -> None:
