@@ -81,6 +81,15 @@ def _limit_chunk(args: tuple[list[str], ImageRules, TensorSpec, str]) -> int:
     return len(paths)
 
 
+def list_files(root: Path) -> list[str]:
+    """Every input file below `root`, sorted, in one recursive pyarrow listing (what the job's
+    driver does; a Python walk stats each file and cost the limit about 15 us per file)."""
+    import pyarrow.fs as pafs
+
+    infos = pafs.LocalFileSystem().get_file_info(pafs.FileSelector(str(root), recursive=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(("_", ".")))
+
+
 @dataclass(frozen=True)
 class LimitWay:
     """One way to do the limit's work: a pool of warm processes and the files per pool task."""
@@ -97,7 +106,7 @@ class LimitWay:
 def run_limit(way: LimitWay, root: Path, rules: ImageRules, spec: TensorSpec, out: Path) -> float:
     """The limit's whole run: list, then the pool's warm processes read, process and write Parquet."""
     started = time.perf_counter()
-    paths = sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith(("_", ".")))
+    paths = list_files(root)
     pool = way.pool
     n_chunks = max(way.processes, -(-len(paths) // way.chunk))  # every process busy, chunks of at most `chunk`
     chunks = [paths[i::n_chunks] for i in range(n_chunks)]

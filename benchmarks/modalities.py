@@ -122,7 +122,10 @@ def _read_inputs(modality: str, path: Path, cfg: EtlConfig) -> list[tuple[str, A
             for j, (text, label) in enumerate(zip(frame[cfg.input.text_column], frame[cfg.input.label_column])):
                 rows.append((f"{i}#{j}", None if isinstance(text, float) else str(text), label))
         return rows
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(("_", ".")))
+    import pyarrow.fs as pafs  # one recursive listing, as the job's driver lists (a Python walk stats each file)
+
+    infos = pafs.LocalFileSystem().get_file_info(pafs.FileSelector(str(path), recursive=True))
+    files = sorted(Path(i.path) for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(("_", ".")))
     return [(str(p), str(p), p.parent.name) for p in files]
 
 
