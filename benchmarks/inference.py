@@ -3,9 +3,10 @@
 
 - limit: exactly the job's work without Spark: read each PNG, hash it, decode it with the model's
   own preprocessing, one forward pass for the probabilities and the embeddings (as the monitored
-  job's), top-k and labels, Parquet out; timed at 10,000 and 40,000 files, each of three ways (one
-  process with 2 decode threads and 2 intra-op threads at batch 1,024; two processes of one
-  thread each at batch 1,024 and at 256), in alternating rounds, the best way's best round kept;
+  job's), top-k and labels, Parquet out; timed at 10,000 and 40,000 files, each of several ways
+  (one process with 2 decode threads and 2 intra-op threads at batch 1,024; pools of two
+  processes and of one process per core, one thread each, at batch 1,024 and at 256), in
+  alternating rounds, the best way's best round kept;
 - ours: the batch inference job (`inference.job.run_inference`, whole job: resolve, ship, list,
   read, score, commit) on local[2] over the same 10,000 and 40,000 files;
 - peer: what a user writes by hand: `binaryFile` -> `mlflow.pyfunc.spark_udf` of the same
@@ -143,14 +144,14 @@ def run_limit_processes(pool, paths: list[str], out: Path, batch_size: int) -> f
     return time.perf_counter() - started
 
 
-def process_pool(batch_size: int, warm: list[str], out: Path):  # type: ignore[no-untyped-def]
-    """Two spawned processes (fresh interpreters, as Spark's workers), each with its model loaded
-    and traced before any timing."""
+def process_pool(processes: int, batch_size: int, warm: list[str], out: Path):  # type: ignore[no-untyped-def]
+    """`processes` spawned processes (fresh interpreters, as Spark's workers), each with its model
+    loaded and traced before any timing."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
-    run_limit_processes(pool, warm[:4096], out, batch_size)  # two chunks at once: both processes start
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    run_limit_processes(pool, warm[: 2048 * processes], out, batch_size)  # a chunk each at once: all start
     return pool
 
 
@@ -222,18 +223,22 @@ def main() -> None:
         out = Path(tmp)
         classifier = load_limit_classifier()
         run_limit(classifier, paths_1x[:2048], out / "limit-warm")
-        pools = {batch: process_pool(batch, paths_1x, out / f"limit-warm-{batch}") for batch in (1024, 256)}
-        ways = {"1 process, 2 threads, batch 1024": lambda paths, target: run_limit(classifier, paths, target),
-                **{f"2 processes, batch {batch}": functools.partial(run_limit_processes, pool, batch_size=batch)
-                   for batch, pool in pools.items()}}
-        limit_runs: dict[str, dict[str, list[float]]] = {way: {"1x": [], "4x": []} for way in ways}
-        names = list(ways)
-        for round_ in range(3):  # alternating order: each way first once
-            for way in names[round_ % len(names):] + names[: round_ % len(names)]:
-                for size, paths in (("1x", paths_1x), ("4x", paths_4x)):
-                    limit_runs[way][size].append(ways[way](paths, out / f"limit-{way}-{size}-{round_}".replace(" ", "")))
-        for pool in pools.values():
-            pool.shutdown()
+        sizes = sorted({2, len(os.sched_getaffinity(0))})  # local[2]'s slots, and one process per core
+        pools = {(n, batch): process_pool(n, batch, paths_1x, out / f"limit-warm-{n}-{batch}")
+                 for n in sizes for batch in (1024, 256)}
+        try:
+            ways = {"1 process, 2 threads, batch 1024": lambda paths, target: run_limit(classifier, paths, target),
+                    **{f"{n} processes, batch {batch}": functools.partial(run_limit_processes, pool, batch_size=batch)
+                       for (n, batch), pool in pools.items()}}
+            limit_runs: dict[str, dict[str, list[float]]] = {way: {"1x": [], "4x": []} for way in ways}
+            names = list(ways)
+            for round_ in range(3):  # alternating order: each way first once
+                for way in names[round_ % len(names):] + names[: round_ % len(names)]:
+                    for size, paths in (("1x", paths_1x), ("4x", paths_4x)):
+                        limit_runs[way][size].append(ways[way](paths, out / f"limit-{way}-{size}-{round_}".replace(" ", "")))
+        finally:  # the spawned processes end with the limit, also when a round fails
+            for pool in pools.values():
+                pool.shutdown()
         limit_way = min(ways, key=lambda way: min(limit_runs[way]["4x"]))
         limit_1x, limit_4x = min(limit_runs[limit_way]["1x"]), min(limit_runs[limit_way]["4x"])
 

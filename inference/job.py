@@ -169,7 +169,8 @@ def _candidates(spark: "SparkSession", cfg: BatchInferenceConfig, fs: HadoopFS, 
     """What this run must read: raw input files whose (path, size, mtime) is not committed for
     some model version (the listing's metadata decides, no content is read), or a dataset split's
     rows. Driver-side checks first; errors name the config key. `tables`: the committed rows'
-    source and hash columns read by the driver, when it reaches the output (no Spark job)."""
+    source and hash columns read by the driver, when it reaches the output (compared without a
+    Spark job)."""
     import pandas as pd
     from pyspark.sql import functions as F
 
@@ -233,7 +234,7 @@ def _changed_files(spark: "SparkSession", listing: tuple[tuple[str, int, int], .
 def _changed_files_read(listing: tuple[tuple[str, int, int], ...], tables: "dict[int, pa.Table]",
                         with_hashes: bool) -> tuple[tuple[tuple[str, int, int], ...], dict[int, dict[str, list[str]]]]:
     """`_changed_files` over the committed rows the driver read itself: the same answer, sets
-    instead of a Spark anti-join (the no-op hourly run then starts no Spark job at all)."""
+    instead of a Spark anti-join (the no-op hourly run's comparison runs no Spark job)."""
     new: set[tuple[str, int, int]] = set()
     for table in tables.values():
         known = {(path, size, modified) for path, size, modified in zip(

@@ -163,7 +163,7 @@ class PredictionStore:
 
     def committed_table(self, version: int, columns: Iterable[str], snapshot: Snapshot | None = None
                         ) -> "pa.Table | None":
-        """`committed`'s rows read by the driver through pyarrow (no Spark job: the hourly no-op run's
+        """`committed`'s rows read by the driver through pyarrow (not by a Spark job: the hourly no-op run's
         check costs a file read, not a job); None when pyarrow does not reach the output."""
         import pyarrow as pa
 

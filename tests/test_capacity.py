@@ -121,6 +121,8 @@ def test_a_ranks_compute_follows_what_was_measured_at_each_number_of_ranks_per_h
     assert host.compute_s(6, 9.9) == pytest.approx(0.22)  # 3 per host: halfway between 2 and 4
     assert host.compute_s(16, 9.9) == pytest.approx(0.62)  # 8 per host: the last two points' line
     assert host.measured(8) and not host.measured(16)
+    # a crowded point a little under the alone one (noise): more ranks never compute faster than it
+    assert Host(crowded=((1, 0.10), (2, 0.09))).compute_s(4, 9.9) == pytest.approx(0.09)
     assert Host(crowded=((2, 0.14),)).compute_s(1, 9.9) == 0.14  # one point: that point
     assert Host().compute_s(64, 0.05) == 0.05  # nothing measured: the default
     rows = predict([1, 2, 4], 0.05, 0.0, 0.0, Link(0.0, 1e9), 6400, 64, 0.0,

@@ -106,7 +106,8 @@ class Host:
     per step as measured with r ranks on one host (`crowded`: (r, seconds) pairs). Ranks on one
     host share its cores, caches and memory bandwidth, so each computes slower the more of them
     there are; how much slower is measured, not modelled. Between measured r the line through
-    them; past the last, the line through the last two; with one point, that point."""
+    them; past the last, the line through the last two, never below the last; with one point,
+    that point."""
 
     hosts: int = 1
     crowded: tuple[tuple[int, float], ...] = ()
@@ -123,7 +124,9 @@ class Host:
         if len(points) == 1 or r <= points[0][0]:
             return points[0][1]
         (r0, c0), (r1, c1) = next(((a, b) for a, b in zip(points, points[1:]) if r <= b[0]), points[-2:])
-        return max(c0 + (c1 - c0) * (r - r0) / (r1 - r0), 1e-6)
+        line = c0 + (c1 - c0) * (r - r0) / (r1 - r0)
+        # Past the last point, more ranks on a host never make each faster (noise could slope the line down).
+        return max(line, points[-1][1]) if r > points[-1][0] else max(line, 1e-6)
 
     def measured(self, ranks: int) -> bool:
         """Whether `ranks` fall within the measured ranks per host (else extrapolated)."""

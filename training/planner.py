@@ -5,7 +5,7 @@ measured figures in MLflow.
 - Step compute time and input wait: a finished training run's per-epoch breakdown
   (`plan.from_run`), or short runs of the configured training made now (`plan.measure_steps`
   steps, 2 epochs; the second is read, so graph tracing and warm-up stay out) at each of
-  `plan.measure_ranks` (default: one rank alone, and as many as the training puts on a host):
+  `plan.measure_ranks` (default: one rank alone, and the training's ranks, so as many per host):
   how much ranks sharing a host slow each other is measured, not modelled.
 - The hosts the ranks spread over: `plan.hosts`, else 1 on a local master, else the executors'.
 - Gradient bytes M: the model's trainable parameters, 4 bytes each (2 with fp16 compression).
@@ -42,7 +42,7 @@ class PlanSettings(FrozenModel):
 
     from_run: str | None = None  # a finished training run's id to read compute and input wait from
     measure_steps: PositiveInt = 20  # else: short runs of the configured training, 2 epochs of this many steps,
-    measure_ranks: list[PositiveInt] | None = None  # at these ranks; None: 1 and the training's ranks per host
+    measure_ranks: list[PositiveInt] | None = None  # at these ranks; None: 1 and the training's (its ranks per host)
     hosts: PositiveInt | None = None  # hosts the ranks spread over; None: 1 on a local master, else the executors'
     probe_ranks: PositiveInt | None = None  # ranks of the allreduce probe; default: horovod.num_proc or the task slots
     probe_sizes_mb: list[float] = Field(default_factory=lambda: [0.25, 1.0, 4.0, 16.0])
@@ -243,7 +243,8 @@ def make_plan(measured: Measured, link: capacity.Link, grad_bytes: int, rows: in
                for n in candidates}
     ranks = capacity.recommend_ranks(predictions, settings.min_efficiency)
     comm = capacity.ring_allreduce_s(ranks, grad_bytes, link)
-    passes = max(1, math.ceil(comm / compute)) if comm > compute else 1
+    busy = host.compute_s(ranks, compute)  # a rank's compute at the recommended ranks
+    passes = max(1, math.ceil(comm / busy)) if comm > busy else 1
     return CapacityPlan(measured, link, grad_bytes, compute, predictions, servers, ranks, passes,
                         capacity.fusion_threshold_mb(grad_bytes), rows, settings.overlap, host=host)
 
@@ -270,10 +271,10 @@ def run_job(spark: "SparkSession", cfg: PlanConfig) -> CapacityPlan:
     if run_id is None:
         ranks = cfg.horovod.num_proc or task_slots(spark)
         runs = []
-        for measure_ranks in sorted(set(cfg.plan.measure_ranks or [1, math.ceil(ranks / hosts)])):
+        for measure_ranks in sorted(set(cfg.plan.measure_ranks or [1, ranks])):  # the training's ranks per host
             measuring = TrainConfig.model_validate({
                 **cfg.model_dump(exclude={"plan"}), "epochs": 2, "steps_per_epoch": cfg.plan.measure_steps,
-                "horovod": {**cfg.horovod.model_dump(), "num_proc": measure_ranks},
+                "horovod": {**cfg.horovod.model_dump(), "num_proc": measure_ranks, "elastic": False},
                 "registry": {**cfg.registry.model_dump(), "enabled": False},
                 "run_name": f"plan: measure {measure_ranks} rank(s)"})
             runs.append(Measured.of_run(str(train(spark, measuring).run_id)))
