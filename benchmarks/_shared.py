@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 
@@ -17,3 +18,12 @@ def read_ahead(executor: ThreadPoolExecutor, fn: Callable[[Any], Any], items: It
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+def local_files(root: Path) -> list[str]:
+    """Every input file below a local folder, sorted, as plain paths: the job's own driver listing
+    (`deepspark.filesystem.list_file_status`, one recursive pyarrow call), so a limit lists as fast
+    as the job does (a Python walk stats each file)."""
+    from deepspark.filesystem import list_file_status
+
+    return [path[len("file:"):] for path, _, _ in list_file_status(f"file:{root.resolve()}", lambda name: True)]

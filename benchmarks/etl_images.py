@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
+from benchmarks._shared import local_files  # noqa: E402
 from deepspark.config import load_config  # noqa: E402
 from deepspark.modality import TensorSpec, content_hash  # noqa: E402
 from pipelines.config import EtlConfig  # noqa: E402
@@ -81,15 +82,6 @@ def _limit_chunk(args: tuple[list[str], ImageRules, TensorSpec, str]) -> int:
     return len(paths)
 
 
-def list_files(root: Path) -> list[str]:
-    """Every input file below `root`, sorted, in one recursive pyarrow listing (what the job's
-    driver does; a Python walk stats each file and cost the limit about 15 us per file)."""
-    import pyarrow.fs as pafs
-
-    infos = pafs.LocalFileSystem().get_file_info(pafs.FileSelector(str(root), recursive=True))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(("_", ".")))
-
-
 @dataclass(frozen=True)
 class LimitWay:
     """One way to do the limit's work: a pool of warm processes and the files per pool task."""
@@ -106,7 +98,7 @@ class LimitWay:
 def run_limit(way: LimitWay, root: Path, rules: ImageRules, spec: TensorSpec, out: Path) -> float:
     """The limit's whole run: list, then the pool's warm processes read, process and write Parquet."""
     started = time.perf_counter()
-    paths = list_files(root)
+    paths = local_files(root)
     pool = way.pool
     n_chunks = max(way.processes, -(-len(paths) // way.chunk))  # every process busy, chunks of at most `chunk`
     chunks = [paths[i::n_chunks] for i in range(n_chunks)]

@@ -47,7 +47,7 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks._shared import read_ahead  # noqa: E402
+from benchmarks._shared import local_files, read_ahead  # noqa: E402
 from deepspark.config import load_config  # noqa: E402
 from deepspark.modality import content_hash, get_modality, rules_to_dict  # noqa: E402
 from pipelines.config import EtlConfig  # noqa: E402
@@ -122,10 +122,7 @@ def _read_inputs(modality: str, path: Path, cfg: EtlConfig) -> list[tuple[str, A
             for j, (text, label) in enumerate(zip(frame[cfg.input.text_column], frame[cfg.input.label_column])):
                 rows.append((f"{i}#{j}", None if isinstance(text, float) else str(text), label))
         return rows
-    import pyarrow.fs as pafs  # one recursive listing, as the job's driver lists (a Python walk stats each file)
-
-    infos = pafs.LocalFileSystem().get_file_info(pafs.FileSelector(str(path), recursive=True))
-    files = sorted(Path(i.path) for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(("_", ".")))
+    files = [Path(p) for p in local_files(path)]
     return [(str(p), str(p), p.parent.name) for p in files]
 
 
