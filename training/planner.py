@@ -203,13 +203,14 @@ class CapacityPlan:
                  f"{self.host.hosts} host(s); a rank's compute per step measured at "
                  + (", ".join(f"{r} rank(s) per host {c * 1000:.1f} ms" for r, c in sorted(self.host.crowded))
                     or "its run's ranks")
-                 + "; predictions at other ranks per host are extrapolated",
+                 + "; predictions at other ranks per host are extrapolated (marked)",
                  f"{'ranks':>6}{'allreduce ms':>14}{'step ms':>10}{'no overlap':>12}{'epoch s':>10}{'efficiency':>12}"
                  + "".join(f"{f'PS k={k} ms':>12}" for k in sorted(next(iter(self.servers.values()), {})))]
         for p in self.predictions:
             lines.append(f"{p.ranks:>6}{p.comm_s * 1000:>14.2f}{p.step_s * 1000:>10.1f}{p.step_no_overlap_s * 1000:>12.1f}"
                          f"{p.epoch_s:>10.2f}{p.efficiency:>12.2f}"
-                         + "".join(f"{s * 1000:>12.2f}" for _, s in sorted(self.servers[p.ranks].items())))
+                         + "".join(f"{s * 1000:>12.2f}" for _, s in sorted(self.servers[p.ranks].items()))
+                         + ("" if self.host.measured(p.ranks) else "  (extrapolated)"))
         lines.append(f"measured at {m.ranks} rank(s): {m.trained_s:.2f} s for {m.steps} training steps; predicted "
                      f"{self.predicted_trained_s(m.ranks, m.steps):.2f} s")
         if self.roofline is not None:
@@ -233,10 +234,11 @@ def make_plan(measured: Measured, link: capacity.Link, grad_bytes: int, rows: in
     a fusion buffer holding all gradients. A rank's compute per step at N ranks is what `measured`
     and the `calibration` runs show at N's ranks per host over `hosts` (`capacity.Host`)."""
     candidates = sorted({*settings.ranks, measured.ranks})
-    per_host = {math.ceil(m.ranks / hosts): m.compute_s(grad_bytes, link, settings.overlap)
+    spread = capacity.Host(hosts)
+    per_host = {spread.ranks_per_host(m.ranks): m.compute_s(grad_bytes, link, settings.overlap)
                 for m in (*calibration, measured)}
     host = capacity.Host(hosts, tuple(sorted(per_host.items())))
-    compute = host.compute_s(1, per_host[math.ceil(measured.ranks / hosts)])  # a rank alone on its host
+    compute = host.compute_s(1, 0.0)  # a rank alone on its host (measured, or the nearest point)
     predictions = capacity.predict(candidates, compute, measured.input_wait_s, grad_bytes, link, rows,
                                    measured.batch_per_rank, settings.overlap, host=host)
     servers = {n: {k: capacity.parameter_server_s(n, k, grad_bytes, link) for k in settings.servers}
